@@ -1,0 +1,1 @@
+"""Writers: QDQ ONNX models, annotations and reports (installed as packptq_onnx.exporters)."""

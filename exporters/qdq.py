@@ -1,0 +1,131 @@
+"""QDQ ONNX writer.
+
+Per quantized layer: the weight becomes an int8 initializer (values limited to the layer's bit
+range) + DequantizeLinear(axis = output channel); the bias (when the input is quantized) an int32
+initializer at scale s_x*s_w + DequantizeLinear; the activation input QuantizeLinear(uint8) ->
+[Clip to 0..2^b-1 for b < 8] -> DequantizeLinear. onnxruntime fuses these groups into its
+integer kernels; the arithmetic equals packptq_onnx.quant's simulation.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+META_KEY = "packptq"
+
+
+class _Names:
+    def __init__(self, model):
+        g = model.graph
+        self.used = {n for node in g.node for n in (*node.input, *node.output, node.name)}
+        self.used |= {i.name for i in g.initializer} | {i.name for i in g.input}
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name, k = f"{base}_{k}", k + 1
+        self.used.add(name)
+        return name
+
+
+def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None) -> onnx.ModelProto:
+    """A new model: `model` (the normalised graph the simulation ran) with QDQ for `quants`."""
+    m = copy.deepcopy(model)
+    g = m.graph
+    name = _Names(m)
+    by_index = {q.layer.index: q for q in quants}
+    inits, nodes = [], []
+
+    def const(base, array):
+        n = name(base)
+        inits.append(numpy_helper.from_array(np.asarray(array), n))
+        return n
+
+    for i, node in enumerate(g.node):
+        q = by_index.get(i)
+        if q is not None:
+            nodes.extend(_layer_nodes(node, q, const, name))
+            tag = {"pack": q.pack, "wbits": q.wbits, "abits": q.abits}
+            _tag(m, node, tag)
+        nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(inits)
+    _drop_unused_initializers(g)
+    if meta is not None:
+        _set_meta(m, META_KEY, json.dumps(meta, sort_keys=True))
+    return m
+
+
+def _layer_nodes(node, q, const, name) -> list:
+    out = []
+    lname = q.layer.name
+    # weight: int8 initializer -> DequantizeLinear(axis)
+    w_q = const(f"{lname}.w_int{q.wbits}", q.w_int.astype(np.int8))
+    w_s = const(f"{lname}.w_scale", q.w_scale.astype(np.float32))
+    w_z = const(f"{lname}.w_zero", np.zeros(q.w_scale.shape, np.int8))
+    w_dq = name(f"{lname}.w_dq")
+    out.append(helper.make_node("DequantizeLinear", [w_q, w_s, w_z], [w_dq], name=name(f"{lname}.w_DQ"),
+                                axis=q.layer.axis))
+    node.input[1] = w_dq
+    if q.bias_int is not None:
+        b_q = const(f"{lname}.b_int32", q.bias_int.astype(np.int32))
+        b_s = const(f"{lname}.b_scale", q.bias_scale.astype(np.float32))
+        b_z = const(f"{lname}.b_zero", np.zeros(q.bias_scale.shape, np.int32))
+        b_dq = name(f"{lname}.b_dq")
+        out.append(helper.make_node("DequantizeLinear", [b_q, b_s, b_z], [b_dq], name=name(f"{lname}.b_DQ"),
+                                    axis=0))
+        node.input[2] = b_dq
+    if q.abits is not None:
+        s = const(f"{lname}.x_scale", np.array(q.a_scale, np.float32))
+        z = const(f"{lname}.x_zero", np.array(q.a_zero, np.uint8))
+        xq = name(f"{lname}.x_q")
+        out.append(helper.make_node("QuantizeLinear", [node.input[0], s, z], [xq], name=name(f"{lname}.x_Q")))
+        if q.abits < 8:
+            lo = const(f"{lname}.x_qmin", np.array(0, np.uint8))
+            hi = const(f"{lname}.x_qmax", np.array(2 ** q.abits - 1, np.uint8))
+            xc = name(f"{lname}.x_q{q.abits}")
+            out.append(helper.make_node("Clip", [xq, lo, hi], [xc], name=name(f"{lname}.x_Clip")))
+            xq = xc
+        x_dq = name(f"{lname}.x_dq")
+        out.append(helper.make_node("DequantizeLinear", [xq, s, z], [x_dq], name=name(f"{lname}.x_DQ")))
+        node.input[0] = x_dq
+    return out
+
+
+def _tag(model, node, tag: dict) -> None:
+    text = json.dumps(tag, sort_keys=True)
+    if model.ir_version >= 10:
+        _set_meta(node, META_KEY, text)
+    else:
+        node.doc_string = f"{META_KEY}:{text}"
+
+
+def _set_meta(holder, key: str, value: str) -> None:
+    for p in holder.metadata_props:
+        if p.key == key:
+            p.value = value
+            return
+    holder.metadata_props.add(key=key, value=value)
+
+
+def _drop_unused_initializers(g) -> None:
+    used = {n for node in g.node for n in node.input} | {o.name for o in g.output}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+def set_meta(model: onnx.ModelProto, meta: dict) -> None:
+    _set_meta(model, META_KEY, json.dumps(meta, sort_keys=True))
+
+
+def read_meta(model: onnx.ModelProto) -> dict | None:
+    for p in model.metadata_props:
+        if p.key == META_KEY:
+            return json.loads(p.value)
+    return None

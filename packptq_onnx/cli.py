@@ -1,0 +1,154 @@
+"""Command line: packptq quantize | validate | inspect."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+from .errors import UsageError
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("image folders")
+    g.add_argument("--image-size", type=int, help="resize images to SIZE x SIZE (default: model's size)")
+    g.add_argument("--mean", type=_floats, help="per-channel mean on [0,1] pixels, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", type=_floats, help="per-channel std, e.g. 0.229,0.224,0.225")
+    g.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="packptq", description="Post-training quantization of ONNX models "
+                                 "to QDQ ONNX, validated in onnxruntime.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize MODEL.onnx with calibration data")
+    q.add_argument("model")
+    q.add_argument("--calib", required=True, help=".npz (one array per input), .npy, or image folder")
+    q.add_argument("-o", "--output", required=True)
+    q.add_argument("--wbits", type=int, default=8, help="weight bits, 2..8 (default 8)")
+    q.add_argument("--abits", type=int, default=8, help="activation bits, 2..8 (default 8)")
+    q.add_argument("--method", default="rtn", choices=["rtn"], help="rtn: round to nearest, Lp-searched ranges")
+    q.add_argument("--eval", help="evaluation data; prints the validation table (labels from the "
+                   "npz key 'labels' or --labels)")
+    q.add_argument("--labels", help=".npy of integer class labels for --eval")
+    q.add_argument("--report", help="write the JSON report here")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--calib-samples", type=int, default=1024, help="use at most this many samples")
+    q.add_argument("--full-range-weights", action="store_true",
+                   help="8-bit weights in [-128,127] instead of [-64,63] (not exact on AVX2 CPUs without VNNI)")
+    _data_args(q)
+
+    v = sub.add_parser("validate", help="compare a float and a quantized model in onnxruntime")
+    v.add_argument("float_model")
+    v.add_argument("quant_model")
+    v.add_argument("--data", required=True)
+    v.add_argument("--labels")
+    v.add_argument("--report")
+    v.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    _data_args(v)
+
+    i = sub.add_parser("inspect", help="describe a model (and its packptq annotations)")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true")
+    return ap
+
+
+def _image_opts(a) -> dict:
+    return {"image_size": a.image_size, "mean": a.mean, "std": a.std, "layout": a.layout}
+
+
+def cmd_quantize(a) -> int:
+    from .exporters.files import save_json
+    from .pipeline import Options, quantize
+
+    opts = Options(wbits=a.wbits, abits=a.abits, method=a.method, seed=a.seed, device=a.device,
+                   batch_size=a.batch_size, calib_samples=a.calib_samples,
+                   reduce_range=not a.full_range_weights, image=_image_opts(a))
+    report = quantize(a.model, a.calib, a.output, opts, a.eval, a.labels, log=print)
+    if a.report:
+        save_json(report, a.report)
+    wb = report["weight_bytes"]
+    worst = max(p["max_abs_diff"] / p["step"] for p in report["parity"])
+    print(f"wrote {a.output}: weights {wb['float32'] / 1e3:.1f} kB -> {wb['quantized'] / 1e3:.1f} kB; "
+          f"onnxruntime vs simulation: max diff {worst:.3f} output steps; {report['seconds']['total']:.1f} s")
+    return 0
+
+
+def cmd_validate(a) -> int:
+    from . import data, validate
+    from .exporters.files import save_json
+    from .onnx_import import load
+
+    f, q = load(a.float_model), load(a.quant_model)
+    feeds, labels = data.load(a.data, f.inputs, **_image_opts(a))
+    if a.labels:
+        labels = data.load_array(a.labels)
+    metrics = validate.evaluate(f.original, q.original, feeds, labels, a.device)
+    print(validate.table(metrics))
+    if a.report:
+        save_json({"float": a.float_model, "quantized": a.quant_model, "data": a.data,
+                   "validation": validate.as_dicts(metrics)}, a.report)
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from .exporters.qdq import read_meta
+    from .layers import find_layers
+    from .onnx_import import load
+
+    imp = load(a.model)
+    layers = find_layers(imp.model)
+    info = {"model": a.model, "opset": imp.opset, "nodes": len(imp.original.graph.node),
+            "inputs": [{"name": i.name, "shape": i.shape, "dtype": str(i.dtype)} for i in imp.inputs],
+            "outputs": imp.outputs, "quantizable_layers": [l.name for l in layers],
+            "packptq": read_meta(imp.original)}
+    if a.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{a.model}: opset {info['opset']}, {info['nodes']} nodes, {len(layers)} quantizable layers")
+    for i in info["inputs"]:
+        print(f"  input  {i['name']}: {i['shape']} {i['dtype']}")
+    for o in info["outputs"]:
+        print(f"  output {o}")
+    meta = info["packptq"]
+    if meta:
+        print(f"packptq {meta.get('version')} annotations: {len(meta.get('layers', []))} quantized layers")
+        for l in meta.get("layers", []):
+            print(f"  {l['node']:<40} {l['op']:<14} W{l['wbits']} A{l['abits'] if l['abits'] else '-'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        return {"quantize": cmd_quantize, "validate": cmd_validate, "inspect": cmd_inspect}[a.cmd](a)
+    except UsageError as exc:
+        if a.debug:
+            traceback.print_exc()
+        print(f"packptq: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("packptq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # internal failure: one line unless --debug
+        if a.debug:
+            traceback.print_exc()
+        msg = str(exc).splitlines()[0][:300] if str(exc) else ""
+        print(f"packptq: internal error: {type(exc).__name__}: {msg} (rerun with --debug for the "
+              "traceback and please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Calibration / evaluation data: .npz (one array per input name), .npy, or a folder of images."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .errors import UsageError
+from .onnx_import import InputSpec
+
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+LABELS_KEY = "labels"
+
+
+def load(path: str, inputs: list[InputSpec], image_size: int | None = None, mean=None, std=None,
+         layout: str = "NCHW") -> tuple[dict, np.ndarray | None]:
+    """Returns ({input name: array}, labels or None), checked against the model's inputs."""
+    if not os.path.exists(path):
+        raise UsageError(f"data not found: {path}")
+    labels = None
+    if os.path.isdir(path):
+        if len(inputs) != 1:
+            raise UsageError("an image folder can only feed a one-input model; use an .npz")
+        arrays = {inputs[0].name: _images(path, inputs[0], image_size, mean, std, layout)}
+    elif path.endswith(".npy"):
+        if len(inputs) != 1:
+            raise UsageError(f"an .npy file can only feed a one-input model; this one has inputs "
+                             f"{[i.name for i in inputs]}: use an .npz with one array per input")
+        arrays = {inputs[0].name: load_array(path)}
+    else:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as exc:
+            raise UsageError(f"cannot read {path} as .npz: {str(exc).splitlines()[0][:200]}") from None
+        names = {i.name for i in inputs}
+        if LABELS_KEY in arrays and LABELS_KEY not in names:
+            labels = np.asarray(arrays.pop(LABELS_KEY))
+        if len(inputs) == 1 and len(arrays) == 1 and inputs[0].name not in arrays:
+            arrays = {inputs[0].name: next(iter(arrays.values()))}
+        missing, extra = names - set(arrays), set(arrays) - names
+        if missing or extra:
+            raise UsageError(f"{path}: arrays {sorted(arrays)} do not match the model inputs {sorted(names)}"
+                             + (f" (missing {sorted(missing)})" if missing else "")
+                             + (f" (unexpected {sorted(extra)})" if extra else ""))
+    feeds = {i.name: check(arrays[i.name], i, path) for i in inputs}
+    counts = {k: len(v) for k, v in feeds.items()}
+    if len(set(counts.values())) != 1:
+        raise UsageError(f"{path}: inputs have different sample counts {counts}")
+    if labels is not None and len(labels) != next(iter(counts.values())):
+        raise UsageError(f"{path}: {len(labels)} labels for {next(iter(counts.values()))} samples")
+    return feeds, labels
+
+
+def load_array(path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise UsageError(f"file not found: {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise UsageError(f"cannot read {path} as .npy: {str(exc).splitlines()[0][:200]}") from None
+
+
+def check(a: np.ndarray, spec: InputSpec, path: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.size == 0 or a.ndim == 0:
+        raise UsageError(f"{path}: input '{spec.name}' is empty")
+    if spec.shape and a.ndim != len(spec.shape):
+        raise UsageError(f"{path}: input '{spec.name}' has shape {list(a.shape)}, the model expects "
+                         f"rank {len(spec.shape)} {_fmt(spec.shape)} (first axis = samples)")
+    for axis, (got, want) in enumerate(zip(a.shape, spec.shape)):
+        if axis > 0 and isinstance(want, int) and want > 0 and got != want:
+            raise UsageError(f"{path}: input '{spec.name}' has shape {list(a.shape)}, the model expects "
+                             f"{_fmt(spec.shape)} (axis {axis}: {got} != {want})")
+    if np.issubdtype(spec.dtype, np.floating):
+        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+            raise UsageError(f"{path}: input '{spec.name}' has dtype {a.dtype}, expected {spec.dtype}")
+        a = a.astype(spec.dtype, copy=False)
+        bad = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+        if bad.any():
+            raise UsageError(f"{path}: input '{spec.name}' sample {int(np.argmax(bad))} contains NaN or Inf")
+    elif np.issubdtype(spec.dtype, np.integer) or spec.dtype == np.bool_:
+        if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
+            raise UsageError(f"{path}: input '{spec.name}' has dtype {a.dtype}, the model expects integers "
+                             f"({spec.dtype})")
+        a = a.astype(spec.dtype, copy=False)
+    return np.ascontiguousarray(a)
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) and d > 0 else "N" if i == 0 else "?"
+                           for i, d in enumerate(shape)) + "]"
+
+
+def _images(path, spec, image_size, mean, std, layout) -> np.ndarray:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise UsageError("reading an image folder needs Pillow: pip install pillow") from None
+    files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXT))
+    if not files:
+        raise UsageError(f"no images ({', '.join(IMAGE_EXT)}) in {path}")
+    shape = spec.shape
+    chw = layout.upper() == "NCHW"
+    c = shape[1] if chw else shape[-1]
+    if image_size is None:
+        hw = shape[2:4] if chw else shape[1:3]
+        if not all(isinstance(d, int) and d > 0 for d in hw):
+            raise UsageError("the model's image size is dynamic: give --image-size")
+        size = (hw[1], hw[0])
+    else:
+        size = (image_size, image_size)
+    mode = "L" if c == 1 else "RGB"
+    out = []
+    for f in files:
+        try:
+            img = Image.open(os.path.join(path, f)).convert(mode).resize(size, Image.BILINEAR)
+        except Exception as exc:
+            raise UsageError(f"cannot read image {f}: {exc}") from None
+        a = np.asarray(img, np.float32).reshape(size[1], size[0], -1) / 255.0
+        if mean is not None:
+            a = a - np.asarray(mean, np.float32)
+        if std is not None:
+            a = a / np.asarray(std, np.float32)
+        out.append(a.transpose(2, 0, 1) if chw else a)
+    return np.stack(out)
+
+
+def batches(feeds: dict, names: list[str], batch_size: int, device: str = "cpu"):
+    import torch
+
+    n = len(feeds[names[0]])
+    for i in range(0, n, batch_size):
+        yield tuple(torch.from_numpy(feeds[k][i:i + batch_size]).to(device) for k in names)
+
+
+def take(feeds: dict, n: int) -> dict:
+    return {k: v[:n] for k, v in feeds.items()}

@@ -1,0 +1,76 @@
+"""Quantizable layers of a normalised ONNX graph: Conv, ConvTranspose, Gemm, MatMul with a constant weight."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnx import numpy_helper
+
+QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class Layer:
+    index: int               # node index in the normalised graph (torch module n{index})
+    name: str                # ONNX node name, kept for export
+    op: str
+    weight: str              # initializer name
+    bias: str | None         # 1-D bias initializer (Conv, Gemm), else None
+    axis: int                # output-channel axis of the weight in ONNX layout
+    act_input: str | None    # tensor quantized at the layer input; None = raw network input
+
+
+def find_layers(model) -> list[Layer]:
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    graph_inputs = {i.name for i in g.input if i.name not in inits}
+    layers = []
+    for idx, node in enumerate(g.node):
+        if node.op_type not in QUANTIZABLE or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        x, w = node.input[0], node.input[1]
+        if w not in inits or x in inits:
+            continue
+        rank = len(inits[w].dims)
+        attrs = {a.name: a for a in node.attribute}
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
+        if node.op_type == "Conv":
+            axis = 0
+        elif node.op_type == "ConvTranspose":
+            axis = 1
+        elif node.op_type == "Gemm":
+            if attrs.get("transA") and attrs["transA"].i:
+                continue
+            axis = 0 if attrs.get("transB") and attrs["transB"].i else 1
+            alpha = attrs["alpha"].f if "alpha" in attrs else 1.0
+            beta = attrs["beta"].f if "beta" in attrs else 1.0
+            if bias is not None and (len(inits[bias].dims) != 1 or alpha != 1.0 or beta != 1.0):
+                bias = None
+        else:  # MatMul: y = x @ W, W [.., K, N]
+            if rank < 2:
+                continue
+            axis = rank - 1
+        if node.op_type in ("Conv", "ConvTranspose") and bias is not None and len(inits[bias].dims) != 1:
+            bias = None
+        layers.append(Layer(idx, node.name, node.op_type, w, bias, axis, None if x in graph_inputs else x))
+    return layers
+
+
+def weight_array(model, name: str):
+    return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))
+
+
+@dataclass
+class LayerQuant:
+    """Everything the exporter needs to write one quantized layer (ONNX layout, numpy)."""
+    layer: Layer
+    wbits: int
+    w_int: "np.ndarray"                 # int8 container, values in the wbits range
+    w_scale: "np.ndarray"               # float32, one per output channel
+    abits: int | None = None            # None: input not quantized
+    a_scale: float | None = None
+    a_zero: int | None = None
+    bias_int: "np.ndarray | None" = None   # int32
+    bias_scale: "np.ndarray | None" = None  # float32, a_scale * w_scale
+    pack: int | None = None

@@ -1,0 +1,175 @@
+"""Import: load and check an ONNX model, normalise it, convert it to torch, prove the conversion.
+
+Normalisation (the graph every later step sees, and the one the exporter writes QDQ into):
+Constant nodes become initializers, opset < 13 is upgraded, node names are made unique and
+non-empty, shapes are inferred and BatchNormalization after a Conv is folded into it.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import UsageError
+
+MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
+
+
+@dataclass
+class InputSpec:
+    name: str
+    shape: list  # int for static dims, str/None for dynamic ones
+    dtype: np.dtype
+
+
+@dataclass
+class ImportedModel:
+    path: str
+    original: onnx.ModelProto
+    model: onnx.ModelProto  # normalised
+    inputs: list[InputSpec]
+    outputs: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def opset(self) -> int:
+        return default_opset(self.model)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def load(path: str) -> ImportedModel:
+    if not os.path.isfile(path):
+        raise UsageError(f"model file not found: {path}")
+    try:
+        model = onnx.load(path)
+    except Exception as exc:
+        raise UsageError(f"{path} is not a readable ONNX model (corrupt or truncated?): "
+                         f"{str(exc).splitlines()[0][:200]}") from None
+    if not model.graph.node:
+        raise UsageError(f"{path} is not a readable ONNX model: it has no graph nodes")
+    try:
+        if model.ByteSize() > 2_000_000_000:
+            onnx.checker.check_model(path)
+        else:
+            onnx.checker.check_model(model)
+    except Exception as exc:
+        raise UsageError(f"{path} fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from None
+    return ImportedModel(path, model, *normalise(model))
+
+
+def normalise(model: onnx.ModelProto):
+    m = copy.deepcopy(model)
+    notes = []
+    n_const = constants_to_initializers(m.graph)
+    if n_const:
+        notes.append(f"{n_const} Constant nodes moved to initializers")
+    opset = default_opset(m)
+    if opset < MIN_OPSET:
+        try:
+            m = onnx.version_converter.convert_version(m, MIN_OPSET)
+        except Exception as exc:
+            raise UsageError(f"cannot upgrade opset {opset} to {MIN_OPSET}: {str(exc).splitlines()[0][:200]}") from None
+        notes.append(f"opset {opset} upgraded to {MIN_OPSET}")
+    _unique_names(m.graph)
+    n_bn = fold_batchnorm(m.graph)
+    if n_bn:
+        notes.append(f"{n_bn} BatchNormalization folded into Conv")
+    try:
+        m = onnx.shape_inference.infer_shapes(m)
+    except Exception:
+        notes.append("shape inference failed; shapes unknown")
+    inits = {i.name for i in m.graph.initializer}
+    inputs = [InputSpec(i.name, _shape(i), helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+              for i in m.graph.input if i.name not in inits]
+    return m, inputs, [o.name for o in m.graph.output], notes
+
+
+def _shape(value_info) -> list:
+    dims = value_info.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+
+
+def constants_to_initializers(graph) -> int:
+    keep, moved = [], 0
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
+            a = node.attribute[0]
+            value = {"value": lambda: numpy_helper.to_array(a.t),
+                     "value_float": lambda: np.array(a.f, np.float32),
+                     "value_floats": lambda: np.array(a.floats, np.float32),
+                     "value_int": lambda: np.array(a.i, np.int64),
+                     "value_ints": lambda: np.array(a.ints, np.int64)}.get(a.name)
+            if value is not None:
+                graph.initializer.append(numpy_helper.from_array(value(), node.output[0]))
+                moved += 1
+                continue
+        keep.append(node)
+    if moved:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return moved
+
+
+def _unique_names(graph) -> None:
+    seen = set()
+    for i, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+
+
+def consumers(graph) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def fold_batchnorm(graph) -> int:
+    """Fold BatchNormalization into the Conv that alone feeds it (weights rewritten, new names)."""
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    users = consumers(graph)
+    outputs = {o.name for o in graph.output}
+    drop = []
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        conv = producer.get(bn.input[0])
+        if (conv is None or conv.op_type != "Conv" or len(users.get(bn.input[0], [])) != 1
+                or bn.input[0] in outputs or conv.input[1] not in inits
+                or any(n not in inits for n in bn.input[1:5])
+                or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits)):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        scale, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+        w = numpy_helper.to_array(inits[conv.input[1]])
+        has_b = len(conv.input) > 2 and conv.input[2]
+        b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if has_b else np.zeros(w.shape[0])
+        k = scale / np.sqrt(var + eps)
+        w2 = (w.astype(np.float64) * k.reshape([-1] + [1] * (w.ndim - 1))).astype(w.dtype)
+        b2 = ((b - mean) * k + beta).astype(w.dtype)
+        wn, bname = f"{conv.name}.folded_weight", f"{conv.name}.folded_bias"
+        graph.initializer.extend([numpy_helper.from_array(w2, wn), numpy_helper.from_array(b2, bname)])
+        del conv.input[1:]
+        conv.input.extend([wn, bname])
+        conv.output[0] = bn.output[0]
+        drop.append(bn)
+    for bn in drop:
+        graph.node.remove(bn)
+    if drop:  # remove initializers nobody uses any more
+        used = {n for node in graph.node for n in node.input} | outputs
+        keep = [i for i in graph.initializer if i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return len(drop)

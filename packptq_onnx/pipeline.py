@@ -1,0 +1,127 @@
+"""The main job, one way through: import -> calibrate -> export -> validate."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from . import __version__, convert, data, qmodel, runtime, validate
+from .errors import UsageError
+from .exporters import files, qdq
+from .layers import find_layers
+from .onnx_import import ImportedModel, load
+from .progress import bar
+
+PARITY_SAMPLES = 64
+FAITHFUL_SAMPLES = 32
+
+
+@dataclass
+class Options:
+    wbits: int = 8
+    abits: int = 8
+    method: str = "rtn"
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 32
+    calib_samples: int = 1024
+    reduce_range: bool = True   # 7-bit range for 8-bit weights: exact on AVX2 CPUs without VNNI
+    image: dict = field(default_factory=dict)  # image_size, mean, std, layout for image folders
+
+
+def check_options(o: Options) -> None:
+    for what, b in (("--wbits", o.wbits), ("--abits", o.abits)):
+        if not 2 <= b <= 8:
+            raise UsageError(f"{what} must be between 2 and 8, got {b}")
+    if o.method != "rtn":
+        raise UsageError(f"unknown --method {o.method!r} (available: rtn)")
+    if o.batch_size < 1 or o.calib_samples < 1:
+        raise UsageError("--batch-size and --calib-samples must be positive")
+    if o.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA GPU (install a CUDA build of torch)")
+
+
+def check_output(model_path: str, out_path: str) -> None:
+    if os.path.abspath(out_path) == os.path.abspath(model_path):
+        raise UsageError("the output path equals the input model; choose another -o")
+    directory = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"output directory does not exist: {directory}")
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"output directory is not writable: {directory}")
+
+
+def weight_bytes(records) -> dict:
+    n = sum(r.w_int.size for r in records)
+    q = sum(r.w_int.size * r.wbits for r in records) / 8
+    return {"float32": 4 * n, "quantized": int(np.ceil(q)), "elements": int(n)}
+
+
+def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
+             eval_path: str | None = None, labels_path: str | None = None, log=print) -> dict:
+    check_options(opts)
+    check_output(model_path, out_path)
+    t0 = time.time()
+    torch.manual_seed(opts.seed)
+    np.random.seed(opts.seed)
+    imp = load(model_path)
+    calib, _ = data.load(calib_path, imp.inputs, **opts.image)
+    calib = data.take(calib, opts.calib_samples)
+    names = [i.name for i in imp.inputs]
+    gm = convert.to_torch(imp)
+    faithful = convert.prove_faithful(imp, gm, data.take(calib, FAITHFUL_SAMPLES))
+    layers = find_layers(imp.model)
+    if not layers:
+        raise UsageError("the model has no quantizable layer (Conv, ConvTranspose, Gemm, or MatMul "
+                         "with a constant weight)")
+    log(f"{os.path.basename(model_path)}: {len(imp.model.graph.node)} nodes, {len(layers)} quantizable "
+        f"layers, opset {imp.opset}" + (f" ({'; '.join(imp.notes)})" if imp.notes else ""))
+    qls = qmodel.wrap(gm, imp.model, layers)
+    gm.to(opts.device)
+    t1 = time.time()
+    qmodel.calibrate(gm, qls, data.batches(calib, names, opts.batch_size, opts.device), opts.wbits,
+                     opts.abits, opts.reduce_range, opts.seed,
+                     progress=lambda it: bar(it, "calibrate", -(-len(calib[names[0]]) // opts.batch_size)))
+    gm.to("cpu")
+    records = qmodel.export_records(qls)
+    out = qdq.write_qdq(imp.model, records)
+    t2 = time.time()
+    probe = data.take(calib, PARITY_SAMPLES)
+    parity = validate.sim_parity(imp.outputs, runtime.run(runtime.session(out), probe),
+                                 convert.torch_run(gm, probe, names))
+    meta = {"version": __version__, "packs": [], "budget": None,
+            "layers": [{"node": r.layer.name, "op": r.layer.op, "wbits": r.wbits, "abits": r.abits}
+                       for r in records],
+            "calibration": {"file": os.path.basename(calib_path), "samples": len(calib[names[0]])},
+            "parity": {p.output: p.max_abs_diff for p in parity}}
+    qdq.set_meta(out, meta)
+    files.save_model(out, out_path)
+    report = {
+        "tool": {"name": "packptq-onnx", "version": __version__},
+        "input": model_path, "output": out_path, "options": asdict(opts),
+        "weight_range": "reduced: 8-bit weights use [-64, 63] (exact on AVX2 CPUs without VNNI)"
+        if opts.reduce_range else "full: 8-bit weights use [-128, 127]",
+        "import": {"notes": imp.notes, "faithful": [asdict(a) for a in faithful]},
+        "layers": meta["layers"], "weight_bytes": weight_bytes(records),
+        "parity": validate.as_dicts(parity),
+        "seconds": {"import": round(t1 - t0, 3), "quantize": round(t2 - t1, 3)},
+    }
+    bad = [p for p in parity if not p.ok]
+    if bad:
+        log(f"warning: onnxruntime differs from the simulation by more than one step on {bad[0].output}")
+    if eval_path:
+        report["validation"] = evaluate(imp, out, eval_path, labels_path, opts, log)
+    report["seconds"]["total"] = round(time.time() - t0, 3)
+    return report
+
+
+def evaluate(imp: ImportedModel, quant_model, eval_path, labels_path, opts: Options, log=print) -> list:
+    feeds, labels = data.load(eval_path, imp.inputs, **opts.image)
+    if labels_path:
+        labels = data.load_array(labels_path)
+    metrics = validate.evaluate(imp.original, quant_model, feeds, labels, opts.device)
+    log(validate.table(metrics))
+    return validate.as_dicts(metrics)

@@ -1,0 +1,182 @@
+"""The quantized torch simulation: each quantizable module of the fx graph wrapped in a QuantLayer.
+
+The wrapper holds the weight in ONNX layout, so the integer tensor we export is exactly the one
+we simulate. Bias is quantized to int32 at scale s_x * s_w (the QDQ convention that lets
+onnxruntime fuse Conv/Gemm into QLinear kernels) whenever the input is quantized.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import quant
+from .convert import module_name
+from .layers import Layer, weight_array
+
+SAMPLE_PER_BATCH = 1 << 16
+
+
+class WeightQuantizer(nn.Module):
+    def __init__(self, w: torch.Tensor, axis: int, bits: int, reduce_range: bool):
+        super().__init__()
+        self.axis, self.bits = axis, bits
+        self.qmin, self.qmax = quant.weight_qrange(bits, reduce_range)
+        self.register_buffer("scale", quant.search_weight_scale(w, axis, self.qmin, self.qmax).float())
+
+    def s(self, ndim: int) -> torch.Tensor:
+        return quant.channel_view(self.scale, self.axis, ndim)
+
+    def integer(self, w: torch.Tensor) -> torch.Tensor:
+        """Integer weight exactly as exported (round-to-nearest; reconstruction overrides)."""
+        return torch.clamp(torch.round(w / self.s(w.dim())), self.qmin, self.qmax)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.integer(w) * self.s(w.dim())
+
+
+class ActQuantizer(nn.Module):
+    def __init__(self, bits: int, scale: float, zero: float):
+        super().__init__()
+        self.bits = bits
+        self.qmin, self.qmax = quant.act_qrange(bits)
+        self.scale = nn.Parameter(torch.tensor(scale, dtype=torch.float32))
+        self.register_buffer("zero", torch.tensor(zero, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant.fake_quant(x, self.scale, self.zero, self.qmin, self.qmax)
+
+
+class QuantLayer(nn.Module):
+    def __init__(self, inner: nn.Module, layer: Layer, w_onnx: np.ndarray):
+        super().__init__()
+        self.inner, self.layer = inner, layer
+        self.weight = nn.Parameter(torch.from_numpy(np.array(w_onnx, dtype=np.float32)), requires_grad=False)
+        self.param_path, self.transpose = _bind(inner, self.weight)
+        self.wq: WeightQuantizer | None = None
+        self.aq: ActQuantizer | None = None
+        self.quant_w = self.quant_a = False
+        self.observer = None  # callable(x) during calibration
+
+    @property
+    def bias_path(self) -> str | None:
+        if self.param_path is None or self.layer.bias is None:
+            return None
+        return self.param_path[: -len("weight")] + "bias"
+
+    def sim_weight(self) -> torch.Tensor:
+        w = self.wq(self.weight) if (self.quant_w and self.wq is not None) else self.weight
+        return w.T if self.transpose else w
+
+    def bias_scale(self) -> torch.Tensor | None:
+        if not (self.quant_a and self.quant_w and self.aq is not None and self.wq is not None):
+            return None
+        return self.aq.scale.detach() * self.wq.scale
+
+    def forward(self, *args, **kwargs):
+        args = list(args)
+        if self.observer is not None:
+            self.observer(args[0])
+        if self.quant_a and self.aq is not None:
+            args[0] = self.aq(args[0])
+        w = self.sim_weight()
+        if self.param_path is None:  # weight arrives as argument 1 (MatMul / Gemm)
+            args[1] = w
+            return self.inner(*args, **kwargs)
+        params = {self.param_path: w}
+        bs = self.bias_scale()
+        if self.bias_path is not None and bs is not None:
+            b = dict(self.inner.named_parameters())[self.bias_path]
+            params[self.bias_path] = torch.round(b / bs) * bs
+        return torch.func.functional_call(self.inner, params, tuple(args), kwargs)
+
+
+def _bind(inner: nn.Module, w: torch.Tensor):
+    """Where the ONNX weight lives in the converted module: (param path, transposed) or (None, False)."""
+    for path, p in inner.named_parameters():
+        if path.endswith("weight"):
+            if p.shape == w.shape and torch.equal(p.detach(), w):
+                return path, False
+            if p.dim() == 2 and p.shape == w.T.shape and torch.equal(p.detach(), w.T):
+                return path, True
+    return None, False
+
+
+def wrap(gm: torch.fx.GraphModule, model, layers: list[Layer]) -> list[QuantLayer]:
+    """Replace each quantizable module of `gm` in place by a QuantLayer; returns them in graph order."""
+    out = []
+    for layer in layers:
+        name = module_name(layer.index)
+        ql = QuantLayer(getattr(gm, name), layer, weight_array(model, layer.weight))
+        setattr(gm, name, ql)
+        out.append(ql)
+    return out
+
+
+def set_quant(qls, weights: bool, acts: bool) -> None:
+    for q in qls:
+        q.quant_w, q.quant_a = weights, acts
+
+
+@torch.no_grad()
+def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bool, seed: int,
+              progress=None) -> None:
+    """RTN initialisation: weight scales by Lp search, activation ranges from float calibration data.
+
+    wbits / abits: an int for all layers or a dict layer-name -> bits."""
+    def bits(b, name):
+        return b[name] if isinstance(b, dict) else b
+
+    gen = torch.Generator().manual_seed(seed)
+    stats = {}
+
+    def observer(q):
+        def obs(x):
+            x = x.detach().float()
+            lo, hi, samples = stats.get(q.layer.name, (float("inf"), float("-inf"), []))
+            flat = x.reshape(-1)
+            if flat.numel() > SAMPLE_PER_BATCH:
+                flat = flat[torch.randint(flat.numel(), (SAMPLE_PER_BATCH,), generator=gen)]
+            samples.append(flat.cpu())
+            stats[q.layer.name] = (min(lo, float(x.min())), max(hi, float(x.max())), samples)
+        return obs
+
+    set_quant(qls, False, False)
+    for q in qls:
+        q.wq = WeightQuantizer(q.weight, q.layer.axis, bits(wbits, q.layer.name), reduce_range)
+        if q.layer.act_input is not None:
+            q.observer = observer(q)
+    try:
+        for args in (progress(batches) if progress else batches):
+            gm(*args)
+    finally:
+        for q in qls:
+            q.observer = None
+    for q in qls:
+        if q.layer.name in stats:
+            lo, hi, samples = stats[q.layer.name]
+            b = bits(abits, q.layer.name)
+            s, z = quant.search_act_params(torch.cat(samples), lo, hi, *quant.act_qrange(b))
+            q.aq = ActQuantizer(b, s, z)
+    set_quant(qls, True, True)
+
+
+@torch.no_grad()
+def export_records(qls: list[QuantLayer], packs: dict | None = None):
+    """The exact integers and scales the simulation uses, per layer, for the QDQ writer."""
+    from .layers import LayerQuant
+
+    out = []
+    for q in qls:
+        w_int = q.wq.integer(q.weight).to(torch.int8).numpy()
+        rec = LayerQuant(q.layer, q.wq.bits, w_int, q.wq.scale.float().numpy().copy(),
+                         pack=(packs or {}).get(q.layer.name))
+        if q.aq is not None:
+            rec.abits, rec.a_scale, rec.a_zero = q.aq.bits, float(q.aq.scale), int(q.aq.zero)
+            bs = q.bias_scale()
+            if q.bias_path is not None and bs is not None:
+                b = dict(q.inner.named_parameters())[q.bias_path]
+                rec.bias_int = torch.round(b / bs).to(torch.int32).numpy()
+                rec.bias_scale = bs.float().numpy().copy()
+        out.append(rec)
+    return out

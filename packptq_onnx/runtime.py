@@ -1,0 +1,54 @@
+"""onnxruntime access: one place that imports it, picks providers and builds sessions."""
+from __future__ import annotations
+
+from .errors import UsageError
+
+
+def ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UsageError("onnxruntime is not installed: pip install 'packptq-onnx[cpu]' "
+                         "(or 'packptq-onnx[gpu]' on a CUDA machine; never both)") from None
+    return onnxruntime
+
+
+def providers(device: str = "cpu") -> list[str]:
+    avail = ort().get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in avail:
+            raise UsageError("--device cuda needs onnxruntime-gpu: pip install 'packptq-onnx[gpu]'")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session(model, device: str = "cpu", threads: int = 0, optimize: bool = True):
+    """An InferenceSession for a ModelProto or a path."""
+    rt = ort()
+    so = rt.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if not optimize:
+        so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_DISABLE_ALL
+    data = model if isinstance(model, (str, bytes)) else model.SerializeToString()
+    if isinstance(model, str):
+        data = model
+    try:
+        return rt.InferenceSession(data, so, providers=providers(device))
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
+
+
+def run(sess, feeds: dict, batch_size: int = 64) -> list:
+    """Run a session over feeds batch by batch; returns one concatenated array per output."""
+    import numpy as np
+
+    n = len(next(iter(feeds.values())))
+    outs = None
+    for i in range(0, n, batch_size):
+        res = sess.run(None, {k: v[i:i + batch_size] for k, v in feeds.items()})
+        outs = [[r] for r in res] if outs is None else [o + [r] for o, r in zip(outs, res)]
+    return [np.concatenate(o) for o in outs]

@@ -1,0 +1,1 @@
+"""Bit-allocation solvers (installed as packptq_onnx.solvers)."""
