@@ -79,9 +79,9 @@ def cmd_quantize(a) -> int:
     if a.report:
         save_json(report, a.report)
     wb = report["weight_bytes"]
-    worst = max(p["max_abs_diff"] / p["step"] for p in report["parity"])
+    worst = max(p["max_code_diff"] for p in report["parity"])
     print(f"wrote {a.output}: weights {wb['float32'] / 1e3:.1f} kB -> {wb['quantized'] / 1e3:.1f} kB; "
-          f"onnxruntime vs simulation: max diff {worst:.3f} output steps; {report['seconds']['total']:.1f} s")
+          f"onnxruntime vs simulation: max {worst} output code(s) apart; {report['seconds']['total']:.1f} s")
     return 0
 
 

@@ -52,18 +52,26 @@ def evaluate(float_model, quant_model, feeds: dict, labels=None, device: str = "
 
 @dataclass
 class Parity:
+    """onnxruntime vs torch simulation on one output.
+
+    step = one 8-bit quantization step of the output's range. Float ops outside the quantizers
+    (GEMM accumulation order, LayerNorm, Softmax) differ by ~1e-7 between the two runtimes and can
+    flip a rounding in a later quantizer, so exact equality is not guaranteed; `ok` means both
+    outputs, quantized at that step, differ by at most one code at every element."""
     output: str
     max_abs_diff: float
-    step: float          # one 8-bit quantization step of the output's range
+    step: float
+    max_code_diff: int
     ok: bool
 
 
 def sim_parity(names, ort_out: list, sim_out: list) -> list[Parity]:
     res = []
     for name, a, b in zip(names, ort_out, sim_out):
+        a, b = a.astype(np.float64), b.astype(np.float64)
         step = max(float(np.ptp(b)) / 255.0, 1e-12)
-        diff = float(np.abs(a.astype(np.float64) - b).max())
-        res.append(Parity(name, diff, step, diff <= step))
+        codes = int(np.abs(np.round(a / step) - np.round(b / step)).max())
+        res.append(Parity(name, float(np.abs(a - b).max()), step, codes, codes <= 1))
     return res
 
 

@@ -1,0 +1,97 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import SAMPLES
+from packptq_onnx.cli import main
+
+MODEL = os.path.join(SAMPLES, "digits_resnet.onnx")
+CALIB = os.path.join(SAMPLES, "calib.npz")
+EVAL = os.path.join(SAMPLES, "eval.npz")
+
+
+def test_quantize_sample_w8a8_end_to_end(tmp_path, capsys):
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    before = open(MODEL, "rb").read()
+    assert main(["quantize", MODEL, "--calib", CALIB, "--eval", EVAL, "-o", str(out), "--report", str(rep)]) == 0
+    assert open(MODEL, "rb").read() == before  # input untouched
+    r = json.loads(rep.read_text())
+    v = r["validation"][0]
+    assert v["acc_float"] > 0.97
+    assert v["acc_float"] - v["acc_quant"] <= 0.005  # within 0.5 point of float
+    assert all(p["ok"] for p in r["parity"])
+    assert r["weight_bytes"]["quantized"] * 4 == pytest.approx(r["weight_bytes"]["float32"], rel=0.01)
+    assert "logits" in capsys.readouterr().out  # the validation table is printed
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert len(info["packptq"]["layers"]) == 9
+
+
+def test_validate_command(tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", MODEL, "--calib", CALIB, "-o", str(out), "--wbits", "4", "--abits", "4"]) == 0
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.load(EVAL)["labels"])
+    rep = tmp_path / "v.json"
+    assert main(["validate", MODEL, str(out), "--data", EVAL, "--labels", str(labels), "--report", str(rep)]) == 0
+    v = json.loads(rep.read_text())["validation"][0]
+    assert 0.5 < v["acc_quant"] <= v["acc_float"] + 0.01 and v["cosine"] < 0.9999  # W4A4 is lossy
+
+
+def _err(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize("case", ["missing_model", "corrupt_model", "wrong_shape", "missing_calib",
+                                  "nan", "same_output", "bits", "wrong_name"])
+def test_bad_input_exit_2_one_line(tmp_path, capsys, case):
+    model, calib, out = MODEL, CALIB, str(tmp_path / "o.onnx")
+    extra = []
+    if case == "missing_model":
+        model = str(tmp_path / "nope.onnx")
+    elif case == "corrupt_model":
+        model = str(tmp_path / "bad.onnx")
+        data = open(MODEL, "rb").read()
+        open(model, "wb").write(data[: len(data) // 3])
+    elif case == "wrong_shape":
+        calib = str(tmp_path / "c.npz")
+        np.savez(calib, image=np.zeros((4, 1, 9, 9), np.float32))
+    elif case == "missing_calib":
+        calib = str(tmp_path / "none.npz")
+    elif case == "nan":
+        calib = str(tmp_path / "c.npz")
+        x = np.zeros((4, 1, 8, 8), np.float32)
+        x[2, 0, 1, 1] = np.nan
+        np.savez(calib, image=x)
+    elif case == "same_output":
+        shutil.copy(MODEL, tmp_path / "m.onnx")
+        model = out = str(tmp_path / "m.onnx")
+    elif case == "bits":
+        extra = ["--wbits", "9"]
+    elif case == "wrong_name":
+        calib = str(tmp_path / "c.npz")
+        np.savez(calib, image=np.zeros((4, 1, 8, 8), np.float32), other=np.zeros(3))
+    code, err = _err(["quantize", model, "--calib", calib, "-o", out, *extra], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("packptq: error:"), err
+    assert "Traceback" not in err
+    assert not os.path.exists(out) or case == "same_output"
+    expect = {"missing_model": "not found", "corrupt_model": "not a readable ONNX", "wrong_shape": "axis 2",
+              "missing_calib": "not found", "nan": "sample 2", "same_output": "equals the input",
+              "bits": "between 2 and 8", "wrong_name": "unexpected ['other']"}[case]
+    assert expect in lines[0]
+
+
+def test_console_script_runs():
+    exe = shutil.which("packptq")
+    cmd = [exe] if exe else [sys.executable, "-m", "packptq_onnx.cli"]
+    r = subprocess.run(cmd + ["inspect", MODEL], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "9 quantizable layers" in r.stdout

@@ -1,0 +1,110 @@
+"""Every converter we add to onnx2torch: torch output equals onnxruntime on a one-node graph."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from packptq_onnx import convert, onnx_import, runtime
+
+R = np.random.RandomState(0)
+
+
+def _check(tmp_path, node, x, opset, inits=(), atol=1e-5):
+    outs = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in node.output]
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                          outs, initializer=[numpy_helper.from_array(v, k) for k, v in inits])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m = onnx.shape_inference.infer_shapes(m)
+    for o in m.graph.output:  # give outputs their inferred types so the checker is satisfied
+        vi = next((v for v in m.graph.value_info if v.name == o.name), None)
+        if vi is not None:
+            o.CopyFrom(vi)
+    path = str(tmp_path / "m.onnx")
+    onnx.save(m, path)
+    imp = onnx_import.load(path)
+    ref = runtime.run(runtime.session(imp.original), {"x": x})
+    got = convert.torch_run(convert.to_torch(imp), {"x": x}, ["x"])
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a.astype(np.float32), atol=atol, rtol=1e-5)
+
+
+X4 = R.randn(2, 3, 5, 6).astype(np.float32)
+X3 = R.randn(2, 7, 5).astype(np.float32)
+
+
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2",
+                                "ReduceLogSumExp", "ReduceSumSquare", "ReduceProd", "ReduceL1"])
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_reduce_18_axes_input(tmp_path, op, keepdims):
+    node = helper.make_node(op, ["x", "axes"], ["y"], keepdims=keepdims)
+    _check(tmp_path, node, X4, 18, [("axes", np.array([1, -1], np.int64))])
+
+
+def test_reduce_18_no_axes_reduces_all(tmp_path):
+    _check(tmp_path, helper.make_node("ReduceMean", ["x"], ["y"], keepdims=1), X4, 18)
+
+
+def test_split_18_num_outputs_uneven(tmp_path):
+    _check(tmp_path, helper.make_node("Split", ["x"], ["a", "b", "c"], axis=1, num_outputs=3), X3, 18)
+
+
+def test_split_18_sizes_input(tmp_path):
+    node = helper.make_node("Split", ["x", "s"], ["a", "b"], axis=1)
+    _check(tmp_path, node, X3, 18, [("s", np.array([2, 5], np.int64))])
+
+
+@pytest.mark.parametrize("approx", ["none", "tanh"])
+def test_gelu_20(tmp_path, approx):
+    _check(tmp_path, helper.make_node("Gelu", ["x"], ["y"], approximate=approx), X4, 20)
+
+
+def test_global_max_pool(tmp_path):
+    _check(tmp_path, helper.make_node("GlobalMaxPool", ["x"], ["y"]), X4, 17)
+
+
+def test_greater_or_equal_16(tmp_path):
+    node = helper.make_node("GreaterOrEqual", ["x", "t"], ["y"])
+    _check(tmp_path, node, X4, 16, [("t", np.array(0.1, np.float32))])
+
+
+def test_conv_22(tmp_path):
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1], strides=[2, 1])
+    _check(tmp_path, node, X4, 22, [("w", R.randn(4, 3, 3, 3).astype(np.float32)),
+                                     ("b", R.randn(4).astype(np.float32))], atol=1e-4)
+
+
+def test_reshape_allowzero(tmp_path):
+    node = helper.make_node("Reshape", ["x", "s"], ["y"], allowzero=1)
+    _check(tmp_path, node, X3, 14, [("s", np.array([5, 14], np.int64))])
+
+
+@pytest.mark.parametrize("inputs", [["x", "", "hi"], ["x", "lo", ""], ["x", "lo"], ["x", "lo", "hi"]])
+def test_clip_optional_inputs(tmp_path, inputs):
+    inits = [(n, np.array(v, np.float32)) for n, v in (("lo", -0.3), ("hi", 0.5)) if n in inputs]
+    _check(tmp_path, helper.make_node("Clip", inputs, ["y"]), X4, 13, inits)
+
+
+def test_batchnorm_rank3(tmp_path):
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], epsilon=1e-3)
+    c = X3.shape[1]
+    inits = [("s", R.rand(c).astype(np.float32) + 0.5), ("b", R.randn(c).astype(np.float32)),
+             ("m", R.randn(c).astype(np.float32)), ("v", R.rand(c).astype(np.float32) + 0.5)]
+    _check(tmp_path, node, X3, 15, inits)
+
+
+@pytest.mark.parametrize("exclusive,reverse", [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_cumsum(tmp_path, exclusive, reverse):
+    node = helper.make_node("CumSum", ["x", "a"], ["y"], exclusive=exclusive, reverse=reverse)
+    _check(tmp_path, node, X3, 14, [("a", np.array(1, np.int64))])
+
+
+def test_average_pool_19(tmp_path):
+    node = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2])
+    _check(tmp_path, node, X4, 19)
+
+
+def test_pad_18(tmp_path):
+    node = helper.make_node("Pad", ["x", "p"], ["y"], mode="reflect")
+    _check(tmp_path, node, X4, 18, [("p", np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64))])

@@ -1,0 +1,70 @@
+"""QDQ export: onnxruntime output equals our torch simulation within one quantization step."""
+import numpy as np
+import onnx
+import pytest
+
+import nets
+from packptq_onnx import convert, data, layers, onnx_import, qmodel, runtime, validate
+from packptq_onnx.exporters import qdq
+
+
+def quantize(path, wbits, abits, calib):
+    imp = onnx_import.load(path)
+    gm = convert.to_torch(imp)
+    qls = qmodel.wrap(gm, imp.model, layers.find_layers(imp.model))
+    qmodel.calibrate(gm, qls, data.batches(calib, ["x"], 8), wbits, abits, True, 0)
+    return imp, gm, qls, qdq.write_qdq(imp.model, qmodel.export_records(qls), {"test": True})
+
+
+@pytest.mark.parametrize("wbits,abits", [(8, 8), (4, 8), (4, 4), (2, 3)])
+@pytest.mark.parametrize("arch", ["resnet", "mobilenetv2", "vit"])
+def test_ort_equals_simulation(exported, arch, wbits, abits):
+    net = nets.build(arch)
+    imp, gm, qls, out = quantize(exported(arch, 17), wbits, abits, nets.inputs(net, 32, seed=2))
+    onnx.checker.check_model(out)
+    feeds = nets.inputs(net, 32, seed=3)
+    ort_q = runtime.run(runtime.session(out), feeds)
+    sim = convert.torch_run(gm, feeds, ["x"])
+    par = validate.sim_parity(["y"], ort_q, sim)[0]
+    assert par.ok and par.max_abs_diff <= 2 * par.step, par
+    # the quantization is real: on average the simulation is much farther from float than from ORT
+    fl = runtime.run(runtime.session(imp.model), feeds)[0]
+    assert np.abs(fl - sim[0]).mean() > 10 * np.abs(ort_q[0] - sim[0]).mean()
+
+
+def test_qdq_structure_and_integer_ranges(exported):
+    net = nets.build("resnet")
+    imp, gm, qls, out = quantize(exported("resnet", 17), 3, 4, nets.inputs(net, 16))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    w_ints = [v for k, v in inits.items() if ".w_int3" in k]
+    assert len(w_ints) == len(qls)
+    for w in w_ints:
+        assert w.dtype == np.int8 and w.min() >= -4 and w.max() <= 3
+    ops = [n.op_type for n in out.graph.node]
+    n_act = sum(q.layer.act_input is not None for q in qls)
+    assert ops.count("QuantizeLinear") == n_act and ops.count("Clip") == n_act
+    n_bias = sum(1 for q in qls if q.layer.bias is not None and q.layer.act_input is not None)
+    assert ops.count("DequantizeLinear") == len(qls) + n_act + n_bias  # weights, activations, biases
+    assert qdq.read_meta(out) == {"test": True}
+    # the float model's weights are gone: only integer weights remain for quantized layers
+    assert not any(q.layer.weight in inits for q in qls)
+
+
+def test_sim_matches_dequantized_integers(exported):
+    net = nets.build("mobilenetv2")
+    imp, gm, qls, out = quantize(exported("mobilenetv2", 13), 4, 8, nets.inputs(net, 16))
+    for q, rec in zip(qls, qmodel.export_records(qls)):
+        w = q.wq(q.weight).detach().numpy()
+        view = [1] * w.ndim
+        view[q.layer.axis] = -1
+        np.testing.assert_array_equal(w, rec.w_int.astype(np.float32) * rec.w_scale.reshape(view))
+        assert rec.w_int.min() >= -8 and rec.w_int.max() <= 7
+
+
+def test_eight_bit_weights_use_reduced_range_by_default(exported):
+    net = nets.build("resnet")
+    _, _, qls, _ = quantize(exported("resnet", 17), 8, 8, nets.inputs(net, 16))
+    recs = qmodel.export_records(qls)
+    assert min(int(r.w_int.min()) for r in recs) >= -64
+    assert max(int(r.w_int.max()) for r in recs) <= 63
+    assert max(int(np.abs(r.w_int).max()) for r in recs) >= 60  # the range is used, not collapsed

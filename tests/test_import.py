@@ -1,0 +1,69 @@
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import nets
+from packptq_onnx import convert, onnx_import
+from packptq_onnx.errors import UsageError
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18])
+@pytest.mark.parametrize("arch", ["resnet", "mobilenetv2", "vit"])
+def test_conversion_is_faithful(exported, arch, opset):
+    imp = onnx_import.load(exported(arch, opset))
+    gm = convert.to_torch(imp)
+    res = convert.prove_faithful(imp, gm, nets.inputs(nets.build(arch)))
+    assert res[0].max_abs_diff < 1e-4 and res[0].cosine > 0.999999
+
+
+def test_batchnorm_is_folded_and_faithful(exported):
+    path = exported("mobilenetv2", 13, fold=False)
+    assert any(n.op_type == "BatchNormalization" for n in onnx.load(path).graph.node)
+    imp = onnx_import.load(path)
+    assert not any(n.op_type == "BatchNormalization" for n in imp.model.graph.node)
+    assert any("BatchNormalization folded" in n for n in imp.notes)
+    res = convert.prove_faithful(imp, convert.to_torch(imp), nets.inputs(nets.build("mobilenetv2")))
+    assert res[0].max_abs_diff < 1e-4
+
+
+def test_dynamo_export_imports(exported):
+    pytest.importorskip("onnxscript")
+    imp = onnx_import.load(exported("resnet", 18, dynamo=True))
+    res = convert.prove_faithful(imp, convert.to_torch(imp), nets.inputs(nets.build("resnet")))
+    assert res[0].max_abs_diff < 1e-4
+
+
+def _constant_weight_model(opset=11):
+    """Conv whose weight comes from a Constant node (as PaddlePaddle exports), old opset, metadata."""
+    w = np.random.RandomState(0).randn(4, 2, 3, 3).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w)),
+             helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, ["N", 2, 6, 6])],
+                          [helper.make_tensor_value_info("y", 1, ["N", 4, 6, 6])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 7
+    m.metadata_props.add(key="author", value="someone")
+    return m
+
+
+def test_constants_become_initializers_and_opset_upgraded(tmp_path):
+    path = str(tmp_path / "c.onnx")
+    onnx.save(_constant_weight_model(), path)
+    imp = onnx_import.load(path)
+    assert imp.opset == 13
+    assert not any(n.op_type == "Constant" for n in imp.model.graph.node)
+    assert "w" in {i.name for i in imp.model.graph.initializer}
+    assert {p.key: p.value for p in imp.model.metadata_props}["author"] == "someone"
+    x = {"x": np.random.RandomState(1).randn(3, 2, 6, 6).astype(np.float32)}
+    assert convert.prove_faithful(imp, convert.to_torch(imp), x)[0].max_abs_diff < 1e-5
+
+
+def test_bad_files_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
+        onnx_import.load(str(tmp_path / "missing.onnx"))
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"this is not a protobuf at all \x00\xff" * 10)
+    with pytest.raises(UsageError, match="not a readable ONNX model"):
+        onnx_import.load(str(junk))

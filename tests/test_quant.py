@@ -1,0 +1,54 @@
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from packptq_onnx import quant
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.integers(1, 200), elements=finite), st.integers(2, 8),
+       st.floats(0.0009765625, 8.0, width=32), st.integers(0, 255))
+def test_act_fake_quant_round_trip(x, bits, scale, zero):
+    qmin, qmax = quant.act_qrange(bits)
+    zero = min(zero, qmax)
+    s = torch.tensor(scale, dtype=torch.float32)
+    y = quant.fake_quant(torch.from_numpy(x), s, float(zero), qmin, qmax).numpy()
+    lo, hi = (qmin - zero) * scale, (qmax - zero) * scale
+    assert np.all(y >= lo - 1e-3 * scale) and np.all(y <= hi + 1e-3 * scale)  # clamped to the grid
+    inside = (x >= lo) & (x <= hi)
+    assert np.all(np.abs(y - x)[inside] <= scale / 2 * (1 + 1e-4) + 1e-6)  # within half a step
+    codes = y / scale + zero
+    assert np.allclose(codes, np.round(codes), atol=1e-3)  # on the integer grid
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 8), st.integers(1, 6), st.integers(1, 50), st.integers(0, 2**31 - 1))
+def test_weight_scale_search_never_worse_than_max(bits, channels, size, seed):
+    w = torch.from_numpy(np.random.RandomState(seed).randn(channels, size).astype(np.float32))
+    qmin, qmax = quant.weight_qrange(bits)
+    s = quant.search_weight_scale(w, 0, qmin, qmax)
+    s_max = torch.clamp(w.abs().amax(1) * 2 / (qmax - qmin), min=quant.MIN_SCALE)
+
+    def err(sc):
+        q = torch.clamp(torch.round(w / sc[:, None]), qmin, qmax) * sc[:, None]
+        return (w - q).abs().pow(quant.P_NORM).sum(1)
+
+    assert torch.all(err(s) <= err(s_max) + 1e-6)
+    assert torch.all(s > 0)
+
+
+def test_act_search_prefers_clipping_outliers():
+    x = torch.cat([torch.randn(100000).abs(), torch.tensor([80.0])])
+    s, z = quant.search_act_params(x, 0.0, 80.0, *quant.act_qrange(4))
+    assert z == 0 and s < 80.0 / 15 * 0.5  # the outlier is clipped, most of the range kept for the bulk
+
+
+def test_ranges():
+    assert quant.weight_qrange(8) == (-128, 127)
+    assert quant.weight_qrange(8, reduce_range=True) == (-64, 63)
+    assert quant.weight_qrange(2) == (-2, 1)
+    assert quant.act_qrange(3) == (0, 7)
