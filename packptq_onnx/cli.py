@@ -60,7 +60,17 @@ def parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="describe a model (and its packptq annotations)")
     i.add_argument("model")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print a JSON object instead of tables")
+    i.add_argument("--calib", help="with calibration data: blocks, Hessian-guided scores and packs")
+    i.add_argument("--wbits", type=int, default=4, help="bits at which blocks are scored (default 4)")
+    i.add_argument("--abits", type=int, default=4, help="activation bits for scoring (default 4)")
+    i.add_argument("--max-pack-blocks", type=int, help="cap on blocks per pack (default: no cap)")
+    i.add_argument("--plot", help="write a PNG of scores per block with pack boundaries")
+    i.add_argument("--batch-size", type=int, default=32)
+    i.add_argument("--calib-samples", type=int, default=256)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    _data_args(i)
     return ap
 
 
@@ -107,12 +117,16 @@ def cmd_inspect(a) -> int:
     from .layers import find_layers
     from .onnx_import import load
 
+    if a.max_pack_blocks is not None and a.max_pack_blocks < 1:
+        raise UsageError("--max-pack-blocks must be at least 1")
     imp = load(a.model)
     layers = find_layers(imp.model)
     info = {"model": a.model, "opset": imp.opset, "nodes": len(imp.original.graph.node),
             "inputs": [{"name": i.name, "shape": i.shape, "dtype": str(i.dtype)} for i in imp.inputs],
             "outputs": imp.outputs, "quantizable_layers": [l.name for l in layers],
             "packptq": read_meta(imp.original)}
+    if a.calib:
+        info.update(_packs(a, print if not a.json else (lambda *_: None)))
     if a.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -126,7 +140,44 @@ def cmd_inspect(a) -> int:
         print(f"packptq {meta.get('version')} annotations: {len(meta.get('layers', []))} quantized layers")
         for l in meta.get("layers", []):
             print(f"  {l['node']:<40} {l['op']:<14} W{l['wbits']} A{l['abits'] if l['abits'] else '-'}")
+    if a.calib:
+        print(_pack_table(info))
     return 0
+
+
+def _packs(a, log) -> dict:
+    from .pipeline import Options, analyse, prepare
+
+    opts = Options(wbits=a.wbits, abits=a.abits, seed=a.seed, device=a.device, batch_size=a.batch_size,
+                   calib_samples=a.calib_samples, image=_image_opts(a))
+    p = prepare(a.model, a.calib, opts, log)
+    res = analyse(p, opts, a.max_pack_blocks)
+    pack_of = {b: pk.id for pk in res.packs for b in pk.blocks}
+    blocks = [{"name": b.name, "kind": b.kind, "layers": b.layers, "score": s.score,
+               "sensitivity": s.sensitivity, "pack": pack_of[b.id]} for b, s in zip(res.units.blocks, res.scores)]
+    out = {"stem": res.units.stem, "head": res.units.head, "blocks": blocks,
+           "packs": [{"id": pk.id, "blocks": [res.units.blocks[i].name for i in pk.blocks], "score": pk.score}
+                     for pk in res.packs],
+           "scoring": {"wbits": a.wbits, "abits": a.abits, "samples": p.n_samples,
+                       "seconds": round(res.seconds, 3)}}
+    if a.plot:
+        from .exporters.plots import plot_packs
+        plot_packs(a.plot, [b["name"] for b in blocks], [b["score"] for b in blocks],
+                   [b["sensitivity"] for b in blocks], res.packs)
+    return out
+
+
+def _pack_table(info: dict) -> str:
+    lines = [f"stem: {len(info['stem'])} layer(s); head: {len(info['head'])} layer(s); scored at "
+             f"W{info['scoring']['wbits']}A{info['scoring']['abits']} on {info['scoring']['samples']} samples "
+             f"in {info['scoring']['seconds']:.1f} s",
+             f"{'block':<10}{'kind':<10}{'layers':>7}{'S':>12}{'Omega':>12}{'pack':>6}  first layer"]
+    for b in info["blocks"]:
+        lines.append(f"{b['name']:<10}{b['kind']:<10}{len(b['layers']):>7}{b['score']:>12.4g}"
+                     f"{b['sensitivity']:>12.4g}{b['pack']:>6}  {b['layers'][0]}")
+    lines.append("packs: " + "; ".join(f"{p['id']}: {'+'.join(p['blocks'])} (Omega {p['score']:.3g})"
+                                       for p in info["packs"]))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

@@ -60,10 +60,27 @@ def weight_bytes(records) -> dict:
     return {"float32": 4 * n, "quantized": int(np.ceil(q)), "elements": int(n)}
 
 
-def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
-             eval_path: str | None = None, labels_path: str | None = None, log=print) -> dict:
+@dataclass
+class Prepared:
+    """A model imported, converted, proven faithful and RTN-calibrated, ready for the next step."""
+    imp: ImportedModel
+    calib: dict
+    names: list
+    gm: torch.nn.Module
+    qls: list
+    faithful: list
+    seconds: float
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.calib[self.names[0]])
+
+    def batches(self, opts: Options):
+        return data.batches(self.calib, self.names, opts.batch_size, opts.device)
+
+
+def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepared:
     check_options(opts)
-    check_output(model_path, out_path)
     t0 = time.time()
     torch.manual_seed(opts.seed)
     np.random.seed(opts.seed)
@@ -81,10 +98,20 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
         f"layers, opset {imp.opset}" + (f" ({'; '.join(imp.notes)})" if imp.notes else ""))
     qls = qmodel.wrap(gm, imp.model, layers)
     gm.to(opts.device)
-    t1 = time.time()
-    qmodel.calibrate(gm, qls, data.batches(calib, names, opts.batch_size, opts.device), opts.wbits,
-                     opts.abits, opts.reduce_range, opts.seed,
-                     progress=lambda it: bar(it, "calibrate", -(-len(calib[names[0]]) // opts.batch_size)))
+    p = Prepared(imp, calib, names, gm, qls, faithful, 0.0)
+    qmodel.calibrate(gm, qls, p.batches(opts), opts.wbits, opts.abits, opts.reduce_range, opts.seed,
+                     progress=lambda it: bar(it, "calibrate", -(-p.n_samples // opts.batch_size)))
+    p.seconds = time.time() - t0
+    return p
+
+
+def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
+             eval_path: str | None = None, labels_path: str | None = None, log=print) -> dict:
+    check_options(opts)
+    check_output(model_path, out_path)
+    t0 = time.time()
+    p = prepare(model_path, calib_path, opts, log)
+    imp, gm, qls, calib, names = p.imp, p.gm, p.qls, p.calib, p.names
     gm.to("cpu")
     records = qmodel.export_records(qls)
     out = qdq.write_qdq(imp.model, records)
@@ -95,8 +122,8 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
     meta = {"version": __version__, "packs": [], "budget": None,
             "layers": [{"node": r.layer.name, "op": r.layer.op, "wbits": r.wbits, "abits": r.abits}
                        for r in records],
-            "calibration": {"file": os.path.basename(calib_path), "samples": len(calib[names[0]])},
-            "parity": {p.output: p.max_abs_diff for p in parity}}
+            "calibration": {"file": os.path.basename(calib_path), "samples": p.n_samples},
+            "parity": {x.output: x.max_abs_diff for x in parity}}
     qdq.set_meta(out, meta)
     files.save_model(out, out_path)
     report = {
@@ -104,18 +131,40 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
         "input": model_path, "output": out_path, "options": asdict(opts),
         "weight_range": "reduced: 8-bit weights use [-64, 63] (exact on AVX2 CPUs without VNNI)"
         if opts.reduce_range else "full: 8-bit weights use [-128, 127]",
-        "import": {"notes": imp.notes, "faithful": [asdict(a) for a in faithful]},
+        "import": {"notes": imp.notes, "faithful": [asdict(a) for a in p.faithful]},
         "layers": meta["layers"], "weight_bytes": weight_bytes(records),
         "parity": validate.as_dicts(parity),
-        "seconds": {"import": round(t1 - t0, 3), "quantize": round(t2 - t1, 3)},
+        "seconds": {"prepare": round(p.seconds, 3), "export": round(t2 - t0 - p.seconds, 3)},
     }
-    bad = [p for p in parity if not p.ok]
+    bad = [x for x in parity if not x.ok]
     if bad:
         log(f"warning: onnxruntime differs from the simulation by more than one step on {bad[0].output}")
     if eval_path:
         report["validation"] = evaluate(imp, out, eval_path, labels_path, opts, log)
     report["seconds"]["total"] = round(time.time() - t0, 3)
     return report
+
+
+@dataclass
+class Analysis:
+    units: object
+    scores: list
+    packs: list
+    seconds: float
+
+
+def analyse(p: Prepared, opts: Options, max_pack_blocks: int | None = None) -> Analysis:
+    """Blocks, their Hessian-guided scores at the calibrated bits, and packs."""
+    from . import blocks, packing, sensitivity
+
+    t0 = time.time()
+    units = blocks.find_blocks(p.imp.model, [q.layer for q in p.qls])
+    if not units.blocks:
+        raise UsageError("no blocks found: the model has no quantizable layer between stem and head")
+    scores = sensitivity.score_blocks(p.gm, p.qls, units, p.imp.model, lambda: p.batches(opts), p.n_samples,
+                                      progress=lambda it: bar(it, "score blocks", len(units.blocks)))
+    packs = packing.make_packs([s.score for s in scores], [s.sensitivity for s in scores], max_pack_blocks)
+    return Analysis(units, scores, packs, time.time() - t0)
 
 
 def evaluate(imp: ImportedModel, quant_model, eval_path, labels_path, opts: Options, log=print) -> list:

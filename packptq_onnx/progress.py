@@ -1,4 +1,4 @@
-"""Progress bars on stderr (tqdm); quiet when PACKPTQ_QUIET is set."""
+"""Progress bars on stderr (tqdm): shown on a terminal, off when piped or PACKPTQ_QUIET is set."""
 from __future__ import annotations
 
 import os
@@ -8,4 +8,4 @@ from tqdm import tqdm
 
 def bar(iterable, desc: str, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True,
-                disable=bool(os.environ.get("PACKPTQ_QUIET")), mininterval=0.5)
+                disable=True if os.environ.get("PACKPTQ_QUIET") else None, mininterval=0.5)

@@ -1,0 +1,123 @@
+"""Blocks from graph structure alone (no node naming): single-tensor cuts of the data flow.
+
+A cut is a point in the (topologically sorted) graph where exactly one data tensor is live.
+Segments between cuts that hold a join (a node with two or more data inputs: residual Add,
+Concat, attention MatMul, gating Mul) are blocks; a quantizable layer in a plain chain is a
+one-layer block when it sits between two blocks, and stem / head when before the first / after
+the last. Shape arithmetic (Shape, Size and what is computed only from them and constants) and
+side inputs that no quantizable layer produced (e.g. an attention mask) do not count as live.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .layers import Layer
+
+SHAPE_OPS = ("Shape", "Size")
+
+
+@dataclass
+class Block:
+    id: int
+    name: str
+    kind: str                 # "residual" (has a join) or "layer" (one quantizable layer)
+    nodes: list[int]          # node indices in the normalised graph
+    layers: list[str]         # ONNX names of its quantizable layers, graph order
+    output: str               # tensor at the cut after the block
+
+
+@dataclass
+class Units:
+    stem: list[str]           # quantizable layer names before the first block
+    blocks: list[Block]
+    head: list[str] = field(default_factory=list)
+
+    def block_of(self) -> dict[str, int]:
+        return {name: b.id for b in self.blocks for name in b.layers}
+
+
+def _data_tensors(graph) -> set[str]:
+    inits = {i.name for i in graph.initializer}
+    data = {i.name for i in graph.input if i.name not in inits}
+    for node in graph.node:
+        if node.op_type in SHAPE_OPS:
+            continue
+        if any(t in data for t in node.input):
+            data.update(o for o in node.output if o)
+    return data
+
+
+def _downstream(graph, sources: set[str]) -> set[str]:
+    reach = set(sources)
+    for node in graph.node:
+        if node.op_type not in SHAPE_OPS and any(t in reach for t in node.input):
+            reach.update(o for o in node.output if o)
+    return reach
+
+
+def find_blocks(model, layers: list[Layer]) -> Units:
+    g = model.graph
+    nodes = list(g.node)
+    by_index = {l.index: l for l in layers}
+    data = _data_tensors(g)
+    main = _downstream(g, {nodes[l.index].output[0] for l in layers}) | {
+        l.act_input for l in layers if l.act_input}
+    live_tensors = data & main
+    last_use = {}
+    for i, node in enumerate(nodes):
+        if node.op_type in SHAPE_OPS:
+            continue
+        for t in node.input:
+            if t in live_tensors:
+                last_use[t] = i
+    for o in g.output:
+        last_use[o.name] = len(nodes)
+    produced_at = {o: i for i, n in enumerate(nodes) for o in n.output}
+
+    # live set after each node, by sweeping births and deaths
+    segments, start, live = [], 0, set()
+    for i, node in enumerate(nodes):
+        for o in node.output:
+            if o in live_tensors and last_use.get(o, -1) > i:
+                live.add(o)
+        live = {t for t in live if last_use.get(t, -1) > i}
+        if len(live) == 1 and i < len(nodes) - 1:
+            (t,) = live
+            if produced_at.get(t) == i:  # cut right after the producer of the single live tensor
+                segments.append((list(range(start, i + 1)), t))
+                start = i + 1
+    segments.append((list(range(start, len(nodes))), g.output[0].name if g.output else ""))
+
+    # attach segments without quantizable layers to the previous one (or the next, at the start)
+    merged: list[tuple[list[int], str]] = []
+    pending: list[int] = []
+    for idx, out in segments:
+        if not any(i in by_index for i in idx):
+            if merged:
+                merged[-1] = (merged[-1][0] + idx, out)
+            else:
+                pending += idx
+            continue
+        merged.append((pending + idx, out))
+        pending = []
+    if pending and merged:
+        merged[-1] = (merged[-1][0] + pending, merged[-1][1])
+
+    def has_join(idx):
+        return any(len({t for t in nodes[i].input if t in live_tensors}) >= 2 for i in idx)
+
+    kinds = ["residual" if has_join(idx) else "layer" for idx, _ in merged]
+    real = [k == "residual" for k in kinds]
+    first = real.index(True) if any(real) else 0
+    last = len(real) - 1 - real[::-1].index(True) if any(real) else len(real) - 1
+    units = Units(stem=[], blocks=[])
+    for pos, ((idx, out), kind) in enumerate(zip(merged, kinds)):
+        names = [by_index[i].name for i in sorted(idx) if i in by_index]
+        if pos < first:
+            units.stem += names
+        elif pos > last:
+            units.head += names
+        else:
+            bid = len(units.blocks)
+            units.blocks.append(Block(bid, f"block{bid}", kind, sorted(idx), names, out))
+    return units

@@ -1,0 +1,112 @@
+"""Hessian-guided importance of each block (METHOD.md step 1).
+
+For block t: quantize only block t, run the calibration set.
+  L_t    = mean over samples of KL(p_fp || p_q,t) (classifier outputs) or MSE (other outputs)
+  delta  = z - z_q at the block output; g = dL/dz on the float forward (teacher: quantized prediction)
+  first  = sum(g * delta) / numel;  second = sum(delta^2 / 2) / numel
+  S_t    = (L_t - first) / max(second, 1e-12);   Omega_t = S_t * mean|delta|
+Cost: one quantized forward and one float forward/backward per block and batch; nothing is stored
+across batches but running sums.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .convert import module_name
+
+
+@dataclass
+class BlockScore:
+    block: int
+    loss: float
+    first: float
+    second: float
+    score: float          # S_t
+    sensitivity: float    # Omega_t
+    mean_abs_delta: float
+
+
+def is_classifier(t: torch.Tensor) -> bool:
+    return t.dim() == 2 and t.shape[1] > 1 and t.is_floating_point()
+
+
+def per_sample_loss(fp: list, q: list) -> torch.Tensor:
+    """KL(p_fp || p_q) for classifier outputs, MSE for any other output; summed over outputs."""
+    total = 0
+    for a, b in zip(fp, q):
+        if is_classifier(a):
+            la, lb = F.log_softmax(a.float(), 1), F.log_softmax(b.float(), 1)
+            total = total + (la.exp() * (la - lb)).sum(1)
+        else:
+            total = total + (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    return total
+
+
+def _outputs(res) -> list:
+    return list(res) if isinstance(res, (list, tuple)) else [res]
+
+
+def _producer(model, tensor: str) -> tuple[int, int]:
+    for i, node in enumerate(model.graph.node):
+        if tensor in node.output:
+            return i, list(node.output).index(tensor)
+    raise KeyError(tensor)
+
+
+def score_blocks(gm, qls, units, model, batches, n_samples: int, progress=None) -> list[BlockScore]:
+    """batches: a callable returning a fresh iterable of input tuples (on the model's device)."""
+    by_name = {q.layer.name: q for q in qls}
+    out = []
+    blocks = progress(units.blocks) if progress else units.blocks
+    for block in blocks:
+        idx, pos = _producer(model, block.output)
+        mod = getattr(gm, module_name(idx))
+        own = [by_name[n] for n in block.layers]
+        store = {}
+
+        def hook(_m, _inp, res):
+            z = res[pos] if isinstance(res, (tuple, list)) else res
+            if store.get("inject"):
+                leaf = z.detach().requires_grad_(True)
+                store["leaf"] = leaf
+                if isinstance(res, (tuple, list)):
+                    return type(res)(leaf if i == pos else r for i, r in enumerate(res))
+                return leaf
+            store["z"] = z.detach()
+            return None
+
+        handle = mod.register_forward_hook(hook)
+        sums = dict(loss=0.0, first=0.0, second=0.0, absd=0.0, numel=0)
+        try:
+            for args in batches():
+                for q in qls:
+                    q.quant_w = q.quant_a = q in own
+                store["inject"] = False
+                with torch.no_grad():
+                    yq = [t.detach() for t in _outputs(gm(*args))]
+                zq = store["z"]
+                for q in qls:
+                    q.quant_w = q.quant_a = False
+                store["inject"] = True
+                with torch.enable_grad():
+                    loss = per_sample_loss(_outputs(gm(*args)), yq).sum() / n_samples
+                    loss.backward()
+                leaf = store["leaf"]
+                delta = leaf.detach() - zq
+                sums["loss"] += float(loss.detach())
+                sums["first"] += float((leaf.grad * delta).sum())
+                sums["second"] += float(0.5 * delta.pow(2).sum())
+                sums["absd"] += float(delta.abs().sum())
+                sums["numel"] += delta.numel()
+        finally:
+            handle.remove()
+            for q in qls:
+                q.quant_w = q.quant_a = True
+        n = max(sums["numel"], 1)
+        first, second = sums["first"] / n, sums["second"] / n
+        s = (sums["loss"] - first) / max(second, 1e-12)
+        out.append(BlockScore(block.id, sums["loss"], first, second, s, s * sums["absd"] / n, sums["absd"] / n))
+    return out
