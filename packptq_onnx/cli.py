@@ -7,6 +7,7 @@ import sys
 import traceback
 
 from .errors import UsageError
+from .reconstruct import ReconOptions
 
 
 def _floats(text: str) -> list[float]:
@@ -24,6 +25,19 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW")
 
 
+def _recon_args(p: argparse.ArgumentParser) -> None:
+    d = ReconOptions()
+    g = p.add_argument_group("reconstruction (adaround / block / pack)")
+    g.add_argument("--iters", type=int, default=d.iters, help=f"iterations per unit (default {d.iters})")
+    g.add_argument("--iters-total", type=int, help="total iterations, spread over units by weight count")
+    g.add_argument("--lr-round", type=float, default=d.lr_round)
+    g.add_argument("--lr-scale", type=float, default=d.lr_scale)
+    g.add_argument("--round-weight", type=float, default=d.round_weight, help="AdaRound regulariser weight")
+    g.add_argument("--drop-prob", type=float, default=d.drop_prob, help="QDrop: chance of a quantized input")
+    g.add_argument("--max-pack-blocks", type=int, help="cap on blocks per pack (default: no cap)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT.onnx.ckpt after an interruption")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="packptq", description="Post-training quantization of ONNX models "
                                  "to QDQ ONNX, validated in onnxruntime.")
@@ -36,7 +50,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--wbits", type=int, default=8, help="weight bits, 2..8 (default 8)")
     q.add_argument("--abits", type=int, default=8, help="activation bits, 2..8 (default 8)")
-    q.add_argument("--method", default="rtn", choices=["rtn"], help="rtn: round to nearest, Lp-searched ranges")
+    q.add_argument("--method", default="pack", choices=["rtn", "adaround", "block", "pack"],
+                   help="rtn: round to nearest; adaround: layer-wise; block: BRECQ/QDrop blocks; "
+                   "pack: Pack-PTQ packs (default)")
     q.add_argument("--eval", help="evaluation data; prints the validation table (labels from the "
                    "npz key 'labels' or --labels)")
     q.add_argument("--labels", help=".npy of integer class labels for --eval")
@@ -47,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=int, default=1024, help="use at most this many samples")
     q.add_argument("--full-range-weights", action="store_true",
                    help="8-bit weights in [-128,127] instead of [-64,63] (not exact on AVX2 CPUs without VNNI)")
+    _recon_args(q)
     _data_args(q)
 
     v = sub.add_parser("validate", help="compare a float and a quantized model in onnxruntime")
@@ -82,9 +99,13 @@ def cmd_quantize(a) -> int:
     from .exporters.files import save_json
     from .pipeline import Options, quantize
 
+    recon = ReconOptions(iters=a.iters, iters_total=a.iters_total, batch_size=a.batch_size,
+                         lr_round=a.lr_round, lr_scale=a.lr_scale, round_weight=a.round_weight,
+                         drop_prob=a.drop_prob)
     opts = Options(wbits=a.wbits, abits=a.abits, method=a.method, seed=a.seed, device=a.device,
                    batch_size=a.batch_size, calib_samples=a.calib_samples,
-                   reduce_range=not a.full_range_weights, image=_image_opts(a))
+                   reduce_range=not a.full_range_weights, image=_image_opts(a), recon=recon,
+                   max_pack_blocks=a.max_pack_blocks, resume=a.resume)
     report = quantize(a.model, a.calib, a.output, opts, a.eval, a.labels, log=print)
     if a.report:
         save_json(report, a.report)
@@ -190,7 +211,7 @@ def main(argv=None) -> int:
         print(f"packptq: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("packptq: interrupted", file=sys.stderr)
+        print("packptq: interrupted; finished units are checkpointed: rerun with --resume", file=sys.stderr)
         return 130
     except Exception as exc:  # internal failure: one line unless --debug
         if a.debug:

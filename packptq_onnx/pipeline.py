@@ -14,6 +14,7 @@ from .exporters import files, qdq
 from .layers import find_layers
 from .onnx_import import ImportedModel, load
 from .progress import bar
+from .reconstruct import ReconOptions
 
 PARITY_SAMPLES = 64
 FAITHFUL_SAMPLES = 32
@@ -30,14 +31,27 @@ class Options:
     calib_samples: int = 1024
     reduce_range: bool = True   # 7-bit range for 8-bit weights: exact on AVX2 CPUs without VNNI
     image: dict = field(default_factory=dict)  # image_size, mean, std, layout for image folders
+    recon: ReconOptions = field(default_factory=ReconOptions)
+    max_pack_blocks: int | None = None
+    resume: bool = False
+
+
+METHODS = ("rtn", "adaround", "block", "pack")
 
 
 def check_options(o: Options) -> None:
     for what, b in (("--wbits", o.wbits), ("--abits", o.abits)):
         if not 2 <= b <= 8:
             raise UsageError(f"{what} must be between 2 and 8, got {b}")
-    if o.method != "rtn":
-        raise UsageError(f"unknown --method {o.method!r} (available: rtn)")
+    if o.method not in METHODS:
+        raise UsageError(f"unknown --method {o.method!r} (available: {', '.join(METHODS)})")
+    r = o.recon
+    if r.iters < 0 or (r.iters_total is not None and r.iters_total < 0):
+        raise UsageError("--iters and --iters-total must not be negative")
+    if not 0.0 <= r.drop_prob <= 1.0:
+        raise UsageError("--drop-prob must be between 0 and 1")
+    if o.max_pack_blocks is not None and o.max_pack_blocks < 1:
+        raise UsageError("--max-pack-blocks must be at least 1")
     if o.batch_size < 1 or o.calib_samples < 1:
         raise UsageError("--batch-size and --calib-samples must be positive")
     if o.device == "cuda" and not torch.cuda.is_available():
@@ -112,6 +126,8 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
     t0 = time.time()
     p = prepare(model_path, calib_path, opts, log)
     imp, gm, qls, calib, names = p.imp, p.gm, p.qls, p.calib, p.names
+    ckpt = out_path + ".ckpt"
+    recon = reconstruct_model(p, opts, ckpt, log) if opts.method != "rtn" else None
     gm.to("cpu")
     records = qmodel.export_records(qls)
     out = qdq.write_qdq(imp.model, records)
@@ -126,6 +142,8 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
             "parity": {x.output: x.max_abs_diff for x in parity}}
     qdq.set_meta(out, meta)
     files.save_model(out, out_path)
+    if os.path.exists(ckpt):
+        os.unlink(ckpt)
     report = {
         "tool": {"name": "packptq-onnx", "version": __version__},
         "input": model_path, "output": out_path, "options": asdict(opts),
@@ -134,8 +152,11 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
         "import": {"notes": imp.notes, "faithful": [asdict(a) for a in p.faithful]},
         "layers": meta["layers"], "weight_bytes": weight_bytes(records),
         "parity": validate.as_dicts(parity),
-        "seconds": {"prepare": round(p.seconds, 3), "export": round(t2 - t0 - p.seconds, 3)},
+        "seconds": {"prepare": round(p.seconds, 3), "quantize": round(t2 - t0 - p.seconds, 3)},
+        "peak_rss_mb": peak_rss_mb(),
     }
+    if recon is not None:
+        report["reconstruction"] = recon
     bad = [x for x in parity if not x.ok]
     if bad:
         log(f"warning: onnxruntime differs from the simulation by more than one step on {bad[0].output}")
@@ -165,6 +186,36 @@ def analyse(p: Prepared, opts: Options, max_pack_blocks: int | None = None) -> A
                                       progress=lambda it: bar(it, "score blocks", len(units.blocks)))
     packs = packing.make_packs([s.score for s in scores], [s.sensitivity for s in scores], max_pack_blocks)
     return Analysis(units, scores, packs, time.time() - t0)
+
+
+def reconstruct_model(p: Prepared, opts: Options, ckpt: str, log=print) -> dict:
+    from . import blocks
+    from .reconstruct import make_units, run
+
+    layers = [q.layer for q in p.qls]
+    units_struct, packs, scoring = None, None, None
+    if opts.method in ("block", "pack"):
+        units_struct = blocks.find_blocks(p.imp.model, layers)
+    if opts.method == "pack":
+        a = analyse(p, opts, opts.max_pack_blocks)
+        packs, scoring = a.packs, round(a.seconds, 3)
+        log(f"{len(a.units.blocks)} blocks in {len(packs)} packs: "
+            + " ".join("[" + ",".join(str(b) for b in pk.blocks) + "]" for pk in packs))
+    units = make_units(opts.method, units_struct, packs, layers, p.imp.model)
+    t0 = time.time()
+    log(f"reconstruction ({opts.method}): {len(units)} units")
+    res = run(p.gm, p.imp.model, p.qls, units, lambda: p.batches(opts), p.n_samples, opts.recon, opts.seed,
+              opts.device, ckpt, opts.resume, log)
+    return {"method": opts.method, "units": [asdict(r) for r in res], "seconds": round(time.time() - t0, 3),
+            "scoring_seconds": scoring,
+            "packs": None if packs is None else [{"id": pk.id, "blocks": pk.blocks, "score": pk.score}
+                                                 for pk in packs]}
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def evaluate(imp: ImportedModel, quant_model, eval_path, labels_path, opts: Options, log=print) -> list:

@@ -17,19 +17,41 @@ from .layers import Layer, weight_array
 SAMPLE_PER_BATCH = 1 << 16
 
 
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
+
+
 class WeightQuantizer(nn.Module):
+    """Per-channel symmetric weight quantizer; round to nearest, or AdaRound (soft while learning,
+    hard = floor(w/s) + (V >= 0) once learned: the hard integers are what is exported)."""
+
     def __init__(self, w: torch.Tensor, axis: int, bits: int, reduce_range: bool):
         super().__init__()
         self.axis, self.bits = axis, bits
         self.qmin, self.qmax = quant.weight_qrange(bits, reduce_range)
         self.register_buffer("scale", quant.search_weight_scale(w, axis, self.qmin, self.qmax).float())
+        self.alpha: nn.Parameter | None = None
+        self.soft = False
 
     def s(self, ndim: int) -> torch.Tensor:
         return quant.channel_view(self.scale, self.axis, ndim)
 
+    def init_adaround(self, w: torch.Tensor) -> None:
+        """V such that h(V) equals the fractional part of w/s."""
+        x = w.detach() / self.s(w.dim())
+        rest = (x - torch.floor(x)).clamp(1e-4, 1 - 1e-4)
+        self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        self.soft = True
+
+    def h(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
     def integer(self, w: torch.Tensor) -> torch.Tensor:
-        """Integer weight exactly as exported (round-to-nearest; reconstruction overrides)."""
-        return torch.clamp(torch.round(w / self.s(w.dim())), self.qmin, self.qmax)
+        """Integer weight exactly as exported."""
+        x = w / self.s(w.dim())
+        if self.alpha is None:
+            return torch.clamp(torch.round(x), self.qmin, self.qmax)
+        up = self.h() if self.soft else (self.alpha >= 0).to(x.dtype)
+        return torch.clamp(torch.floor(x.detach()) + up, self.qmin, self.qmax)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return self.integer(w) * self.s(w.dim())
@@ -168,6 +190,7 @@ def export_records(qls: list[QuantLayer], packs: dict | None = None):
 
     out = []
     for q in qls:
+        assert not q.wq.soft, "export needs hard rounding"
         w_int = q.wq.integer(q.weight).to(torch.int8).numpy()
         rec = LayerQuant(q.layer, q.wq.bits, w_int, q.wq.scale.float().numpy().copy(),
                          pack=(packs or {}).get(q.layer.name))

@@ -1,0 +1,328 @@
+"""Reconstruction (METHOD.md step 4): AdaRound + LSQ + QDrop, unit by unit, one engine.
+
+A unit is a contiguous piece of the fx graph: one layer (adaround), one block (block) or one
+pack (pack); stem and head layers are units of their own in block/pack modes. For each unit:
+inputs = the quantized model's values entering it, mixed element-wise with the float values
+(QDrop); target = the float output of the unit. Learned jointly: AdaRound rounding variables of
+its weights and LSQ step sizes of its activation quantizers. Weights end with hard rounding.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import fx
+
+from .convert import module_name
+from .progress import bar
+
+
+@dataclass
+class ReconOptions:
+    iters: int = 500
+    iters_total: int | None = None
+    batch_size: int = 32
+    lr_round: float = 3e-3
+    lr_scale: float = 4e-5
+    round_weight: float = 0.01
+    drop_prob: float = 0.5
+    warmup: float = 0.2
+    beta: tuple = (20.0, 2.0)
+    eval_samples: int = 256
+    cache_bytes: int | None = None  # above this, unit caches go to disk (memory-mapped)
+
+
+@dataclass
+class Unit:
+    name: str
+    layers: list[str]       # ONNX names of the QuantLayers it learns
+    nodes: list[int]        # ONNX node indices it spans
+    output: str             # tensor name of its output
+    size: int = 0           # weight elements
+
+
+@dataclass
+class UnitResult:
+    name: str
+    iters: int
+    loss_before: float
+    loss_after: float
+    seconds: float
+
+
+def make_units(method: str, units_struct, packs, layers, model) -> list[Unit]:
+    """stem layers, then layers / blocks / packs, then head layers."""
+    by_name = {l.name: l for l in layers}
+    out_of = lambda name: model.graph.node[by_name[name].index].output[0]  # noqa: E731
+
+    def layer_unit(name):
+        return Unit(name, [name], [by_name[name].index], out_of(name))
+
+    if method == "adaround":
+        return [layer_unit(l.name) for l in layers]
+    units = [layer_unit(n) for n in units_struct.stem]
+    blocks = units_struct.blocks
+    if method == "block":
+        groups = [(b.name, [b]) for b in blocks]
+    else:
+        groups = [(f"pack{p.id}", [blocks[i] for i in p.blocks]) for p in packs]
+    for name, bl in groups:
+        units.append(Unit(name, [n for b in bl for n in b.layers], [i for b in bl for i in b.nodes], bl[-1].output))
+    units += [layer_unit(n) for n in units_struct.head]
+    return units
+
+
+# ---- fx plumbing ---------------------------------------------------------------------------
+def _producer_node(gm, model, tensor: str) -> fx.Node:
+    for i, node in enumerate(model.graph.node):
+        if tensor in node.output:
+            pos = list(node.output).index(tensor)
+            target = module_name(i)
+            for n in gm.graph.nodes:
+                if n.op == "call_module" and n.target == target:
+                    if len(node.output) == 1:
+                        return n
+                    return next(u for u in n.users if u.op == "call_function" and u.args[1] == pos)
+    raise KeyError(tensor)
+
+
+def subgraph(gm, model, unit: Unit):
+    """A GraphModule computing the unit's output from the values that enter it (shared modules)."""
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    targets = {module_name(i) for i in unit.nodes}
+    first = min(pos[n] for n in nodes if n.op == "call_module" and n.target in targets)
+    out = _producer_node(gm, model, unit.output)
+    g, env, inputs = fx.Graph(), {}, []
+
+    def arg(n):
+        if n not in env:
+            if n.op == "get_attr":
+                env[n] = g.get_attr(n.target)
+            else:
+                env[n] = g.placeholder(f"in{len(inputs)}")
+                inputs.append(n)
+        return env[n]
+
+    for n in nodes[first: pos[out] + 1]:
+        if n.op in ("call_module", "call_function", "call_method"):
+            env[n] = g.node_copy(n, arg)
+    g.output(env[out])
+    sub = fx.GraphModule(gm, g)
+    sub.graph.eliminate_dead_code()
+    used = [n for n in sub.graph.nodes if n.op == "placeholder" and n.users]
+    for n in list(sub.graph.nodes):
+        if n.op == "placeholder" and not n.users:
+            sub.graph.erase_node(n)
+    sub.recompile()
+    names = {n.name for n in used}
+    return sub, [n for n in inputs if env[n].name in names], out
+
+
+class _Capture(fx.Interpreter):
+    def __init__(self, gm, wanted):
+        super().__init__(gm)
+        self.wanted, self.got = set(wanted), {}
+
+    def run_node(self, n):
+        res = super().run_node(n)
+        if n in self.wanted:
+            self.got[n] = res.detach()
+            if len(self.got) == len(self.wanted):
+                raise StopIteration
+        return res
+
+
+@torch.no_grad()
+def capture(gm, batches, wanted: list) -> list[np.ndarray | np.memmap]:
+    """Values of `wanted` fx nodes over all calibration batches, as arrays (samples first)."""
+    chunks = {n: [] for n in wanted}
+    for args in batches:
+        c = _Capture(gm, wanted)
+        try:
+            c.run(*args)
+        except StopIteration:
+            pass
+        for n in wanted:
+            chunks[n].append(c.got[n].cpu().numpy())
+    return [np.concatenate(chunks[n]) for n in wanted]
+
+
+class Cache:
+    """Unit inputs/targets: in memory, or memory-mapped on disk above a byte bound."""
+
+    def __init__(self, arrays: list[np.ndarray], bound: int | None, directory: str | None):
+        total = sum(a.nbytes for a in arrays)
+        self.on_disk = bound is not None and total > bound
+        self.tmp = None
+        if self.on_disk:
+            self.tmp = tempfile.TemporaryDirectory(prefix="packptq-cache-", dir=directory)
+            mm = []
+            for i, a in enumerate(arrays):
+                m = np.lib.format.open_memmap(os.path.join(self.tmp.name, f"{i}.npy"), "w+", a.dtype, a.shape)
+                m[:] = a
+                mm.append(m)
+            arrays = mm
+        self.arrays, self.bytes = arrays, total
+
+    def batch(self, idx: np.ndarray, device) -> list[torch.Tensor]:
+        return [torch.from_numpy(np.ascontiguousarray(a[idx])).to(device) for a in self.arrays]
+
+    def close(self):
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+
+def recon_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels (axis 1 for NC..., last axis for tokens), averaged over the rest."""
+    d = (pred - target).pow(2)
+    if d.dim() == 4 or d.dim() == 2:
+        return d.sum(1).mean()
+    return d.sum(-1).mean() if d.dim() >= 2 else d.mean()
+
+
+def _beta(t: int, total: int, o: ReconOptions) -> float | None:
+    warm = int(o.warmup * total)
+    if t < warm:
+        return None
+    rel = (t - warm) / max(1, total - warm)
+    return o.beta[1] + (o.beta[0] - o.beta[1]) * max(0.0, 1 - rel)
+
+
+def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: int, o: ReconOptions,
+                     seed: int, device: str, cache_dir: str | None) -> UnitResult:
+    t0 = time.time()
+    sub, in_nodes, out_node = subgraph(gm, model, unit)
+    own = [q for q in qls if q.layer.name in set(unit.layers)]
+    from .qmodel import set_quant
+    set_quant(qls, False, False)
+    fp = capture(gm, calib_batches(), in_nodes + [out_node])
+    set_quant(qls, True, True)
+    qin = capture(gm, calib_batches(), in_nodes)
+    cache = Cache(fp + qin, o.cache_bytes, cache_dir)
+    k = len(in_nodes)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    ev = np.arange(min(n, o.eval_samples))
+
+    def evaluate():
+        with torch.no_grad():
+            tot = 0.0
+            for i in range(0, len(ev), o.batch_size):
+                arr = cache.batch(ev[i:i + o.batch_size], device)
+                tot += float(recon_loss(sub(*arr[k + 1:]), arr[k])) * len(ev[i:i + o.batch_size])
+            return tot / len(ev)
+
+    before = evaluate()
+    for q in own:
+        q.wq.init_adaround(q.weight)
+    params_v = [q.wq.alpha for q in own]
+    params_s = [q.aq.scale for q in own if q.aq is not None]
+    opt_v = torch.optim.Adam(params_v, lr=o.lr_round)
+    opt_s = torch.optim.Adam(params_s, lr=o.lr_scale) if params_s else None
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(iters, 1), eta_min=0) if opt_s else None
+    it = bar(range(iters), unit.name, iters)
+    for t in it:
+        idx = np.sort(rng.choice(n, size=min(o.batch_size, n), replace=False))
+        arr = cache.batch(idx, device)
+        xs = []
+        for j in range(k):
+            x_fp, x_q = arr[j], arr[k + 1 + j]
+            if x_q.is_floating_point() and o.drop_prob > 0:
+                keep_q = torch.rand(x_q.shape, generator=gen).to(device) < o.drop_prob
+                x_q = torch.where(keep_q, x_q, x_fp)
+            xs.append(x_q)
+        rec = recon_loss(sub(*xs), arr[k])
+        b = _beta(t, iters, o)
+        reg = sum((1 - (2 * q.wq.h() - 1).abs().pow(b)).sum() for q in own) if b is not None else 0.0
+        loss = rec + o.round_weight * reg
+        opt_v.zero_grad()
+        if opt_s:
+            opt_s.zero_grad()
+        loss.backward()
+        opt_v.step()
+        if opt_s:
+            opt_s.step()
+            sched.step()
+            for p in params_s:
+                p.data.clamp_(min=1e-8)
+        if t % 50 == 0 and hasattr(it, "set_postfix"):
+            it.set_postfix(loss=f"{float(rec.detach()):.4g}")
+    for q in own:
+        q.wq.soft = False
+    after = evaluate()
+    cache.close()
+    return UnitResult(unit.name, iters, before, after, time.time() - t0)
+
+
+def split_iters(units: list[Unit], o: ReconOptions) -> list[int]:
+    if o.iters_total is None:
+        return [o.iters] * len(units)
+    total = sum(u.size for u in units) or 1
+    return [max(1, int(round(o.iters_total * u.size / total))) for u in units]
+
+
+def unit_seed(seed: int, i: int) -> int:
+    return (seed * 1000003 + i * 7919) % (2 ** 31)
+
+
+def checkpoint_state(qls) -> dict:
+    st = {}
+    for q in qls:
+        st[q.layer.name] = {"alpha": None if q.wq.alpha is None else q.wq.alpha.detach().cpu(),
+                            "ascale": None if q.aq is None else q.aq.scale.detach().cpu()}
+    return st
+
+
+def load_state(qls, st: dict) -> None:
+    for q in qls:
+        s = st[q.layer.name]
+        if s["alpha"] is not None:
+            q.wq.alpha = torch.nn.Parameter(s["alpha"].to(q.weight.device))
+            q.wq.soft = False
+        if s["ascale"] is not None:
+            q.aq.scale.data.copy_(s["ascale"])
+
+
+def n_weights(units: list[Unit], qls) -> None:
+    sizes = {q.layer.name: q.weight.numel() for q in qls}
+    for u in units:
+        u.size = sum(sizes[n] for n in u.layers)
+
+
+def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOptions, seed: int, device: str,
+        ckpt: str, resume: bool, log=print) -> list[UnitResult]:
+    """Reconstruct every unit in order; checkpoint after each; resume skips finished units."""
+    n_weights(units, qls)
+    iters = split_iters(units, o)
+    fingerprint = json.dumps({"units": [u.name for u in units], "iters": iters, "seed": seed,
+                              "layers": [q.layer.name for q in qls],
+                              "bits": [(q.wq.bits, q.aq.bits if q.aq else None) for q in qls]})
+    done: list[UnitResult] = []
+    if resume and os.path.exists(ckpt):
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if saved.get("fingerprint") != fingerprint:
+            from .errors import UsageError
+            raise UsageError(f"checkpoint {ckpt} was made with other options or another model; "
+                             "delete it or rerun with the same options")
+        load_state(qls, saved["state"])
+        done = [UnitResult(**r) for r in saved["done"]]
+        log(f"resuming after {len(done)} of {len(units)} finished units")
+    for i, u in enumerate(units):
+        if i < len(done):
+            continue
+        r = reconstruct_unit(gm, model, qls, u, calib_batches, n, iters[i], o, unit_seed(seed, i), device,
+                             os.path.dirname(os.path.abspath(ckpt)))
+        done.append(r)
+        log(f"  {u.name:<28} {len(u.layers):>3} layers {r.iters:>6} it  loss {r.loss_before:.4g} -> "
+            f"{r.loss_after:.4g}  {r.seconds:.1f} s")
+        tmp = ckpt + ".tmp"
+        torch.save({"fingerprint": fingerprint, "done": [asdict(x) for x in done],
+                    "state": checkpoint_state(qls)}, tmp)
+        os.replace(tmp, ckpt)
+    return done

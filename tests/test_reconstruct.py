@@ -1,0 +1,116 @@
+"""Reconstruction: learns, exports exactly what it simulated, resumes to the identical result."""
+import os
+
+import numpy as np
+import pytest
+
+from conftest import SAMPLES
+from packptq_onnx import convert, data, qmodel, reconstruct, runtime, validate
+from packptq_onnx.exporters import qdq
+from packptq_onnx.pipeline import Options, prepare, quantize, reconstruct_model
+
+MODEL = os.path.join(SAMPLES, "digits_resnet.onnx")
+CALIB = os.path.join(SAMPLES, "calib.npz")
+EVAL = os.path.join(SAMPLES, "eval.npz")
+
+
+def _opts(method, iters=80, **kw):
+    return Options(wbits=3, abits=3, method=method, calib_samples=128, batch_size=32,
+                   recon=reconstruct.ReconOptions(iters=iters, **kw))
+
+
+def _run(method, tmp_path, **kw):
+    o = _opts(method, **kw)
+    p = prepare(MODEL, CALIB, o, log=lambda *_: None)
+    res = reconstruct_model(p, o, str(tmp_path / f"{method}.ckpt"), log=lambda *_: None) if method != "rtn" else None
+    return p, res
+
+
+def _eval_cosine(p):
+    feeds, _ = data.load(EVAL, p.imp.inputs)
+    fl = runtime.run(runtime.session(p.imp.model), feeds)[0]
+    sim = convert.torch_run(p.gm, feeds, p.names)[0]
+    return validate.compare_outputs(["y"], [fl], [sim])[0].cosine
+
+
+@pytest.mark.parametrize("method", ["adaround", "block", "pack"])
+def test_reconstruction_learns_and_export_matches(tmp_path, method):
+    p, res = _run(method, tmp_path)
+    assert all(u["loss_after"] < u["loss_before"] for u in res["units"])  # every unit improves
+    p_rtn, _ = _run("rtn", tmp_path)
+    assert _eval_cosine(p) > _eval_cosine(p_rtn)  # held-out data: closer to float than RTN
+    recs = qmodel.export_records(p.qls)
+    assert all(r.w_int.min() >= -4 and r.w_int.max() <= 3 for r in recs)
+    out = qdq.write_qdq(p.imp.model, recs)
+    feeds = data.take(p.calib, 64)
+    par = validate.sim_parity(p.imp.outputs, runtime.run(runtime.session(out), feeds),
+                              convert.torch_run(p.gm, feeds, p.names))[0]
+    assert par.ok and par.max_abs_diff <= 2 * par.step
+    # hard rounding is really used: some weights round away from nearest
+    nearest = [np.clip(np.round(q.weight.detach().numpy() / q.wq.s(q.weight.dim()).numpy()), -4, 3) for q in p.qls]
+    assert any((r.w_int != n).any() for r, n in zip(recs, nearest))
+
+
+def test_units_cover_layers_in_order(tmp_path):
+    o = _opts("pack")
+    p = prepare(MODEL, CALIB, o, log=lambda *_: None)
+    from packptq_onnx import blocks
+    layers = [q.layer for q in p.qls]
+    u = blocks.find_blocks(p.imp.model, layers)
+    packs = [type("P", (), {"id": 0, "blocks": list(range(len(u.blocks)))})()]
+    units = reconstruct.make_units("pack", u, packs, layers, p.imp.model)
+    assert [n for x in units for n in x.layers] == [l.name for l in layers]
+    assert len(units) == len(u.stem) + 1 + len(u.head)
+
+
+def test_resume_gives_identical_result(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    ref, _ = _run("block", tmp_path / "a", iters=40)
+    ref_ints = [r.w_int for r in qmodel.export_records(ref.qls)]
+    ckdir = tmp_path / "b"
+    ckdir.mkdir()
+    o = _opts("block", iters=40)
+    real = reconstruct.reconstruct_unit
+    calls = {"n": 0}
+
+    def crash_on_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(reconstruct, "reconstruct_unit", crash_on_third)
+    p = prepare(MODEL, CALIB, o, log=lambda *_: None)
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct_model(p, o, str(ckdir / "x.ckpt"), log=lambda *_: None)
+    assert (ckdir / "x.ckpt").exists()
+    monkeypatch.setattr(reconstruct, "reconstruct_unit", real)
+    o.resume = True
+    p2 = prepare(MODEL, CALIB, o, log=lambda *_: None)
+    msgs = []
+    res = reconstruct_model(p2, o, str(ckdir / "x.ckpt"), log=msgs.append)
+    assert any("resuming after 2 of" in m for m in msgs)
+    assert len(res["units"]) == 5
+    for a, b in zip(ref_ints, [r.w_int for r in qmodel.export_records(p2.qls)]):
+        np.testing.assert_array_equal(a, b)
+    for q1, q2 in zip(ref.qls, p2.qls):
+        if q1.aq is not None:
+            assert float(q1.aq.scale) == float(q2.aq.scale)
+
+
+def test_disk_cache_equals_memory(tmp_path):
+    a, _ = _run("adaround", tmp_path, iters=20)
+    b, _ = _run("adaround", tmp_path, iters=20, cache_bytes=1)
+    for x, y in zip(qmodel.export_records(a.qls), qmodel.export_records(b.qls)):
+        np.testing.assert_array_equal(x.w_int, y.w_int)
+
+
+def test_cli_pack_default_beats_rtn_on_sample(tmp_path):
+    o = Options(wbits=3, abits=3, method="pack", recon=reconstruct.ReconOptions(iters=150))
+    r_pack = quantize(MODEL, CALIB, str(tmp_path / "p.onnx"), o, EVAL, log=lambda *_: None)
+    o_rtn = Options(wbits=3, abits=3, method="rtn")
+    r_rtn = quantize(MODEL, CALIB, str(tmp_path / "r.onnx"), o_rtn, EVAL, log=lambda *_: None)
+    vp, vr = r_pack["validation"][0], r_rtn["validation"][0]
+    assert vp["acc_quant"] > vr["acc_quant"] and vp["cosine"] > vr["cosine"]
+    assert not os.path.exists(str(tmp_path / "p.onnx") + ".ckpt")  # removed after success
+    assert r_pack["reconstruction"]["packs"] and r_pack["peak_rss_mb"] > 0
