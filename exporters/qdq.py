@@ -129,3 +129,27 @@ def read_meta(model: onnx.ModelProto) -> dict | None:
         if p.key == META_KEY:
             return json.loads(p.value)
     return None
+
+
+def weight_bytes(model: onnx.ModelProto) -> float:
+    """Weight bytes of the quantized layers at their bit widths, counted from the file itself."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    total = 0.0
+    for node in model.graph.node:
+        tag = node_tag(node)
+        if not tag or len(node.input) < 2 or node.input[1] not in producer:
+            continue
+        dq = producer[node.input[1]]
+        w = inits[dq.input[0]]
+        total += int(np.prod(w.dims)) * tag["wbits"] / 8
+    return total
+
+
+def node_tag(node) -> dict | None:
+    for p in node.metadata_props:
+        if p.key == META_KEY:
+            return json.loads(p.value)
+    if node.doc_string.startswith(META_KEY + ":"):
+        return json.loads(node.doc_string[len(META_KEY) + 1:])
+    return None

@@ -7,6 +7,7 @@ import sys
 import traceback
 
 from .errors import UsageError
+from .mixed import MixedOptions
 from .reconstruct import ReconOptions
 
 
@@ -38,6 +39,27 @@ def _recon_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from OUT.onnx.ckpt after an interruption")
 
 
+def _ints(text: str) -> tuple:
+    try:
+        return tuple(sorted({int(v) for v in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _mixed_args(p: argparse.ArgumentParser) -> None:
+    d = MixedOptions()
+    g = p.add_argument_group("mixed precision (per pack, exact integer program)")
+    g.add_argument("--budget", help="weight bytes of the quantized layers, e.g. 1.2MB, 300kB, 50000")
+    g.add_argument("--avg-wbits", type=float, help="budget as average weight bits, e.g. 3.5")
+    g.add_argument("--wbits-options", type=_ints, default=d.wbits, help="weight bits per pack (default 2,3,4,8)")
+    g.add_argument("--abits-options", type=_ints, default=d.abits,
+                   help="activation bits per pack (default 4,8); activation memory stays at uniform --abits")
+    g.add_argument("--fixed-bits", type=int, default=d.fixed_bits, help="stem and head bits (default 8)")
+    g.add_argument("--solver", choices=["cbc", "highs"], default=d.solver)
+    g.add_argument("--solver-time", type=float, default=d.time_limit, help="solver time limit, seconds")
+    g.add_argument("--sensitivity-cache", help="JSON file: reuse measured sensitivities at another budget")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="packptq", description="Post-training quantization of ONNX models "
                                  "to QDQ ONNX, validated in onnxruntime.")
@@ -64,6 +86,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--full-range-weights", action="store_true",
                    help="8-bit weights in [-128,127] instead of [-64,63] (not exact on AVX2 CPUs without VNNI)")
     _recon_args(q)
+    _mixed_args(q)
     _data_args(q)
 
     v = sub.add_parser("validate", help="compare a float and a quantized model in onnxruntime")
@@ -95,6 +118,21 @@ def _image_opts(a) -> dict:
     return {"image_size": a.image_size, "mean": a.mean, "std": a.std, "layout": a.layout}
 
 
+def _mixed_opts(a) -> MixedOptions:
+    from .solvers.ilp import parse_budget
+
+    if a.budget and a.avg_wbits:
+        raise UsageError("give either --budget or --avg-wbits, not both")
+    for b in (*a.wbits_options, *a.abits_options, a.fixed_bits):
+        if not 2 <= b <= 8:
+            raise UsageError(f"bit options must be between 2 and 8, got {b}")
+    if a.avg_wbits is not None and not 2 <= a.avg_wbits <= 8:
+        raise UsageError(f"--avg-wbits must be between 2 and 8, got {a.avg_wbits}")
+    return MixedOptions(budget=parse_budget(a.budget) if a.budget else None, avg_wbits=a.avg_wbits,
+                        wbits=a.wbits_options, abits=a.abits_options, fixed_bits=a.fixed_bits,
+                        solver=a.solver, time_limit=a.solver_time, cache=a.sensitivity_cache)
+
+
 def cmd_quantize(a) -> int:
     from .exporters.files import save_json
     from .pipeline import Options, quantize
@@ -105,7 +143,7 @@ def cmd_quantize(a) -> int:
     opts = Options(wbits=a.wbits, abits=a.abits, method=a.method, seed=a.seed, device=a.device,
                    batch_size=a.batch_size, calib_samples=a.calib_samples,
                    reduce_range=not a.full_range_weights, image=_image_opts(a), recon=recon,
-                   max_pack_blocks=a.max_pack_blocks, resume=a.resume)
+                   max_pack_blocks=a.max_pack_blocks, resume=a.resume, mixed=_mixed_opts(a))
     report = quantize(a.model, a.calib, a.output, opts, a.eval, a.labels, log=print)
     if a.report:
         save_json(report, a.report)

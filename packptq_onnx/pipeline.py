@@ -14,6 +14,7 @@ from .exporters import files, qdq
 from .layers import find_layers
 from .onnx_import import ImportedModel, load
 from .progress import bar
+from .mixed import MixedOptions
 from .reconstruct import ReconOptions
 
 PARITY_SAMPLES = 64
@@ -34,6 +35,7 @@ class Options:
     recon: ReconOptions = field(default_factory=ReconOptions)
     max_pack_blocks: int | None = None
     resume: bool = False
+    mixed: MixedOptions = field(default_factory=MixedOptions)
 
 
 METHODS = ("rtn", "adaround", "block", "pack")
@@ -127,15 +129,29 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
     p = prepare(model_path, calib_path, opts, log)
     imp, gm, qls, calib, names = p.imp, p.gm, p.qls, p.calib, p.names
     ckpt = out_path + ".ckpt"
-    recon = reconstruct_model(p, opts, ckpt, log) if opts.method != "rtn" else None
+    analysis, mixed = None, None
+    if opts.mixed.enabled or opts.method == "pack":
+        analysis = analyse(p, opts, opts.max_pack_blocks)
+        log(f"{len(analysis.units.blocks)} blocks in {len(analysis.packs)} packs: "
+            + " ".join("[" + ",".join(str(b) for b in pk.blocks) + "]" for pk in analysis.packs))
+    if opts.mixed.enabled:
+        from .mixed import allocate
+        fp = f"{os.path.abspath(model_path)}:{os.path.getsize(model_path)}:{calib_path}:{p.n_samples}:{opts.seed}"
+        mixed = allocate(gm, qls, analysis.packs, analysis.units, lambda: p.batches(opts), opts.mixed,
+                         opts.abits, fp, log)
+    recon = reconstruct_model(p, opts, ckpt, log, analysis) if opts.method != "rtn" else None
     gm.to("cpu")
-    records = qmodel.export_records(qls)
+    pack_of = {}
+    if analysis is not None:
+        pack_of = {n: pk.id for pk in analysis.packs for b in pk.blocks for n in analysis.units.blocks[b].layers}
+    records = qmodel.export_records(qls, pack_of)
     out = qdq.write_qdq(imp.model, records)
     t2 = time.time()
     probe = data.take(calib, PARITY_SAMPLES)
     parity = validate.sim_parity(imp.outputs, runtime.run(runtime.session(out), probe),
                                  convert.torch_run(gm, probe, names))
-    meta = {"version": __version__, "packs": [], "budget": None,
+    meta = {"version": __version__, "packs": pack_meta(analysis, records, mixed),
+            "budget": None if mixed is None else mixed["budget_bytes"],
             "layers": [{"node": r.layer.name, "op": r.layer.op, "wbits": r.wbits, "abits": r.abits}
                        for r in records],
             "calibration": {"file": os.path.basename(calib_path), "samples": p.n_samples},
@@ -157,6 +173,11 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
     }
     if recon is not None:
         report["reconstruction"] = recon
+    if mixed is not None:
+        mixed["counted_bytes"] = qdq.weight_bytes(out)
+        report["mixed_precision"] = mixed
+    if analysis is not None:
+        report["packs"] = meta["packs"]
     bad = [x for x in parity if not x.ok]
     if bad:
         log(f"warning: onnxruntime differs from the simulation by more than one step on {bad[0].output}")
@@ -188,7 +209,26 @@ def analyse(p: Prepared, opts: Options, max_pack_blocks: int | None = None) -> A
     return Analysis(units, scores, packs, time.time() - t0)
 
 
-def reconstruct_model(p: Prepared, opts: Options, ckpt: str, log=print) -> dict:
+def pack_meta(analysis, records, mixed) -> list:
+    """The per-pack annotation written into the model and the report."""
+    if analysis is None:
+        return []
+    chosen = {r["id"]: r for r in mixed["packs"]} if mixed else {}
+    by_pack = {}
+    for r in records:
+        by_pack.setdefault(r.pack, []).append(r)
+    out = []
+    for pk in analysis.packs:
+        recs = by_pack.get(pk.id, [])
+        out.append({"id": pk.id, "blocks": [analysis.units.blocks[b].name for b in pk.blocks],
+                    "nodes": [r.layer.name for r in recs],
+                    "wbits": sorted({r.wbits for r in recs}), "abits": sorted({r.abits for r in recs if r.abits}),
+                    "bytes": sum(r.w_int.size * r.wbits / 8 for r in recs),
+                    "sensitivity": chosen.get(pk.id, {}).get("sensitivity", pk.score)})
+    return out
+
+
+def reconstruct_model(p: Prepared, opts: Options, ckpt: str, log=print, analysis=None) -> dict:
     from . import blocks
     from .reconstruct import make_units, run
 
@@ -197,10 +237,8 @@ def reconstruct_model(p: Prepared, opts: Options, ckpt: str, log=print) -> dict:
     if opts.method in ("block", "pack"):
         units_struct = blocks.find_blocks(p.imp.model, layers)
     if opts.method == "pack":
-        a = analyse(p, opts, opts.max_pack_blocks)
+        a = analysis or analyse(p, opts, opts.max_pack_blocks)
         packs, scoring = a.packs, round(a.seconds, 3)
-        log(f"{len(a.units.blocks)} blocks in {len(packs)} packs: "
-            + " ".join("[" + ",".join(str(b) for b in pk.blocks) + "]" for pk in packs))
     units = make_units(opts.method, units_struct, packs, layers, p.imp.model)
     t0 = time.time()
     log(f"reconstruction ({opts.method}): {len(units)} units")

@@ -15,6 +15,7 @@ from .convert import module_name
 from .layers import Layer, weight_array
 
 SAMPLE_PER_BATCH = 1 << 16
+SAMPLE_TOTAL = 1 << 18
 
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
@@ -24,11 +25,13 @@ class WeightQuantizer(nn.Module):
     """Per-channel symmetric weight quantizer; round to nearest, or AdaRound (soft while learning,
     hard = floor(w/s) + (V >= 0) once learned: the hard integers are what is exported)."""
 
-    def __init__(self, w: torch.Tensor, axis: int, bits: int, reduce_range: bool):
+    def __init__(self, w: torch.Tensor, axis: int, bits: int, reduce_range: bool, scale=None):
         super().__init__()
         self.axis, self.bits = axis, bits
         self.qmin, self.qmax = quant.weight_qrange(bits, reduce_range)
-        self.register_buffer("scale", quant.search_weight_scale(w, axis, self.qmin, self.qmax).float())
+        if scale is None:
+            scale = quant.search_weight_scale(w, axis, self.qmin, self.qmax).float()
+        self.register_buffer("scale", scale.clone())
         self.alpha: nn.Parameter | None = None
         self.soft = False
 
@@ -79,6 +82,9 @@ class QuantLayer(nn.Module):
         self.aq: ActQuantizer | None = None
         self.quant_w = self.quant_a = False
         self.observer = None  # callable(x) during calibration
+        self.act_stats = None  # (lo, hi, sample) from calibration, to rebuild at other bits
+        self.reduce_range = True
+        self.initial = {}  # ("w"|"a", bits) -> round-to-nearest parameters, computed once
 
     @property
     def bias_path(self) -> str | None:
@@ -165,7 +171,8 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
 
     set_quant(qls, False, False)
     for q in qls:
-        q.wq = WeightQuantizer(q.weight, q.layer.axis, bits(wbits, q.layer.name), reduce_range)
+        q.reduce_range, q.initial = reduce_range, {}
+        set_bits(q, bits(wbits, q.layer.name), None)
         if q.layer.act_input is not None:
             q.observer = observer(q)
     try:
@@ -177,10 +184,26 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
     for q in qls:
         if q.layer.name in stats:
             lo, hi, samples = stats[q.layer.name]
-            b = bits(abits, q.layer.name)
-            s, z = quant.search_act_params(torch.cat(samples), lo, hi, *quant.act_qrange(b))
-            q.aq = ActQuantizer(b, s, z)
+            sample = torch.cat(samples)
+            if sample.numel() > SAMPLE_TOTAL:
+                sample = sample[torch.randint(sample.numel(), (SAMPLE_TOTAL,), generator=gen)]
+            q.act_stats = (lo, hi, sample)
+            set_bits(q, None, bits(abits, q.layer.name))
     set_quant(qls, True, True)
+
+
+def set_bits(q: QuantLayer, wbits: int | None, abits: int | None) -> None:
+    """Re-initialise (round to nearest) the weight and/or input quantizer of a layer at new bits."""
+    if wbits is not None:
+        key = ("w", wbits)
+        q.wq = WeightQuantizer(q.weight, q.layer.axis, wbits, q.reduce_range, q.initial.get(key)).to(q.weight.device)
+        q.initial[key] = q.wq.scale.detach().clone()
+    if abits is not None and q.act_stats is not None:
+        key = ("a", abits)
+        if key not in q.initial:
+            lo, hi, sample = q.act_stats
+            q.initial[key] = quant.search_act_params(sample, lo, hi, *quant.act_qrange(abits))
+        q.aq = ActQuantizer(abits, *q.initial[key]).to(q.weight.device)
 
 
 @torch.no_grad()
@@ -192,7 +215,7 @@ def export_records(qls: list[QuantLayer], packs: dict | None = None):
     for q in qls:
         assert not q.wq.soft, "export needs hard rounding"
         w_int = q.wq.integer(q.weight).to(torch.int8).numpy()
-        rec = LayerQuant(q.layer, q.wq.bits, w_int, q.wq.scale.float().numpy().copy(),
+        rec = LayerQuant(q.layer, q.wq.bits, w_int, q.wq.scale.float().cpu().numpy().copy(),
                          pack=(packs or {}).get(q.layer.name))
         if q.aq is not None:
             rec.abits, rec.a_scale, rec.a_zero = q.aq.bits, float(q.aq.scale), int(q.aq.zero)

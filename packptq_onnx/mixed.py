@@ -1,0 +1,155 @@
+"""Pack-wise mixed precision (METHOD.md step 3): measured sensitivity per pack and bit option,
+then the exact integer program in solvers/ilp.py under a weight-byte budget.
+
+Omega_p(w, a) = mean over calibration samples of the output loss (KL for classifiers, MSE
+otherwise) with only pack p quantized at weight bits w and activation bits a, the rest float.
+With several activation options, activation memory (input elements x bits) is held to what
+uniform --abits would use, so activation bits are traded between packs, not simply raised.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import qmodel
+from .errors import UsageError
+from .sensitivity import per_sample_loss
+from .solvers import ilp
+
+
+@dataclass
+class MixedOptions:
+    budget: float | None = None        # weight bytes of all quantized layers
+    avg_wbits: float | None = None
+    wbits: tuple = (2, 3, 4, 8)
+    abits: tuple = (4, 8)
+    fixed_bits: int = 8                # stem and head layers, weights and activations
+    solver: str = "cbc"
+    time_limit: float | None = 60.0
+    cache: str | None = None           # JSON file of measured sensitivities
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget is not None or self.avg_wbits is not None
+
+
+def options(mo: MixedOptions) -> list[tuple[int, int]]:
+    return list(itertools.product(sorted(set(mo.wbits)), sorted(set(mo.abits))))
+
+
+def _outputs(res) -> list:
+    return list(res) if isinstance(res, (list, tuple)) else [res]
+
+
+@torch.no_grad()
+def measure(gm, qls, pack_layers: list[list[str]], opts: list[tuple[int, int]], batches) -> list[list[float]]:
+    """Omega[p][k]: loss with only pack p at option k; every layer is left as it was found."""
+    by_name = {q.layer.name: q for q in qls}
+    saved = {q.layer.name: (q.wq, q.aq) for q in qls}
+    qmodel.set_quant(qls, False, False)
+    data = list(batches())
+    ref = [[t.detach() for t in _outputs(gm(*args))] for args in data]
+    n = sum(len(r[0]) for r in ref)
+    table = []
+    try:
+        for names in pack_layers:
+            own = [by_name[x] for x in names]
+            row = []
+            for w, a in opts:
+                for q in own:
+                    qmodel.set_bits(q, w, a)
+                    q.quant_w = q.quant_a = True
+                tot = sum(float(per_sample_loss(_outputs(gm(*args)), r).sum()) for args, r in zip(data, ref))
+                row.append(tot / n)
+                for q in own:
+                    q.quant_w = q.quant_a = False
+            table.append(row)
+    finally:
+        for q in qls:
+            q.wq, q.aq = saved[q.layer.name]
+        qmodel.set_quant(qls, True, True)
+    return table
+
+
+def act_elements(gm, qls, sample_args) -> dict[str, int]:
+    """Input-activation elements per sample of each quantized layer (for the activation-memory limit)."""
+    counts = {}
+    for q in qls:
+        q.observer = (lambda name: lambda x: counts.__setitem__(name, x[0].numel()))(q.layer.name)
+    try:
+        with torch.no_grad():
+            gm(*sample_args)
+    finally:
+        for q in qls:
+            q.observer = None
+    return counts
+
+
+def allocate(gm, qls, packs, units, batches, mo: MixedOptions, abits_uniform: int, fingerprint: str, log=print):
+    """Choose (wbits, abits) per pack; apply them (and fixed bits to stem/head). Returns the report part."""
+    pack_layers = [[n for b in p.blocks for n in units.blocks[b].layers] for p in packs]
+    in_pack = {n for names in pack_layers for n in names}
+    fixed = [q for q in qls if q.layer.name not in in_pack]
+    for q in fixed:
+        qmodel.set_bits(q, mo.fixed_bits, mo.fixed_bits)
+    opts = options(mo)
+    elems = {q.layer.name: q.weight.numel() for q in qls}
+    table = _cached(mo.cache, fingerprint, opts)
+    if table is None:
+        table = measure(gm, qls, pack_layers, opts, batches)
+        if mo.cache:
+            _save_cache(mo.cache, fingerprint, opts, table)
+    fixed_bytes = sum(elems[q.layer.name] * mo.fixed_bits / 8 for q in fixed)
+    total_elems = sum(elems.values())
+    budget = mo.budget if mo.budget is not None else total_elems * mo.avg_wbits / 8
+    size = [[sum(elems[n] for n in names) * w / 8 for w, _ in opts] for names in pack_layers]
+    extra = []
+    if len(set(a for _, a in opts)) > 1:
+        first = next(iter(batches()))
+        act = act_elements(gm, qls, tuple(t[:1] for t in first))
+        aelems = [sum(act.get(n, 0) for n in names) for names in pack_layers]
+        extra.append(([[e * a / 8 for _, a in opts] for e in aelems],
+                      sum(aelems) * abits_uniform / 8 + 1e-6, "activation bytes"))
+    try:
+        sol = ilp.solve(table, size, budget - fixed_bytes, extra, mo.solver, mo.time_limit)
+    except UsageError as exc:
+        if "infeasible" in str(exc) and "budget" in str(exc):
+            smallest = fixed_bytes + ilp.min_size(size)
+            raise UsageError(f"weight budget {budget:,.0f} bytes is infeasible: the smallest possible size is "
+                             f"{smallest:,.0f} bytes ({smallest * 8 / total_elems:.2f} average bits, stem/head "
+                             f"at {mo.fixed_bits} bits)") from None
+        raise
+    by_name = {q.layer.name: q for q in qls}
+    rows = []
+    for p, names, k in zip(packs, pack_layers, sol.choice):
+        w, a = opts[k]
+        for n in names:
+            qmodel.set_bits(by_name[n], w, a)
+        rows.append({"id": p.id, "blocks": p.blocks, "wbits": w, "abits": a, "bytes": size[p.id][k],
+                     "sensitivity": table[p.id][k]})
+        log(f"  pack {p.id}: W{w}A{a}  {size[p.id][k] / 1e3:.1f} kB  Omega {table[p.id][k]:.4g}")
+    return {"budget_bytes": budget, "predicted_bytes": fixed_bytes + sol.size, "fixed_bytes": fixed_bytes,
+            "options": opts, "sensitivity": table, "packs": rows, "solver": sol.solver,
+            "solve_seconds": round(sol.seconds, 4), "objective": sol.objective}
+
+
+def _cached(path, fingerprint, opts):
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if d.get("fingerprint") == fingerprint and d.get("options") == [list(o) for o in opts]:
+        return d["table"]
+    return None
+
+
+def _save_cache(path, fingerprint, opts, table):
+    from .exporters.files import save_json
+    save_json({"fingerprint": fingerprint, "options": opts, "table": table}, path)

@@ -1,0 +1,93 @@
+"""Exact bit allocation (METHOD.md step 3) as a 0-1 integer program in PuLP.
+
+minimise  sum_p sum_k x_pk * cost[p][k]
+s.t.      sum_p sum_k x_pk * size[p][k] <= budget        (weight bytes)
+          sum_p sum_k x_pk * extra_j[p][k] <= limit_j     (optional: BOPs, activation bytes)
+          sum_k x_pk = 1,  x_pk in {0, 1}
+CBC ships inside pulp; HiGHS is used when highspy is installed.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from packptq_onnx.errors import UsageError
+
+SOLVERS = ("cbc", "highs")
+
+
+@dataclass
+class Allocation:
+    choice: list[int]      # option index per group
+    objective: float
+    size: float
+    seconds: float
+    solver: str
+
+
+def _solver(name: str, time_limit: float | None):
+    import pulp
+
+    if name == "cbc":
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit)
+    if name == "highs":
+        s = pulp.HiGHS(msg=False, timeLimit=time_limit)
+        if not s.available():
+            raise UsageError("--solver highs needs highspy: pip install highspy")
+        return s
+    raise UsageError(f"unknown solver {name!r} (available: {', '.join(SOLVERS)})")
+
+
+def min_size(size: list[list[float]]) -> float:
+    return sum(min(s) for s in size)
+
+
+def solve(cost: list[list[float]], size: list[list[float]], budget: float,
+          extra: list[tuple[list[list[float]], float, str]] = (), solver: str = "cbc",
+          time_limit: float | None = None, unit: str = "bytes") -> Allocation:
+    import pulp
+
+    if len(cost) != len(size) or any(len(c) != len(s) for c, s in zip(cost, size)):
+        raise ValueError("cost and size must have the same shape")
+    smallest = min_size(size)
+    if smallest > budget:
+        raise UsageError(f"budget {budget:,.0f} {unit} is infeasible: the smallest possible size is "
+                         f"{smallest:,.0f} {unit}")
+    for table, limit, what in extra:
+        if min_size(table) > limit:
+            raise UsageError(f"{what} limit {limit:,.0f} is infeasible: the smallest possible is "
+                             f"{min_size(table):,.0f}")
+    t0 = time.time()
+    prob = pulp.LpProblem("bits", pulp.LpMinimize)
+    x = [[pulp.LpVariable(f"x_{p}_{k}", cat="Binary") for k in range(len(c))] for p, c in enumerate(cost)]
+    prob += pulp.lpSum(x[p][k] * cost[p][k] for p in range(len(cost)) for k in range(len(cost[p])))
+    prob += pulp.lpSum(x[p][k] * size[p][k] for p in range(len(size)) for k in range(len(size[p]))) <= budget
+    for j, (table, limit, _) in enumerate(extra):
+        prob += pulp.lpSum(x[p][k] * table[p][k] for p in range(len(table)) for k in range(len(table[p]))) <= limit
+    for row in x:
+        prob += pulp.lpSum(row) == 1
+    status = prob.solve(_solver(solver, time_limit))
+    if pulp.LpStatus[status] != "Optimal":
+        raise UsageError(f"bit allocation found no solution ({pulp.LpStatus[status]}): relax the budget or "
+                         "the extra limits")
+    choice = [max(range(len(row)), key=lambda k: row[k].value() or 0) for row in x]
+    obj = sum(cost[p][k] for p, k in enumerate(choice))
+    return Allocation(choice, obj, sum(size[p][k] for p, k in enumerate(choice)), time.time() - t0, solver)
+
+
+def parse_budget(text: str) -> float:
+    """'1.2MB', '300kB', '5000' (bytes) -> bytes."""
+    t = text.strip().lower().replace(" ", "")
+    for suffix, mult in (("mib", 2 ** 20), ("kib", 2 ** 10), ("gb", 1e9), ("mb", 1e6), ("kb", 1e3), ("b", 1)):
+        if t.endswith(suffix):
+            t, m = t[: -len(suffix)], mult
+            break
+    else:
+        m = 1
+    try:
+        v = float(t) * m
+    except ValueError:
+        raise UsageError(f"cannot read budget {text!r}: use bytes, kB or MB, e.g. 1.2MB") from None
+    if v <= 0:
+        raise UsageError(f"budget must be positive, got {text!r}")
+    return v
