@@ -10,10 +10,18 @@ import onnx
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-def save_model(model: onnx.ModelProto, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".packptq-", suffix=".onnx", dir=directory)
+def temp_beside(path: str, suffix: str) -> str:
+    """A temporary file in the target's folder with the permissions a plain open() would give."""
+    fd, tmp = tempfile.mkstemp(prefix=".packptq-", suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp
+
+
+def save_model(model: onnx.ModelProto, path: str) -> None:
+    tmp = temp_beside(path, ".onnx")
     try:
         if model.ByteSize() > EXTERNAL_DATA_BYTES:
             data = os.path.basename(path) + ".data"
@@ -28,10 +36,9 @@ def save_model(model: onnx.ModelProto, path: str) -> None:
 
 
 def save_json(obj, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".packptq-", suffix=".json", dir=directory)
+    tmp = temp_beside(path, ".json")
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True, default=float)
             f.write("\n")
         os.replace(tmp, path)

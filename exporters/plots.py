@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 from packptq_onnx.errors import UsageError
+from packptq_onnx.exporters.files import temp_beside
 
 
 def _plt():
@@ -31,8 +31,7 @@ def plot_packs(path: str, names: list[str], scores: list[float], sens: list[floa
     ax.set_title(f"{len(names)} blocks in {len(packs)} packs")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
+    tmp = temp_beside(path, ".png")
     try:
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, path)

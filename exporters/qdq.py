@@ -16,6 +16,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 META_KEY = "packptq"
+STORAGES = ("int8", "packed")
+# packed storage: 3-4 bit weights as INT4 (opset 21), 2-bit as INT2 (opset 25); 5-8 bit stay int8
+PACKED = {2: (onnx.TensorProto.INT2, 25, 11), 3: (onnx.TensorProto.INT4, 21, 10), 4: (onnx.TensorProto.INT4, 21, 10)}
 
 
 class _Names:
@@ -32,9 +35,18 @@ class _Names:
         return name
 
 
-def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None) -> onnx.ModelProto:
-    """A new model: `model` (the normalised graph the simulation ran) with QDQ for `quants`."""
+def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
+              storage: str = "int8") -> onnx.ModelProto:
+    """A new model: `model` (the normalised graph the simulation ran) with QDQ for `quants`.
+
+    storage "int8": every weight in an int8 container (fused by onnxruntime, int8 speed);
+    "packed": INT4/INT2 initializers for <= 4-bit weights (small files; the model's opset is
+    upgraded to 21, or 25 when INT2 is used)."""
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}")
     m = copy.deepcopy(model)
+    if storage == "packed":
+        m = _upgrade_for_packed(m, quants)
     g = m.graph
     name = _Names(m)
     by_index = {q.layer.index: q for q in quants}
@@ -45,10 +57,19 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None) ->
         inits.append(numpy_helper.from_array(np.asarray(array), n))
         return n
 
+    def weight_const(base, array, bits):
+        n = name(base)
+        if storage == "packed" and bits in PACKED:
+            a = np.asarray(array)
+            inits.append(helper.make_tensor(n, PACKED[bits][0], a.shape, a.astype(np.int8).ravel().tolist()))
+        else:
+            inits.append(numpy_helper.from_array(np.asarray(array).astype(np.int8), n))
+        return n
+
     for i, node in enumerate(g.node):
         q = by_index.get(i)
         if q is not None:
-            nodes.extend(_layer_nodes(node, q, const, name))
+            nodes.extend(_layer_nodes(node, q, const, weight_const, name))
             tag = {"pack": q.pack, "wbits": q.wbits, "abits": q.abits}
             _tag(m, node, tag)
         nodes.append(node)
@@ -61,13 +82,30 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None) ->
     return m
 
 
-def _layer_nodes(node, q, const, name) -> list:
+def _upgrade_for_packed(m: onnx.ModelProto, quants: list) -> onnx.ModelProto:
+    need = [PACKED[q.wbits] for q in quants if q.wbits in PACKED]
+    if not need:
+        return m
+    opset, ir = max(n[1] for n in need), max(n[2] for n in need)
+    current = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if current < opset:
+        try:
+            m = onnx.version_converter.convert_version(m, opset)
+        except Exception as exc:
+            from packptq_onnx.errors import UsageError
+            raise UsageError(f"packed storage needs opset {opset} and this model cannot be upgraded "
+                             f"({str(exc).splitlines()[0][:150]}): use --storage int8") from None
+    m.ir_version = max(m.ir_version, ir)
+    return m
+
+
+def _layer_nodes(node, q, const, weight_const, name) -> list:
     out = []
     lname = q.layer.name
-    # weight: int8 initializer -> DequantizeLinear(axis)
-    w_q = const(f"{lname}.w_int{q.wbits}", q.w_int.astype(np.int8))
+    # weight: integer initializer (int8 container, or INT4/INT2 packed) -> DequantizeLinear(axis)
+    w_q = weight_const(f"{lname}.w_int{q.wbits}", q.w_int, q.wbits)
     w_s = const(f"{lname}.w_scale", q.w_scale.astype(np.float32))
-    w_z = const(f"{lname}.w_zero", np.zeros(q.w_scale.shape, np.int8))
+    w_z = weight_const(f"{lname}.w_zero", np.zeros(q.w_scale.shape, np.int8), q.wbits)
     w_dq = name(f"{lname}.w_dq")
     out.append(helper.make_node("DequantizeLinear", [w_q, w_s, w_z], [w_dq], name=name(f"{lname}.w_DQ"),
                                 axis=q.layer.axis))

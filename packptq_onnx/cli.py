@@ -83,6 +83,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--calib-samples", type=int, default=1024, help="use at most this many samples")
+    q.add_argument("--storage", choices=["int8", "packed"], default="int8",
+                   help="int8: weights in int8 containers (fast, fused by onnxruntime); packed: INT4/INT2 "
+                   "initializers for <=4-bit weights (small files, opset 21/25, runs unfused)")
     q.add_argument("--full-range-weights", action="store_true",
                    help="8-bit weights in [-128,127] instead of [-64,63] (not exact on AVX2 CPUs without VNNI)")
     _recon_args(q)
@@ -143,7 +146,8 @@ def cmd_quantize(a) -> int:
     opts = Options(wbits=a.wbits, abits=a.abits, method=a.method, seed=a.seed, device=a.device,
                    batch_size=a.batch_size, calib_samples=a.calib_samples,
                    reduce_range=not a.full_range_weights, image=_image_opts(a), recon=recon,
-                   max_pack_blocks=a.max_pack_blocks, resume=a.resume, mixed=_mixed_opts(a))
+                   max_pack_blocks=a.max_pack_blocks, resume=a.resume, mixed=_mixed_opts(a),
+                   storage=a.storage)
     report = quantize(a.model, a.calib, a.output, opts, a.eval, a.labels, log=print)
     if a.report:
         save_json(report, a.report)
@@ -196,12 +200,28 @@ def cmd_inspect(a) -> int:
         print(f"  output {o}")
     meta = info["packptq"]
     if meta:
-        print(f"packptq {meta.get('version')} annotations: {len(meta.get('layers', []))} quantized layers")
-        for l in meta.get("layers", []):
-            print(f"  {l['node']:<40} {l['op']:<14} W{l['wbits']} A{l['abits'] if l['abits'] else '-'}")
+        print(_annotation_table(meta))
     if a.calib:
         print(_pack_table(info))
     return 0
+
+
+def _annotation_table(meta: dict) -> str:
+    lines = [f"packptq {meta.get('version')} annotations: {len(meta.get('layers', []))} quantized layers"
+             + (f", budget {meta['budget']:,.0f} bytes" if meta.get("budget") else "")]
+    packs = meta.get("packs") or []
+    if packs:
+        lines.append(f"  {'pack':<5}{'blocks':<22}{'layers':>7}{'W bits':>8}{'A bits':>8}{'bytes':>10}{'Omega':>11}")
+        for p in packs:
+            blocks = ",".join(p["blocks"])
+            lines.append(f"  {p['id']:<5}{blocks[:21]:<22}{len(p['nodes']):>7}{'/'.join(map(str, p['wbits'])):>8}"
+                         f"{'/'.join(map(str, p['abits'])) or '-':>8}{p['bytes']:>10,.0f}{p['sensitivity']:>11.4g}")
+    in_pack = {n for p in packs for n in p["nodes"]}
+    label = "stem/head" if packs else "layer"
+    for l in meta.get("layers", []):
+        if l["node"] not in in_pack:
+            lines.append(f"  {label:<27}{l['node'][:30]:<31} W{l['wbits']} A{l['abits'] or '-'}")
+    return "\n".join(lines)
 
 
 def _packs(a, log) -> dict:

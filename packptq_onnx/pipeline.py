@@ -35,6 +35,7 @@ class Options:
     recon: ReconOptions = field(default_factory=ReconOptions)
     max_pack_blocks: int | None = None
     resume: bool = False
+    storage: str = "int8"      # "packed": INT4/INT2 weight initializers
     mixed: MixedOptions = field(default_factory=MixedOptions)
 
 
@@ -54,6 +55,8 @@ def check_options(o: Options) -> None:
         raise UsageError("--drop-prob must be between 0 and 1")
     if o.max_pack_blocks is not None and o.max_pack_blocks < 1:
         raise UsageError("--max-pack-blocks must be at least 1")
+    if o.storage not in qdq.STORAGES:
+        raise UsageError(f"--storage must be one of {', '.join(qdq.STORAGES)}")
     if o.batch_size < 1 or o.calib_samples < 1:
         raise UsageError("--batch-size and --calib-samples must be positive")
     if o.device == "cuda" and not torch.cuda.is_available():
@@ -145,7 +148,7 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
     if analysis is not None:
         pack_of = {n: pk.id for pk in analysis.packs for b in pk.blocks for n in analysis.units.blocks[b].layers}
     records = qmodel.export_records(qls, pack_of)
-    out = qdq.write_qdq(imp.model, records)
+    out = qdq.write_qdq(imp.model, records, storage=opts.storage)
     t2 = time.time()
     probe = data.take(calib, PARITY_SAMPLES)
     parity = validate.sim_parity(imp.outputs, runtime.run(runtime.session(out), probe),
@@ -163,6 +166,7 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
     report = {
         "tool": {"name": "packptq-onnx", "version": __version__},
         "input": model_path, "output": out_path, "options": asdict(opts),
+        "file_bytes": os.path.getsize(out_path),
         "weight_range": "reduced: 8-bit weights use [-64, 63] (exact on AVX2 CPUs without VNNI)"
         if opts.reduce_range else "full: 8-bit weights use [-128, 127]",
         "import": {"notes": imp.notes, "faithful": [asdict(a) for a in p.faithful]},

@@ -32,14 +32,23 @@ def session(model, device: str = "cpu", threads: int = 0, optimize: bool = True)
     if not optimize:
         so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_DISABLE_ALL
     data = model if isinstance(model, (str, bytes)) else model.SerializeToString()
-    if isinstance(model, str):
-        data = model
+    kw = {}
+    if not isinstance(model, (str, bytes)) and has_int2(model):
+        # onnxruntime's QDQ fusion does not handle INT2 weights: run them unfused
+        kw["disabled_optimizers"] = ["QDQSelectorActionTransformer"]
     try:
-        return rt.InferenceSession(data, so, providers=providers(device))
+        return rt.InferenceSession(data, so, providers=providers(device), **kw)
     except UsageError:
         raise
     except Exception as exc:
         raise UsageError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
+
+
+def has_int2(model) -> bool:
+    import onnx
+
+    kinds = {getattr(onnx.TensorProto, "INT2", -1), getattr(onnx.TensorProto, "UINT2", -1)}
+    return any(i.data_type in kinds for i in model.graph.initializer)
 
 
 def run(sess, feeds: dict, batch_size: int = 64) -> list:

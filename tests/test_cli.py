@@ -95,3 +95,23 @@ def test_console_script_runs():
     cmd = [exe] if exe else [sys.executable, "-m", "packptq_onnx.cli"]
     r = subprocess.run(cmd + ["inspect", MODEL], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "9 quantizable layers" in r.stdout
+
+
+def test_packed_storage_annotations_and_inspect(tmp_path, capsys):
+    out = tmp_path / "p.onnx"
+    assert main(["quantize", MODEL, "--calib", CALIB, "-o", str(out), "--method", "rtn", "--abits", "4",
+                 "--avg-wbits", "3.5", "--wbits-options", "2,3,4", "--storage", "packed"]) == 0
+    capsys.readouterr()
+    import onnx
+    from packptq_onnx.exporters import qdq
+    m = onnx.load(str(out))
+    meta = qdq.read_meta(m)
+    assert {p["id"] for p in meta["packs"]} and meta["budget"] > 0
+    assert qdq.weight_bytes(m) <= meta["budget"]
+    tags = [qdq.node_tag(n) for n in m.graph.node if qdq.node_tag(n)]
+    assert len(tags) == 9 and {t["pack"] for t in tags} >= {p["id"] for p in meta["packs"]}
+    assert any(i.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.INT2) for i in m.graph.initializer)
+    assert oct(out.stat().st_mode & 0o777) != "0o600"  # written with normal permissions
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "budget" in text and "Omega" in text and "block0" in text
