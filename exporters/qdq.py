@@ -73,6 +73,8 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
             tag = {"pack": q.pack, "wbits": q.wbits, "abits": q.abits}
             _tag(m, node, tag)
         nodes.append(node)
+        if q is not None and q.o_scale is not None:
+            nodes.extend(_output_nodes(node, q, const, name))
     del g.node[:]
     g.node.extend(nodes)
     g.initializer.extend(inits)
@@ -133,6 +135,18 @@ def _layer_nodes(node, q, const, weight_const, name) -> list:
         out.append(helper.make_node("DequantizeLinear", [xq, s, z], [x_dq], name=name(f"{lname}.x_DQ")))
         node.input[0] = x_dq
     return out
+
+
+def _output_nodes(node, q, const, name) -> list:
+    """Q -> DQ on the layer output (consumers keep reading the original tensor name)."""
+    lname, y = q.layer.name, node.output[0]
+    pre = name(f"{lname}.y_float")
+    node.output[0] = pre
+    s = const(f"{lname}.y_scale", np.array(q.o_scale, np.float32))
+    z = const(f"{lname}.y_zero", np.array(q.o_zero, np.uint8))
+    yq = name(f"{lname}.y_q")
+    return [helper.make_node("QuantizeLinear", [pre, s, z], [yq], name=name(f"{lname}.y_Q")),
+            helper.make_node("DequantizeLinear", [yq, s, z], [y], name=name(f"{lname}.y_DQ"))]
 
 
 def _tag(model, node, tag: dict) -> None:

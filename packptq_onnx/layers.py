@@ -19,6 +19,7 @@ class Layer:
     bias: str | None         # 1-D bias initializer (Conv, Gemm), else None
     axis: int                # output-channel axis of the weight in ONNX layout
     act_input: str | None    # tensor quantized at the layer input; None = raw network input
+    output: str = ""         # the layer's output tensor
 
 
 def find_layers(model) -> list[Layer]:
@@ -53,7 +54,8 @@ def find_layers(model) -> list[Layer]:
             axis = rank - 1
         if node.op_type in ("Conv", "ConvTranspose") and bias is not None and len(inits[bias].dims) != 1:
             bias = None
-        layers.append(Layer(idx, node.name, node.op_type, w, bias, axis, None if x in graph_inputs else x))
+        layers.append(Layer(idx, node.name, node.op_type, w, bias, axis, None if x in graph_inputs else x,
+                            node.output[0]))
     return layers
 
 
@@ -73,4 +75,6 @@ class LayerQuant:
     a_zero: int | None = None
     bias_int: "np.ndarray | None" = None   # int32
     bias_scale: "np.ndarray | None" = None  # float32, a_scale * w_scale
+    o_scale: float | None = None            # 8-bit output quantizer (for kernel fusion), if any
+    o_zero: int | None = None
     pack: int | None = None

@@ -36,6 +36,7 @@ class Options:
     max_pack_blocks: int | None = None
     resume: bool = False
     storage: str = "int8"      # "packed": INT4/INT2 weight initializers
+    output_bits: int | None = 8  # output quantizer per layer so onnxruntime fuses it; None: off
     mixed: MixedOptions = field(default_factory=MixedOptions)
 
 
@@ -119,7 +120,8 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     gm.to(opts.device)
     p = Prepared(imp, calib, names, gm, qls, faithful, 0.0)
     qmodel.calibrate(gm, qls, p.batches(opts), opts.wbits, opts.abits, opts.reduce_range, opts.seed,
-                     progress=lambda it: bar(it, "calibrate", -(-p.n_samples // opts.batch_size)))
+                     progress=lambda it: bar(it, "calibrate", -(-p.n_samples // opts.batch_size)),
+                     output_bits=opts.output_bits, graph_outputs=set(imp.outputs))
     p.seconds = time.time() - t0
     return p
 

@@ -80,6 +80,8 @@ class QuantLayer(nn.Module):
         self.param_path, self.transpose = _bind(inner, self.weight)
         self.wq: WeightQuantizer | None = None
         self.aq: ActQuantizer | None = None
+        self.oq: ActQuantizer | None = None  # 8-bit output quantizer: lets onnxruntime fuse the layer
+        self.out_observer = None
         self.quant_w = self.quant_a = False
         self.observer = None  # callable(x) during calibration
         self.act_stats = None  # (lo, hi, sample) from calibration, to rebuild at other bits
@@ -110,13 +112,19 @@ class QuantLayer(nn.Module):
         w = self.sim_weight()
         if self.param_path is None:  # weight arrives as argument 1 (MatMul / Gemm)
             args[1] = w
-            return self.inner(*args, **kwargs)
-        params = {self.param_path: w}
-        bs = self.bias_scale()
-        if self.bias_path is not None and bs is not None:
-            b = dict(self.inner.named_parameters())[self.bias_path]
-            params[self.bias_path] = torch.round(b / bs) * bs
-        return torch.func.functional_call(self.inner, params, tuple(args), kwargs)
+            y = self.inner(*args, **kwargs)
+        else:
+            params = {self.param_path: w}
+            bs = self.bias_scale()
+            if self.bias_path is not None and bs is not None:
+                b = dict(self.inner.named_parameters())[self.bias_path]
+                params[self.bias_path] = torch.round(b / bs) * bs
+            y = torch.func.functional_call(self.inner, params, tuple(args), kwargs)
+        if self.out_observer is not None:
+            self.out_observer(y)
+        if self.quant_a and self.oq is not None:
+            y = self.oq(y)
+        return y
 
 
 def _bind(inner: nn.Module, w: torch.Tensor):
@@ -148,25 +156,26 @@ def set_quant(qls, weights: bool, acts: bool) -> None:
 
 @torch.no_grad()
 def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bool, seed: int,
-              progress=None) -> None:
+              progress=None, output_bits: int | None = 8, graph_outputs=()) -> None:
     """RTN initialisation: weight scales by Lp search, activation ranges from float calibration data.
 
-    wbits / abits: an int for all layers or a dict layer-name -> bits."""
+    wbits / abits: an int for all layers or a dict layer-name -> bits. output_bits: an output
+    quantizer on every layer whose output is not a graph output (None: none)."""
     def bits(b, name):
         return b[name] if isinstance(b, dict) else b
 
     gen = torch.Generator().manual_seed(seed)
     stats = {}
 
-    def observer(q):
+    def observer(q, key):
         def obs(x):
             x = x.detach().float()
-            lo, hi, samples = stats.get(q.layer.name, (float("inf"), float("-inf"), []))
+            lo, hi, samples = stats.get(key, (float("inf"), float("-inf"), []))
             flat = x.reshape(-1)
             if flat.numel() > SAMPLE_PER_BATCH:
                 flat = flat[torch.randint(flat.numel(), (SAMPLE_PER_BATCH,), generator=gen)]
             samples.append(flat.cpu())
-            stats[q.layer.name] = (min(lo, float(x.min())), max(hi, float(x.max())), samples)
+            stats[key] = (min(lo, float(x.min())), max(hi, float(x.max())), samples)
         return obs
 
     set_quant(qls, False, False)
@@ -174,21 +183,32 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
         q.reduce_range, q.initial = reduce_range, {}
         set_bits(q, bits(wbits, q.layer.name), None)
         if q.layer.act_input is not None:
-            q.observer = observer(q)
+            q.observer = observer(q, q.layer.name)
+        q.oq = None
+        if output_bits is not None and q.layer.output not in graph_outputs:
+            q.out_observer = observer(q, ("out", q.layer.name))
     try:
         for args in (progress(batches) if progress else batches):
             gm(*args)
     finally:
         for q in qls:
-            q.observer = None
+            q.observer = q.out_observer = None
+
+    def summary(key):
+        lo, hi, samples = stats[key]
+        sample = torch.cat(samples)
+        if sample.numel() > SAMPLE_TOTAL:
+            sample = sample[torch.randint(sample.numel(), (SAMPLE_TOTAL,), generator=gen)]
+        return lo, hi, sample
+
     for q in qls:
         if q.layer.name in stats:
-            lo, hi, samples = stats[q.layer.name]
-            sample = torch.cat(samples)
-            if sample.numel() > SAMPLE_TOTAL:
-                sample = sample[torch.randint(sample.numel(), (SAMPLE_TOTAL,), generator=gen)]
-            q.act_stats = (lo, hi, sample)
+            q.act_stats = summary(q.layer.name)
             set_bits(q, None, bits(abits, q.layer.name))
+        if ("out", q.layer.name) in stats:
+            lo, hi, sample = summary(("out", q.layer.name))
+            q.oq = ActQuantizer(output_bits, *quant.search_act_params(sample, lo, hi, *quant.act_qrange(output_bits)))
+            q.oq.to(q.weight.device)
     set_quant(qls, True, True)
 
 
@@ -217,6 +237,8 @@ def export_records(qls: list[QuantLayer], packs: dict | None = None):
         w_int = q.wq.integer(q.weight).to(torch.int8).numpy()
         rec = LayerQuant(q.layer, q.wq.bits, w_int, q.wq.scale.float().cpu().numpy().copy(),
                          pack=(packs or {}).get(q.layer.name))
+        if q.oq is not None:
+            rec.o_scale, rec.o_zero = float(q.oq.scale), int(q.oq.zero)
         if q.aq is not None:
             rec.abits, rec.a_scale, rec.a_zero = q.aq.bits, float(q.aq.scale), int(q.aq.zero)
             bs = q.bias_scale()

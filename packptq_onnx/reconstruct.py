@@ -222,7 +222,7 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     for q in own:
         q.wq.init_adaround(q.weight)
     params_v = [q.wq.alpha for q in own]
-    params_s = [q.aq.scale for q in own if q.aq is not None]
+    params_s = [x.scale for q in own for x in (q.aq, q.oq) if x is not None]
     opt_v = torch.optim.Adam(params_v, lr=o.lr_round)
     opt_s = torch.optim.Adam(params_s, lr=o.lr_scale) if params_s else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(iters, 1), eta_min=0) if opt_s else None
@@ -275,7 +275,8 @@ def checkpoint_state(qls) -> dict:
     st = {}
     for q in qls:
         st[q.layer.name] = {"alpha": None if q.wq.alpha is None else q.wq.alpha.detach().cpu(),
-                            "ascale": None if q.aq is None else q.aq.scale.detach().cpu()}
+                            "ascale": None if q.aq is None else q.aq.scale.detach().cpu(),
+                            "oscale": None if q.oq is None else q.oq.scale.detach().cpu()}
     return st
 
 
@@ -287,6 +288,8 @@ def load_state(qls, st: dict) -> None:
             q.wq.soft = False
         if s["ascale"] is not None:
             q.aq.scale.data.copy_(s["ascale"])
+        if s["oscale"] is not None:
+            q.oq.scale.data.copy_(s["oscale"])
 
 
 def n_weights(units: list[Unit], qls) -> None:

@@ -12,7 +12,8 @@ def quantize(path, wbits, abits, calib):
     imp = onnx_import.load(path)
     gm = convert.to_torch(imp)
     qls = qmodel.wrap(gm, imp.model, layers.find_layers(imp.model))
-    qmodel.calibrate(gm, qls, data.batches(calib, ["x"], 8), wbits, abits, True, 0)
+    qmodel.calibrate(gm, qls, data.batches(calib, ["x"], 8), wbits, abits, True, 0,
+                     graph_outputs=set(imp.outputs))
     return imp, gm, qls, qdq.write_qdq(imp.model, qmodel.export_records(qls), {"test": True})
 
 
@@ -42,9 +43,11 @@ def test_qdq_structure_and_integer_ranges(exported):
         assert w.dtype == np.int8 and w.min() >= -4 and w.max() <= 3
     ops = [n.op_type for n in out.graph.node]
     n_act = sum(q.layer.act_input is not None for q in qls)
-    assert ops.count("QuantizeLinear") == n_act and ops.count("Clip") == n_act
+    n_out = sum(q.oq is not None for q in qls)
+    assert n_out == len(qls) - 1  # every layer but the one producing the graph output
+    assert ops.count("QuantizeLinear") == n_act + n_out and ops.count("Clip") == n_act
     n_bias = sum(1 for q in qls if q.layer.bias is not None and q.layer.act_input is not None)
-    assert ops.count("DequantizeLinear") == len(qls) + n_act + n_bias  # weights, activations, biases
+    assert ops.count("DequantizeLinear") == len(qls) + n_act + n_bias + n_out  # weights, inputs, biases, outputs
     assert qdq.read_meta(out) == {"test": True}
     # the float model's weights are gone: only integer weights remain for quantized layers
     assert not any(q.layer.weight in inits for q in qls)

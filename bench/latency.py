@@ -1,0 +1,78 @@
+"""onnxruntime latency of float vs exported models, and file sizes of both storage modes.
+
+    python bench/latency.py [--model M.onnx --calib C.npz] [--runs 50] [--out bench/out]
+Variants: uniform W8A8, W4A4, W3A3 (RTN; latency does not depend on the rounding method) and
+mixed precision at 3.5 average weight bits with A8. Prints a markdown table; speed-ups are ratios
+measured in the same run.
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+
+from packptq_onnx import data, runtime
+from packptq_onnx.mixed import MixedOptions
+from packptq_onnx.onnx_import import load
+from packptq_onnx.pipeline import Options, quantize
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SAMPLES = os.path.join(os.path.dirname(HERE), "samples")
+VARIANTS = {"W8A8": dict(wbits=8, abits=8), "W4A4": dict(wbits=4, abits=4), "W3A3": dict(wbits=3, abits=3),
+            "mixed 3.5b A8": dict(wbits=4, abits=8, mixed=MixedOptions(avg_wbits=3.5, abits=(8,)))}
+
+
+def latency(model, feeds, threads: int, runs: int) -> float:
+    sess = runtime.session(model, threads=threads)
+    for _ in range(3):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=os.path.join(SAMPLES, "digits_resnet.onnx"))
+    ap.add_argument("--calib", default=os.path.join(SAMPLES, "calib.npz"))
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--out", default=os.path.join(HERE, "out"))
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    os.environ.setdefault("PACKPTQ_QUIET", "1")
+    imp = load(a.model)
+    calib, _ = data.load(a.calib, imp.inputs)
+    name = os.path.splitext(os.path.basename(a.model))[0]
+    models = {"float": (imp.original, os.path.getsize(a.model), os.path.getsize(a.model))}
+    for label, kw in VARIANTS.items():
+        sizes = {}
+        for storage in ("int8", "packed"):
+            path = os.path.join(a.out, f"{name}_{label.replace(' ', '_')}_{storage}.onnx")
+            o = Options(method="rtn", calib_samples=a.calib_samples, storage=storage, **kw)
+            quantize(a.model, a.calib, path, o, log=lambda *_: None)
+            sizes[storage] = os.path.getsize(path)
+            if storage == "int8":
+                import onnx
+                int8_model = onnx.load(path)
+        models[label] = (int8_model, sizes["int8"], sizes["packed"])
+    rows = []
+    for b in (1, 32):
+        feeds = {k: np.repeat(v[:1], b, 0) if len(v) < b else v[:b] for k, v in calib.items()}
+        for t in (1, 2):
+            base = latency(imp.original, feeds, t, a.runs)
+            for label, (m, s8, sp) in models.items():
+                ms = latency(m, feeds, t, a.runs) if label != "float" else base
+                rows.append((label, b, t, ms * 1e3, base / ms, s8, sp))
+    print(f"model {name}; median of {a.runs} runs; speed-up = float latency / model latency, same run\n")
+    print("| model | batch | threads | latency ms | speed-up vs float | file bytes (int8) | file bytes (packed) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.2f}x | {r[5]:,} | {r[6]:,} |")
+
+
+if __name__ == "__main__":
+    main()
