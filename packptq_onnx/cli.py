@@ -86,6 +86,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--storage", choices=["int8", "packed"], default="int8",
                    help="int8: weights in int8 containers (fast, fused by onnxruntime); packed: INT4/INT2 "
                    "initializers for <=4-bit weights (small files, opset 21/25, runs unfused)")
+    q.add_argument("--strict", action="store_true",
+                   help="an op with no torch converter is an error (default: it runs in onnxruntime, float)")
     q.add_argument("--no-output-quant", action="store_true",
                    help="quantize layer inputs only (no 8-bit output quantizers; onnxruntime then cannot "
                    "fuse layers into integer kernels)")
@@ -150,7 +152,7 @@ def cmd_quantize(a) -> int:
                    batch_size=a.batch_size, calib_samples=a.calib_samples,
                    reduce_range=not a.full_range_weights, image=_image_opts(a), recon=recon,
                    max_pack_blocks=a.max_pack_blocks, resume=a.resume, mixed=_mixed_opts(a),
-                   storage=a.storage, output_bits=None if a.no_output_quant else 8)
+                   storage=a.storage, output_bits=None if a.no_output_quant else 8, strict=a.strict)
     report = quantize(a.model, a.calib, a.output, opts, a.eval, a.labels, log=print)
     if a.report:
         save_json(report, a.report)

@@ -17,25 +17,53 @@ def module_name(index: int) -> str:
     return f"n{index}"
 
 
-def to_torch(imp: ImportedModel) -> torch.fx.GraphModule:
+_FALLBACK: set = set()  # registry keys filled with the onnxruntime fallback
+
+
+def _key(op: str, domain: str, version: int):
+    from onnx import defs
+    from onnx2torch.node_converters.registry import OperationDescription
+
+    try:
+        version = defs.get_schema(op, domain=domain, max_inclusive_version=version).since_version
+    except Exception:
+        pass
+    return OperationDescription(domain=domain, operation_type=op, version=version)
+
+
+def to_torch(imp: ImportedModel, strict: bool = False) -> torch.fx.GraphModule:
+    """Convert; ops with no converter run through onnxruntime (float) unless `strict`.
+
+    The names of such nodes are in `gm.float_nodes` and in imp.notes."""
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY
+
+    from . import ortnode
+
     m = copy.deepcopy(imp.model)
     for i, node in enumerate(m.graph.node):
         node.name = module_name(i)
     opsets = {o.domain or "": o.version for o in m.opset_import}
-    missing = []
-    from onnx2torch.node_converters.registry import get_converter
+    missing, float_nodes = {}, []
     for node in imp.model.graph.node:
-        try:
-            get_converter(operation_type=node.op_type, version=opsets.get(node.domain or "", 1),
-                          domain=node.domain or "")
-        except NotImplementedError:
-            missing.append(f"{node.op_type} (domain '{node.domain}', opset {opsets.get(node.domain or '', '?')})")
-    if missing:
-        raise UsageError(f"no torch converter for: {', '.join(sorted(set(missing)))}")
+        domain = node.domain or ""
+        key = _key(node.op_type, domain, opsets.get(domain, 1))
+        if key not in _CONVERTER_REGISTRY or key in _FALLBACK:
+            missing[key] = f"{node.op_type} (domain '{domain}', opset {opsets.get(domain, '?')})"
+            float_nodes.append(node.name)
+    if missing and strict:
+        raise UsageError(f"no torch converter for: {', '.join(sorted(set(missing.values())))} "
+                         "(without --strict these nodes run in onnxruntime and stay float)")
+    for key in missing:
+        _CONVERTER_REGISTRY[key] = ortnode.converter(opsets)
+        _FALLBACK.add(key)
+    if float_nodes:
+        imp.notes.append(f"{len(float_nodes)} node(s) with no torch converter stay float and run in "
+                         f"onnxruntime: {', '.join(sorted(set(missing.values())))}")
     try:
         gm = o2t.convert(m)
     except NotImplementedError as exc:
         raise UsageError(f"cannot convert the model to torch: {exc}") from None
+    gm.float_nodes = float_nodes
     return gm.eval()
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -37,6 +38,7 @@ class Options:
     resume: bool = False
     storage: str = "int8"      # "packed": INT4/INT2 weight initializers
     output_bits: int | None = 8  # output quantizer per layer so onnxruntime fuses it; None: off
+    strict: bool = False       # an op with no torch converter is an error instead of staying float
     mixed: MixedOptions = field(default_factory=MixedOptions)
 
 
@@ -64,14 +66,38 @@ def check_options(o: Options) -> None:
         raise UsageError("--device cuda: torch sees no CUDA GPU (install a CUDA build of torch)")
 
 
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def check_memory(imp: ImportedModel, calib: dict, opts: Options) -> None:
+    """Refuse before starting when the model, its copies and the calibration data cannot fit."""
+    weights = sum(int(np.prod(i.dims)) * 4 for i in imp.model.graph.initializer)
+    need = 6 * weights + sum(v.nbytes for v in calib.values())  # float + torch + quantizers + Adam state
+    have = available_memory()
+    if need > have:
+        raise UsageError(f"not enough memory: about {need / 2**30:.1f} GiB needed (model {weights / 2**30:.1f} "
+                         f"GiB), {have / 2**30:.1f} GiB available; use fewer --calib-samples or a larger machine")
+
+
 def check_output(model_path: str, out_path: str) -> None:
     if os.path.abspath(out_path) == os.path.abspath(model_path):
         raise UsageError("the output path equals the input model; choose another -o")
     directory = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(directory):
         raise UsageError(f"output directory does not exist: {directory}")
-    if not os.access(directory, os.W_OK):
-        raise UsageError(f"output directory is not writable: {directory}")
+    try:  # really try: permission bits say nothing for root or on read-only mounts
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".packptq-probe-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"output directory is not writable: {directory} ({exc.strerror})") from None
 
 
 def weight_bytes(records) -> dict:
@@ -108,7 +134,13 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     calib, _ = data.load(calib_path, imp.inputs, **opts.image)
     calib = data.take(calib, opts.calib_samples)
     names = [i.name for i in imp.inputs]
-    gm = convert.to_torch(imp)
+    if len(calib[names[0]]) < opts.batch_size:
+        raise UsageError(f"{calib_path} has {len(calib[names[0]])} samples, fewer than --batch-size "
+                         f"{opts.batch_size}: give more calibration samples or a smaller --batch-size")
+    check_memory(imp, calib, opts)
+    gm = convert.to_torch(imp, strict=opts.strict)
+    if gm.float_nodes:
+        log(f"warning: {imp.notes[-1]}")
     faithful = convert.prove_faithful(imp, gm, data.take(calib, FAITHFUL_SAMPLES))
     layers = find_layers(imp.model)
     if not layers:
@@ -171,7 +203,8 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
         "file_bytes": os.path.getsize(out_path),
         "weight_range": "reduced: 8-bit weights use [-64, 63] (exact on AVX2 CPUs without VNNI)"
         if opts.reduce_range else "full: 8-bit weights use [-128, 127]",
-        "import": {"notes": imp.notes, "faithful": [asdict(a) for a in p.faithful]},
+        "import": {"notes": imp.notes, "faithful": [asdict(a) for a in p.faithful],
+                   "float_nodes": list(gm.float_nodes)},
         "layers": meta["layers"], "weight_bytes": weight_bytes(records),
         "parity": validate.as_dicts(parity),
         "seconds": {"prepare": round(p.seconds, 3), "quantize": round(t2 - t0 - p.seconds, 3)},
