@@ -36,7 +36,7 @@ def brute(cost, size, budget):
     return best
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(instances())
 def test_ilp_equals_brute_force_and_respects_budget(inst):
     cost, size, budget = inst
@@ -52,6 +52,12 @@ def test_solvers_agree(inst):
     cost, size, budget = inst
     assert ilp.solve(cost, size, budget, solver="highs").objective == pytest.approx(
         ilp.solve(cost, size, budget, solver="cbc").objective, rel=1e-6, abs=1e-6)
+
+
+def test_cbc_preprocessing_case():
+    cost = [[1.0, 0.0, 0.0], [2.0, 3.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    size = [[1.0, 3.0, 29.0], [1.0, 1.0, 27.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    assert ilp.solve(cost, size, 31.0, solver="cbc").objective == 1.0
 
 
 def test_infeasible_budget_states_smallest_size():
