@@ -52,6 +52,11 @@ def load(path: str) -> ImportedModel:
     except Exception as exc:
         raise UsageError(f"{path} is not a readable ONNX model (corrupt or truncated?): "
                          f"{str(exc).splitlines()[0][:200]}") from None
+    try:
+        _decode_strings(copy.deepcopy(model))
+    except UnicodeError:
+        raise UsageError(f"{path} is not a readable ONNX model (corrupt: a name or string is not valid "
+                         "UTF-8)") from None
     if not model.graph.node:
         raise UsageError(f"{path} is not a readable ONNX model: it has no graph nodes")
     try:
@@ -62,6 +67,28 @@ def load(path: str) -> ImportedModel:
     except Exception as exc:
         raise UsageError(f"{path} fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from None
     return ImportedModel(path, model, *normalise(model))
+
+
+def _decode_strings(msg) -> None:
+    """Check every string field is valid UTF-8 (on a copy): protobuf reads corrupt text
+    leniently and would fail later, anywhere, when a name is rewritten."""
+    for field, value in msg.ListFields():
+        values = value if _repeated(field) else [value]
+        if field.type == field.TYPE_MESSAGE:
+            for v in values:
+                _decode_strings(v)
+        elif field.type == field.TYPE_STRING:  # rewrite it: that is where invalid UTF-8 fails
+            if _repeated(field):
+                vals = list(value)
+                del value[:]
+                value.extend(vals)
+            else:
+                setattr(msg, field.name, value)
+
+
+def _repeated(field) -> bool:
+    flag = getattr(field, "is_repeated", None)  # newer protobuf; `label` on older ones
+    return flag if isinstance(flag, bool) else field.label == field.LABEL_REPEATED
 
 
 def normalise(model: onnx.ModelProto):
