@@ -101,9 +101,34 @@ def _upgrade_for_packed(m: onnx.ModelProto, quants: list) -> onnx.ModelProto:
     return m
 
 
-def _layer_nodes(node, q, const, weight_const, name) -> list:
+def _act_qdq(tensor, bits, scale, zero, lname, tag, const, name) -> tuple[list, str]:
+    """QuantizeLinear(uint8) -> [Clip to 0..2^b-1] -> DequantizeLinear on `tensor`."""
     out = []
+    s = const(f"{lname}.{tag}_scale", np.array(scale, np.float32))
+    z = const(f"{lname}.{tag}_zero", np.array(zero, np.uint8))
+    xq = name(f"{lname}.{tag}_q")
+    out.append(helper.make_node("QuantizeLinear", [tensor, s, z], [xq], name=name(f"{lname}.{tag}_Q")))
+    if bits < 8:
+        lo = const(f"{lname}.{tag}_qmin", np.array(0, np.uint8))
+        hi = const(f"{lname}.{tag}_qmax", np.array(2 ** bits - 1, np.uint8))
+        xc = name(f"{lname}.{tag}_q{bits}")
+        out.append(helper.make_node("Clip", [xq, lo, hi], [xc], name=name(f"{lname}.{tag}_Clip")))
+        xq = xc
+    x_dq = name(f"{lname}.{tag}_dq")
+    out.append(helper.make_node("DequantizeLinear", [xq, s, z], [x_dq], name=name(f"{lname}.{tag}_DQ")))
+    return out, x_dq
+
+
+def _layer_nodes(node, q, const, weight_const, name) -> list:
     lname = q.layer.name
+    if not q.layer.has_weight:  # activation x activation MatMul: both inputs quantized
+        out = []
+        for i, (s, z, tag) in enumerate(((q.a_scale, q.a_zero, "x"), (q.a2_scale, q.a2_zero, "x2"))):
+            if s is not None:
+                nodes, node.input[i] = _act_qdq(node.input[i], q.abits, s, z, lname, tag, const, name)
+                out += nodes
+        return out
+    out = []
     # weight: integer initializer (int8 container, or INT4/INT2 packed) -> DequantizeLinear(axis)
     w_q = weight_const(f"{lname}.w_int{q.wbits}", q.w_int, q.wbits)
     w_s = const(f"{lname}.w_scale", q.w_scale.astype(np.float32))
@@ -121,19 +146,8 @@ def _layer_nodes(node, q, const, weight_const, name) -> list:
                                     axis=0))
         node.input[2] = b_dq
     if q.abits is not None:
-        s = const(f"{lname}.x_scale", np.array(q.a_scale, np.float32))
-        z = const(f"{lname}.x_zero", np.array(q.a_zero, np.uint8))
-        xq = name(f"{lname}.x_q")
-        out.append(helper.make_node("QuantizeLinear", [node.input[0], s, z], [xq], name=name(f"{lname}.x_Q")))
-        if q.abits < 8:
-            lo = const(f"{lname}.x_qmin", np.array(0, np.uint8))
-            hi = const(f"{lname}.x_qmax", np.array(2 ** q.abits - 1, np.uint8))
-            xc = name(f"{lname}.x_q{q.abits}")
-            out.append(helper.make_node("Clip", [xq, lo, hi], [xc], name=name(f"{lname}.x_Clip")))
-            xq = xc
-        x_dq = name(f"{lname}.x_dq")
-        out.append(helper.make_node("DequantizeLinear", [xq, s, z], [x_dq], name=name(f"{lname}.x_DQ")))
-        node.input[0] = x_dq
+        nodes, node.input[0] = _act_qdq(node.input[0], q.abits, q.a_scale, q.a_zero, lname, "x", const, name)
+        out += nodes
     return out
 
 
@@ -190,7 +204,7 @@ def weight_bytes(model: onnx.ModelProto) -> float:
     total = 0.0
     for node in model.graph.node:
         tag = node_tag(node)
-        if not tag or len(node.input) < 2 or node.input[1] not in producer:
+        if not tag or not tag["wbits"] or len(node.input) < 2 or node.input[1] not in producer:
             continue
         dq = producer[node.input[1]]
         w = inits[dq.input[0]]

@@ -20,9 +20,15 @@ class Layer:
     axis: int                # output-channel axis of the weight in ONNX layout
     act_input: str | None    # tensor quantized at the layer input; None = raw network input
     output: str = ""         # the layer's output tensor
+    act_input2: str | None = None  # activation x activation MatMul: its second input (no weight)
+
+    @property
+    def has_weight(self) -> bool:
+        return bool(self.weight)
 
 
-def find_layers(model) -> list[Layer]:
+def find_layers(model, act_matmul: bool = True) -> list[Layer]:
+    """Weighted layers, and (act_matmul) MatMuls of two activations such as q.k^T and attn.v."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     graph_inputs = {i.name for i in g.input if i.name not in inits}
@@ -31,6 +37,10 @@ def find_layers(model) -> list[Layer]:
         if node.op_type not in QUANTIZABLE or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
         x, w = node.input[0], node.input[1]
+        if (act_matmul and node.op_type == "MatMul" and x not in inits and w not in inits
+                and x not in graph_inputs and w not in graph_inputs):
+            layers.append(Layer(idx, node.name, "MatMul", "", None, -1, x, node.output[0], w))
+            continue
         if w not in inits or x in inits:
             continue
         rank = len(inits[w].dims)
@@ -76,5 +86,7 @@ class LayerQuant:
     bias_int: "np.ndarray | None" = None   # int32
     bias_scale: "np.ndarray | None" = None  # float32, a_scale * w_scale
     o_scale: float | None = None            # 8-bit output quantizer (for kernel fusion), if any
+    a2_scale: float | None = None           # second input of an activation x activation MatMul
+    a2_zero: int | None = None
     o_zero: int | None = None
     pack: int | None = None

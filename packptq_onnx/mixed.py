@@ -49,7 +49,7 @@ def _outputs(res) -> list:
 def measure(gm, qls, pack_layers: list[list[str]], opts: list[tuple[int, int]], batches) -> list[list[float]]:
     """Omega[p][k]: loss with only pack p at option k; every layer is left as it was found."""
     by_name = {q.layer.name: q for q in qls}
-    saved = {q.layer.name: (q.wq, q.aq) for q in qls}
+    saved = {q.layer.name: (q.wq, q.aq, q.aq2) for q in qls}
     qmodel.set_quant(qls, False, False)
     data = list(batches())
     ref = [[t.detach() for t in _outputs(gm(*args))] for args in data]
@@ -70,7 +70,7 @@ def measure(gm, qls, pack_layers: list[list[str]], opts: list[tuple[int, int]], 
             table.append(row)
     finally:
         for q in qls:
-            q.wq, q.aq = saved[q.layer.name]
+            q.wq, q.aq, q.aq2 = saved[q.layer.name]
         qmodel.set_quant(qls, True, True)
     return table
 

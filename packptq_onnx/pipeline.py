@@ -261,7 +261,8 @@ def pack_meta(analysis, records, mixed) -> list:
         recs = by_pack.get(pk.id, [])
         out.append({"id": pk.id, "blocks": [analysis.units.blocks[b].name for b in pk.blocks],
                     "nodes": [r.layer.name for r in recs],
-                    "wbits": sorted({r.wbits for r in recs}), "abits": sorted({r.abits for r in recs if r.abits}),
+                    "wbits": sorted({r.wbits for r in recs if r.wbits}),
+                    "abits": sorted({r.abits for r in recs if r.abits}),
                     "bytes": sum(r.w_int.size * r.wbits / 8 for r in recs),
                     "sensitivity": chosen.get(pk.id, {}).get("sensitivity", pk.score)})
     return out

@@ -77,7 +77,10 @@ class QuantLayer(nn.Module):
         super().__init__()
         self.inner, self.layer = inner, layer
         self.weight = nn.Parameter(torch.from_numpy(np.array(w_onnx, dtype=np.float32)), requires_grad=False)
-        self.param_path, self.transpose = _bind(inner, self.weight)
+        self.param_path, self.transpose = _bind(inner, self.weight) if layer.has_weight else (None, False)
+        self.aq2: ActQuantizer | None = None  # second input of an activation x activation MatMul
+        self.observer2 = None
+        self.act_stats2 = None
         self.wq: WeightQuantizer | None = None
         self.aq: ActQuantizer | None = None
         self.oq: ActQuantizer | None = None  # 8-bit output quantizer: lets onnxruntime fuse the layer
@@ -109,6 +112,12 @@ class QuantLayer(nn.Module):
             self.observer(args[0])
         if self.quant_a and self.aq is not None:
             args[0] = self.aq(args[0])
+        if not self.layer.has_weight:
+            if self.observer2 is not None:
+                self.observer2(args[1])
+            if self.quant_a and self.aq2 is not None:
+                args[1] = self.aq2(args[1])
+            return self._output(self.inner(*args, **kwargs))
         w = self.sim_weight()
         if self.param_path is None:  # weight arrives as argument 1 (MatMul / Gemm)
             args[1] = w
@@ -120,6 +129,9 @@ class QuantLayer(nn.Module):
                 b = dict(self.inner.named_parameters())[self.bias_path]
                 params[self.bias_path] = torch.round(b / bs) * bs
             y = torch.func.functional_call(self.inner, params, tuple(args), kwargs)
+        return self._output(y)
+
+    def _output(self, y):
         if self.out_observer is not None:
             self.out_observer(y)
         if self.quant_a and self.oq is not None:
@@ -143,7 +155,8 @@ def wrap(gm: torch.fx.GraphModule, model, layers: list[Layer]) -> list[QuantLaye
     out = []
     for layer in layers:
         name = module_name(layer.index)
-        ql = QuantLayer(getattr(gm, name), layer, weight_array(model, layer.weight))
+        w = weight_array(model, layer.weight) if layer.has_weight else np.zeros(0, np.float32)
+        ql = QuantLayer(getattr(gm, name), layer, w)
         setattr(gm, name, ql)
         out.append(ql)
     return out
@@ -184,6 +197,8 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
         set_bits(q, bits(wbits, q.layer.name), None)
         if q.layer.act_input is not None:
             q.observer = observer(q, q.layer.name)
+        if q.layer.act_input2 is not None:
+            q.observer2 = observer(q, ("in2", q.layer.name))
         q.oq = None
         if output_bits is not None and q.layer.output not in graph_outputs:
             q.out_observer = observer(q, ("out", q.layer.name))
@@ -192,7 +207,7 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
             gm(*args)
     finally:
         for q in qls:
-            q.observer = q.out_observer = None
+            q.observer = q.out_observer = q.observer2 = None
 
     def summary(key):
         lo, hi, samples = stats[key]
@@ -204,7 +219,9 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
     for q in qls:
         if q.layer.name in stats:
             q.act_stats = summary(q.layer.name)
-            set_bits(q, None, bits(abits, q.layer.name))
+        if ("in2", q.layer.name) in stats:
+            q.act_stats2 = summary(("in2", q.layer.name))
+        set_bits(q, None, bits(abits, q.layer.name))
         if ("out", q.layer.name) in stats:
             lo, hi, sample = summary(("out", q.layer.name))
             q.oq = ActQuantizer(output_bits, *quant.search_act_params(sample, lo, hi, *quant.act_qrange(output_bits)))
@@ -214,16 +231,18 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
 
 def set_bits(q: QuantLayer, wbits: int | None, abits: int | None) -> None:
     """Re-initialise (round to nearest) the weight and/or input quantizer of a layer at new bits."""
-    if wbits is not None:
+    if wbits is not None and q.layer.has_weight:
         key = ("w", wbits)
         q.wq = WeightQuantizer(q.weight, q.layer.axis, wbits, q.reduce_range, q.initial.get(key)).to(q.weight.device)
         q.initial[key] = q.wq.scale.detach().clone()
-    if abits is not None and q.act_stats is not None:
-        key = ("a", abits)
+    for attr, stats, tag in (("aq", q.act_stats, "a"), ("aq2", q.act_stats2, "a2")):
+        if abits is None or stats is None:
+            continue
+        key = (tag, abits)
         if key not in q.initial:
-            lo, hi, sample = q.act_stats
+            lo, hi, sample = stats
             q.initial[key] = quant.search_act_params(sample, lo, hi, *quant.act_qrange(abits))
-        q.aq = ActQuantizer(abits, *q.initial[key]).to(q.weight.device)
+        setattr(q, attr, ActQuantizer(abits, *q.initial[key]).to(q.weight.device))
 
 
 @torch.no_grad()
@@ -233,10 +252,16 @@ def export_records(qls: list[QuantLayer], packs: dict | None = None):
 
     out = []
     for q in qls:
-        assert not q.wq.soft, "export needs hard rounding"
-        w_int = q.wq.integer(q.weight).to(torch.int8).numpy()
-        rec = LayerQuant(q.layer, q.wq.bits, w_int, q.wq.scale.float().cpu().numpy().copy(),
-                         pack=(packs or {}).get(q.layer.name))
+        if q.wq is None:  # activation x activation MatMul: no weight
+            rec = LayerQuant(q.layer, 0, np.zeros(0, np.int8), np.zeros(0, np.float32),
+                             pack=(packs or {}).get(q.layer.name))
+            if q.aq2 is not None:
+                rec.a2_scale, rec.a2_zero = float(q.aq2.scale), int(q.aq2.zero)
+        else:
+            assert not q.wq.soft, "export needs hard rounding"
+            w_int = q.wq.integer(q.weight).to(torch.int8).cpu().numpy()
+            rec = LayerQuant(q.layer, q.wq.bits, w_int, q.wq.scale.float().cpu().numpy().copy(),
+                             pack=(packs or {}).get(q.layer.name))
         if q.oq is not None:
             rec.o_scale, rec.o_zero = float(q.oq.scale), int(q.oq.zero)
         if q.aq is not None:

@@ -219,11 +219,12 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
             return tot / len(ev)
 
     before = evaluate()
-    for q in own:
+    weighted = [q for q in own if q.wq is not None]
+    for q in weighted:
         q.wq.init_adaround(q.weight)
-    params_v = [q.wq.alpha for q in own]
-    params_s = [x.scale for q in own for x in (q.aq, q.oq) if x is not None]
-    opt_v = torch.optim.Adam(params_v, lr=o.lr_round)
+    params_v = [q.wq.alpha for q in weighted]
+    params_s = [x.scale for q in own for x in (q.aq, q.aq2, q.oq) if x is not None]
+    opt_v = torch.optim.Adam(params_v, lr=o.lr_round) if params_v else None
     opt_s = torch.optim.Adam(params_s, lr=o.lr_scale) if params_s else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(iters, 1), eta_min=0) if opt_s else None
     it = bar(range(iters), unit.name, iters)
@@ -239,13 +240,14 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
             xs.append(x_q)
         rec = recon_loss(sub(*xs), arr[k])
         b = _beta(t, iters, o)
-        reg = sum((1 - (2 * q.wq.h() - 1).abs().pow(b)).sum() for q in own) if b is not None else 0.0
+        reg = sum((1 - (2 * q.wq.h() - 1).abs().pow(b)).sum() for q in weighted) if b is not None else 0.0
         loss = rec + o.round_weight * reg
-        opt_v.zero_grad()
-        if opt_s:
-            opt_s.zero_grad()
+        for opt in (opt_v, opt_s):
+            if opt:
+                opt.zero_grad()
         loss.backward()
-        opt_v.step()
+        if opt_v:
+            opt_v.step()
         if opt_s:
             opt_s.step()
             sched.step()
@@ -253,7 +255,7 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
                 p.data.clamp_(min=1e-8)
         if t % 50 == 0 and hasattr(it, "set_postfix"):
             it.set_postfix(loss=f"{float(rec.detach()):.4g}")
-    for q in own:
+    for q in weighted:
         q.wq.soft = False
     after = evaluate()
     cache.close()
@@ -274,7 +276,8 @@ def unit_seed(seed: int, i: int) -> int:
 def checkpoint_state(qls) -> dict:
     st = {}
     for q in qls:
-        st[q.layer.name] = {"alpha": None if q.wq.alpha is None else q.wq.alpha.detach().cpu(),
+        st[q.layer.name] = {"alpha": None if q.wq is None or q.wq.alpha is None else q.wq.alpha.detach().cpu(),
+                            "a2scale": None if q.aq2 is None else q.aq2.scale.detach().cpu(),
                             "ascale": None if q.aq is None else q.aq.scale.detach().cpu(),
                             "oscale": None if q.oq is None else q.oq.scale.detach().cpu()}
     return st
@@ -290,6 +293,8 @@ def load_state(qls, st: dict) -> None:
             q.aq.scale.data.copy_(s["ascale"])
         if s["oscale"] is not None:
             q.oq.scale.data.copy_(s["oscale"])
+        if s["a2scale"] is not None:
+            q.aq2.scale.data.copy_(s["a2scale"])
 
 
 def n_weights(units: list[Unit], qls) -> None:
@@ -305,7 +310,7 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
     iters = split_iters(units, o)
     fingerprint = json.dumps({"units": [u.name for u in units], "iters": iters, "seed": seed,
                               "layers": [q.layer.name for q in qls],
-                              "bits": [(q.wq.bits, q.aq.bits if q.aq else None) for q in qls]})
+                              "bits": [(q.wq.bits if q.wq else None, q.aq.bits if q.aq else None) for q in qls]})
     done: list[UnitResult] = []
     if resume and os.path.exists(ckpt):
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)

@@ -18,8 +18,8 @@ EXPECTED = {
     "resnet": (1, [("residual", 2), ("residual", 3), ("residual", 2)], 1),
     # inverted residuals without a skip are plain chains: one-layer blocks between blocks, head after
     "mobilenetv2": (1, [("residual", 3), ("layer", 1), ("layer", 1), ("layer", 1), ("residual", 3)], 4),
-    # each transformer layer: attention (qkv, proj) and MLP (fc1, fc2), each with its residual
-    "vit": (1, [("residual", 2)] * 4, 1),
+    # each transformer layer: attention (qkv, q.k^T, attn.v, proj) and MLP (fc1, fc2), each with its residual
+    "vit": (1, [("residual", 4), ("residual", 2)] * 2, 1),
 }
 
 
