@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -264,6 +265,9 @@ def _plain_resize(node):
 
 def install() -> None:
     """Fill onnx2torch's registry; idempotent."""
+    # onnx2torch's Slice indexes with a list; torch warns on every call (same result today)
+    warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning,
+                            module="onnx2torch")
     for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
                "ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp"):
         _register(op, 18, _reduce18)

@@ -14,8 +14,8 @@ from .errors import UsageError
 from .exporters import files, qdq
 from .layers import find_layers
 from .onnx_import import ImportedModel, load
-from .progress import bar
 from .mixed import MixedOptions
+from .progress import bar
 from .reconstruct import ReconOptions
 
 PARITY_SAMPLES = 64
@@ -26,7 +26,7 @@ FAITHFUL_SAMPLES = 32
 class Options:
     wbits: int = 8
     abits: int = 8
-    method: str = "rtn"
+    method: str = "pack"
     seed: int = 0
     device: str = "cpu"
     batch_size: int = 32
@@ -173,7 +173,8 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
             + " ".join("[" + ",".join(str(b) for b in pk.blocks) + "]" for pk in analysis.packs))
     if opts.mixed.enabled:
         from .mixed import allocate
-        fp = f"{os.path.abspath(model_path)}:{os.path.getsize(model_path)}:{calib_path}:{p.n_samples}:{opts.seed}"
+        fp = (f"{os.path.abspath(model_path)}:{os.path.getsize(model_path)}:{os.path.abspath(calib_path)}:"
+              f"{p.n_samples}:{opts.seed}:W{opts.wbits}A{opts.abits}:{opts.max_pack_blocks}:{opts.output_bits}")
         mixed = allocate(gm, qls, analysis.packs, analysis.units, lambda: p.batches(opts), opts.mixed,
                          opts.abits, fp, log)
     recon = reconstruct_model(p, opts, ckpt, log, analysis) if opts.method != "rtn" else None
