@@ -1,8 +1,8 @@
 """Blocks from graph structure alone (no node naming): single-tensor cuts of the data flow.
 
 A cut is a point in the (topologically sorted) graph where exactly one data tensor is live.
-Segments between cuts that hold a join (a node with two or more data inputs: residual Add,
-Concat, attention MatMul, gating Mul) are blocks; a quantizable layer in a plain chain is a
+Segments between cuts that hold a join (a node merging data paths that run through different
+quantizable layers: residual Add, Concat of branches, squeeze-excite gate) are blocks; a quantizable layer in a plain chain is a
 one-layer block when it sits between two blocks, and stem / head when before the first / after
 the last. Shape arithmetic (Shape, Size and what is computed only from them and constants) and
 side inputs that no quantizable layer produced (e.g. an attention mask) do not count as live.
@@ -103,8 +103,20 @@ def find_blocks(model, layers: list[Layer]) -> Units:
     if pending and merged:
         merged[-1] = (merged[-1][0] + pending, merged[-1][1])
 
+    # a join merges paths through different quantizable layers (residual Add, SE gate, attention);
+    # x * f(x) with no layer in f (hardswish, gating by an activation) is not one
+    last_layer: dict[str, int] = {}
+    joins = set()
+    for i, node in enumerate(nodes):
+        tags = {last_layer.get(t, -1) for t in node.input if t in live_tensors}
+        if len(tags) >= 2:
+            joins.add(i)
+        out_tag = i if i in by_index else max(tags, default=-1)
+        for o in node.output:
+            last_layer[o] = out_tag
+
     def has_join(idx):
-        return any(len({t for t in nodes[i].input if t in live_tensors}) >= 2 for i in idx)
+        return any(i in joins for i in idx)
 
     kinds = ["residual" if has_join(idx) else "layer" for idx, _ in merged]
     real = [k == "residual" for k in kinds]

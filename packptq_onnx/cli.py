@@ -58,6 +58,7 @@ def _mixed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--solver", choices=["cbc", "highs"], default=d.solver)
     g.add_argument("--solver-time", type=float, default=d.time_limit, help="solver time limit, seconds")
     g.add_argument("--sensitivity-cache", help="JSON file: reuse measured sensitivities at another budget")
+    g.add_argument("--plot", help="PNG of the chosen bits and sensitivity per pack")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -153,7 +154,12 @@ def cmd_quantize(a) -> int:
                    reduce_range=not a.full_range_weights, image=_image_opts(a), recon=recon,
                    max_pack_blocks=a.max_pack_blocks, resume=a.resume, mixed=_mixed_opts(a),
                    storage=a.storage, output_bits=None if a.no_output_quant else 8, strict=a.strict)
+    if a.plot and not opts.mixed.enabled:
+        raise UsageError("--plot shows the mixed-precision choice: give --budget or --avg-wbits")
     report = quantize(a.model, a.calib, a.output, opts, a.eval, a.labels, log=print)
+    if a.plot:
+        from .exporters.plots import plot_bits
+        plot_bits(a.plot, report["mixed_precision"]["packs"])
     if a.report:
         save_json(report, a.report)
     wb = report["weight_bytes"]

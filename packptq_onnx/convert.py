@@ -10,6 +10,7 @@ import torch
 from . import o2t, runtime
 from .errors import UsageError
 from .onnx_import import ImportedModel, default_opset
+from .validate import cosine
 
 
 def module_name(index: int) -> str:
@@ -91,10 +92,8 @@ class Agreement:
 def compare(names, ref: list, got: list) -> list[Agreement]:
     res = []
     for name, a, b in zip(names, ref, got):
-        a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-        den = np.linalg.norm(a) * np.linalg.norm(b)
-        cos = float(a @ b / den) if den > 0 else float(np.allclose(a, b))
-        res.append(Agreement(name, float(np.abs(a - b).max()), cos, float(np.abs(a).max())))
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        res.append(Agreement(name, float(np.abs(a - b).max()), cosine(a, b), float(np.abs(a).max())))
     return res
 
 

@@ -19,7 +19,7 @@ class OutputMetrics:
     acc_quant: float | None = None
 
 
-def _cos(a, b) -> float:
+def cosine(a, b) -> float:
     a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     den = np.linalg.norm(a) * np.linalg.norm(b)
     return float(a @ b / den) if den > 0 else float(np.array_equal(a, b))
@@ -34,7 +34,7 @@ def _sqnr(ref, got) -> float:
 def compare_outputs(names, ref: list, got: list, labels=None) -> list[OutputMetrics]:
     res = []
     for name, a, b in zip(names, ref, got):
-        m = OutputMetrics(name, _cos(a, b), _sqnr(a, b), float(np.abs(a.astype(np.float64) - b).max()))
+        m = OutputMetrics(name, cosine(a, b), _sqnr(a, b), float(np.abs(a.astype(np.float64) - b).max()))
         if a.ndim == 2 and a.shape[1] > 1 and np.issubdtype(a.dtype, np.floating):
             pa, pb = a.argmax(1), b.argmax(1)
             m.top1_agreement = float((pa == pb).mean())

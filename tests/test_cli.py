@@ -99,8 +99,10 @@ def test_console_script_runs():
 
 def test_packed_storage_annotations_and_inspect(tmp_path, capsys):
     out = tmp_path / "p.onnx"
+    png = tmp_path / "bits.png"
     assert main(["quantize", MODEL, "--calib", CALIB, "-o", str(out), "--method", "rtn", "--abits", "4",
-                 "--avg-wbits", "3.5", "--wbits-options", "2,3,4", "--storage", "packed"]) == 0
+                 "--avg-wbits", "3.5", "--wbits-options", "2,3,4", "--storage", "packed", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
     import onnx
     from packptq_onnx.exporters import qdq
