@@ -280,7 +280,7 @@ def reconstruct_model(p: Prepared, opts: Options, ckpt: str, log=print, analysis
     if opts.method == "pack":
         a = analysis or analyse(p, opts, opts.max_pack_blocks)
         packs, scoring = a.packs, round(a.seconds, 3)
-    units = make_units(opts.method, units_struct, packs, layers, p.imp.model)
+    units = make_units(opts.method, units_struct, packs, layers)
     t0 = time.time()
     log(f"reconstruction ({opts.method}): {len(units)} units")
     res = run(p.gm, p.imp.model, p.qls, units, lambda: p.batches(opts), p.n_samples, opts.recon, opts.seed,

@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from .convert import module_name
+from .qmodel import set_quant
 from .progress import bar
 
 
@@ -55,13 +56,12 @@ class UnitResult:
     seconds: float
 
 
-def make_units(method: str, units_struct, packs, layers, model) -> list[Unit]:
+def make_units(method: str, units_struct, packs, layers) -> list[Unit]:
     """stem layers, then layers / blocks / packs, then head layers."""
     by_name = {l.name: l for l in layers}
-    out_of = lambda name: model.graph.node[by_name[name].index].output[0]  # noqa: E731
 
     def layer_unit(name):
-        return Unit(name, [name], [by_name[name].index], out_of(name))
+        return Unit(name, [name], [by_name[name].index], by_name[name].output)
 
     if method == "adaround":
         return [layer_unit(l.name) for l in layers]
@@ -199,7 +199,6 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     t0 = time.time()
     sub, in_nodes, out_node = subgraph(gm, model, unit)
     own = [q for q in qls if q.layer.name in set(unit.layers)]
-    from .qmodel import set_quant
     set_quant(qls, False, False)
     fp = capture(gm, calib_batches(), in_nodes + [out_node])
     set_quant(qls, True, True)

@@ -58,7 +58,7 @@ def test_units_cover_layers_in_order(tmp_path):
     layers = [q.layer for q in p.qls]
     u = blocks.find_blocks(p.imp.model, layers)
     packs = [type("P", (), {"id": 0, "blocks": list(range(len(u.blocks)))})()]
-    units = reconstruct.make_units("pack", u, packs, layers, p.imp.model)
+    units = reconstruct.make_units("pack", u, packs, layers)
     assert [n for x in units for n in x.layers] == [l.name for l in layers]
     assert len(units) == len(u.stem) + 1 + len(u.head)
 
