@@ -64,6 +64,10 @@ def to_torch(imp: ImportedModel, strict: bool = False) -> torch.fx.GraphModule:
         gm = o2t.convert(m)
     except NotImplementedError as exc:
         raise UsageError(f"cannot convert the model to torch: {exc}") from None
+    except Exception as exc:  # a damaged or inconsistent graph (e.g. a tensor with no inferred shape)
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        raise UsageError(f"cannot convert the model to torch ({type(exc).__name__}: {msg}); "
+                         "check the model with onnx.checker or run with --debug") from exc
     gm.float_nodes = float_nodes
     return gm.eval()
 

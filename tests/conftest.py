@@ -3,6 +3,13 @@ import sys
 import warnings
 
 import pytest
+from hypothesis import settings
+
+# CI runs the property and fuzz tests on a fixed seed so a landing never fails by chance;
+# HYPOTHESIS_PROFILE=fuzz draws fresh random examples for a local hunt.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("fuzz", derandomize=False, max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("PACKPTQ_QUIET", "1")
