@@ -26,6 +26,18 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW")
 
 
+def _shape_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:DIMS",
+                   help="fix an input's dynamic dims, e.g. x:N,3,48,320 (N: batch, stays dynamic); repeat "
+                        "for several inputs")
+
+
+def _shapes(a) -> dict:
+    from .onnx_import import parse_input_shape
+
+    return dict(parse_input_shape(t) for t in a.input_shape)
+
+
 def _recon_args(p: argparse.ArgumentParser) -> None:
     d = ReconOptions()
     g = p.add_argument_group("reconstruction (adaround / block / pack)")
@@ -97,6 +109,7 @@ def parser() -> argparse.ArgumentParser:
     _recon_args(q)
     _mixed_args(q)
     _data_args(q)
+    _shape_arg(q)
 
     v = sub.add_parser("validate", help="compare a float and a quantized model in onnxruntime")
     v.add_argument("float_model")
@@ -120,6 +133,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     _data_args(i)
+    _shape_arg(i)
     return ap
 
 
@@ -153,7 +167,8 @@ def cmd_quantize(a) -> int:
                    batch_size=a.batch_size, calib_samples=a.calib_samples,
                    reduce_range=not a.full_range_weights, image=_image_opts(a), recon=recon,
                    max_pack_blocks=a.max_pack_blocks, resume=a.resume, mixed=_mixed_opts(a),
-                   storage=a.storage, output_bits=None if a.no_output_quant else 8, strict=a.strict)
+                   storage=a.storage, output_bits=None if a.no_output_quant else 8, strict=a.strict,
+                   input_shapes=_shapes(a))
     if a.plot and not opts.mixed.enabled:
         raise UsageError("--plot shows the mixed-precision choice: give --budget or --avg-wbits")
     report = quantize(a.model, a.calib, a.output, opts, a.eval, a.labels, log=print)
@@ -193,7 +208,7 @@ def cmd_inspect(a) -> int:
 
     if a.max_pack_blocks is not None and a.max_pack_blocks < 1:
         raise UsageError("--max-pack-blocks must be at least 1")
-    imp = load(a.model)
+    imp = load(a.model, _shapes(a))
     layers = find_layers(imp.model)
     info = {"model": a.model, "opset": imp.opset, "nodes": len(imp.original.graph.node),
             "inputs": [{"name": i.name, "shape": i.shape, "dtype": str(i.dtype)} for i in imp.inputs],
@@ -239,7 +254,7 @@ def _packs(a, log) -> dict:
     from .pipeline import Options, analyse, prepare
 
     opts = Options(wbits=a.wbits, abits=a.abits, seed=a.seed, device=a.device, batch_size=a.batch_size,
-                   calib_samples=a.calib_samples, image=_image_opts(a))
+                   calib_samples=a.calib_samples, image=_image_opts(a), input_shapes=_shapes(a))
     p = prepare(a.model, a.calib, opts, log)
     res = analyse(p, opts, a.max_pack_blocks)
     pack_of = {b: pk.id for pk in res.packs for b in pk.blocks}

@@ -44,7 +44,61 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
-def load(path: str) -> ImportedModel:
+def parse_input_shape(text: str) -> tuple[str, list]:
+    """'x:N,3,48,320' (or 'x:Nx3x48x320') -> ('x', [None, 3, 48, 320]); N, ? or -1 = dynamic."""
+    name, sep, dims = text.rpartition(":")
+    parts = dims.replace("x", ",").split(",") if sep else []
+    try:
+        shape = [None if d.strip() in ("N", "n", "?", "-1") else int(d) for d in parts]
+    except ValueError:
+        shape = []
+    if not name or not shape or any(d is not None and d < 1 for d in shape):
+        raise UsageError(f"--input-shape {text!r}: expected NAME:DIMS such as x:N,3,48,320 "
+                         "(N keeps the batch dynamic)")
+    return name, shape
+
+
+def set_input_shapes(model: onnx.ModelProto, shapes: dict) -> None:
+    """Fix the dims of graph inputs (in place); the batch axis stays dynamic unless given."""
+    inits = {i.name for i in model.graph.initializer}
+    graph_inputs = {i.name: i for i in model.graph.input if i.name not in inits}
+    for name, shape in shapes.items():
+        if name not in graph_inputs:
+            raise UsageError(f"--input-shape: the model has no input {name!r} (inputs: "
+                             f"{', '.join(graph_inputs)})")
+        t = graph_inputs[name].type.tensor_type
+        old = [d if not isinstance(d, int) or d > 0 else None for d in _shape(graph_inputs[name])]
+        if old and len(old) != len(shape):
+            raise UsageError(f"--input-shape {name}: rank {len(shape)} given, the model's input has rank "
+                             f"{len(old)} {old}")
+        t.shape.Clear()
+        for i, d in enumerate(shape):
+            dim = t.shape.dim.add()
+            if d is None:
+                dim.dim_param = (old[i] if old and isinstance(old[i], str) else None) or ("N" if i == 0 else f"d{i}")
+            else:
+                dim.dim_value = d
+    del model.graph.value_info[:]  # re-inferred from the new input shapes
+
+
+def check_static(inputs: list) -> None:
+    """Only the first (batch) axis may be dynamic: packs, caches and the export need fixed shapes."""
+    for spec in inputs:
+        dyn = [f"axis {i} ({d or '?'})" for i, d in enumerate(spec.shape) if i > 0 and not _static(d)]
+        if dyn:
+            example = ",".join(["N"] + [str(d) if _static(d) else "?" for d in spec.shape[1:]])
+            raise UsageError(f"input '{spec.name}' has dynamic {', '.join(dyn)}: fix them with "
+                             f"--input-shape {spec.name}:{example} (replace ? by sizes)")
+        if not spec.shape:
+            raise UsageError(f"input '{spec.name}' has no known shape: give it with --input-shape "
+                             f"{spec.name}:N,...")
+
+
+def _static(d) -> bool:
+    return isinstance(d, int) and d > 0
+
+
+def load(path: str, input_shapes: dict | None = None) -> ImportedModel:
     if not os.path.isfile(path):
         raise UsageError(f"model file not found: {path}")
     try:
@@ -66,6 +120,10 @@ def load(path: str) -> ImportedModel:
             onnx.checker.check_model(model)
     except Exception as exc:
         raise UsageError(f"{path} fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from None
+    if input_shapes:
+        fixed = copy.deepcopy(model)
+        set_input_shapes(fixed, input_shapes)
+        return ImportedModel(path, model, *normalise(fixed))
     return ImportedModel(path, model, *normalise(model))
 
 

@@ -13,7 +13,7 @@ from . import __version__, convert, data, qmodel, runtime, validate
 from .errors import UsageError
 from .exporters import files, qdq
 from .layers import find_layers
-from .onnx_import import ImportedModel, load
+from .onnx_import import ImportedModel, check_static, load
 from .mixed import MixedOptions
 from .progress import bar
 from .reconstruct import ReconOptions
@@ -40,6 +40,7 @@ class Options:
     output_bits: int | None = 8  # output quantizer per layer so onnxruntime fuses it; None: off
     strict: bool = False       # an op with no torch converter is an error instead of staying float
     mixed: MixedOptions = field(default_factory=MixedOptions)
+    input_shapes: dict = field(default_factory=dict)  # name -> dims (None = dynamic), --input-shape
 
 
 METHODS = ("rtn", "adaround", "block", "pack")
@@ -130,7 +131,8 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     t0 = time.time()
     torch.manual_seed(opts.seed)
     np.random.seed(opts.seed)
-    imp = load(model_path)
+    imp = load(model_path, opts.input_shapes)
+    check_static(imp.inputs)
     calib, _ = data.load(calib_path, imp.inputs, **opts.image)
     calib = data.take(calib, opts.calib_samples)
     names = [i.name for i in imp.inputs]
