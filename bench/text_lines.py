@@ -200,9 +200,10 @@ def main():
     probs = _run(os.path.join(args.models, "ch_PP-OCRv4_rec_infer.onnx"), np.load(rec["eval"])[INPUT])
     print("rec", rec, "float:", rec_metrics(probs, rec["labels"], keys))
     with open(rec["labels"], encoding="utf-8") as f:
-        wrong = [(t, p) for t, p in zip(json.load(f), ctc_greedy(probs, keys)) if t.replace(" ", "") != p.replace(" ", "")]
+        pairs = zip(json.load(f), ctc_greedy(probs, keys))
+    wrong = [(t, p) for t, p in pairs if t.replace(" ", "") != p.replace(" ", "")]
     for t, p in wrong[:args.show_errors]:
-        print(f"  {t!r} -> {p!r}")
+        print(f"  float error: {t!r} -> {p!r}")
     cls = make_cls(os.path.join(args.out, "cls"), args.n_calib, args.n_eval, args.seed)
     scores = _run(os.path.join(args.models, "ch_ppocr_mobile_v2.0_cls_infer.onnx"), np.load(cls["eval"])[INPUT])
     print("cls", cls, "float:", cls_metrics(scores, cls["labels"]))
