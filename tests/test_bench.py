@@ -1,0 +1,105 @@
+"""Smoke test of the benchmark harness (bench/run.py) on the bundled sample, tiny config."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "bench", "run.py")
+ROWS = ["float", "ort-minmax-u8-W8A8", "rtn-W4A4", "pack-W4A4"]
+
+
+def float_accuracy() -> float:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(os.path.join(ROOT, "samples", "digits_resnet.onnx"),
+                                providers=["CPUExecutionProvider"])
+    with np.load(os.path.join(ROOT, "samples", "eval.npz")) as z:
+        x, labels = z["image"], z["labels"]
+    logits = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    return float((logits.argmax(1) == labels).mean())
+
+
+def parse_table(md: str, section: str) -> dict:
+    """{row name: {column: cell}} of the first markdown table after the '## section' heading."""
+    lines = md[md.index(f"## {section}"):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| row |"))
+    head = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(head, cells))
+    return rows
+
+
+def num(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("x"))
+
+
+def harness(tmp_path, *extra):
+    cmd = [sys.executable, RUN, "--out", str(tmp_path / "out"), "--results", str(tmp_path), "--models", "sample",
+           "--rows", ",".join(ROWS), "--calib-samples", "16", "--iters-total", "16", "--latency-runs", "3", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    p = harness(tmp)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return tmp, p
+
+
+def test_results_table(bench_run):
+    tmp, _ = bench_run
+    md = (tmp / "RESULTS.md").read_text()
+    assert "Command: `python" in md and "onnxruntime" in md and "torch" in md
+    rows = parse_table(md, "sample")
+    assert list(rows) == ROWS
+    for name, r in rows.items():
+        assert "failed" not in r["accuracy"], (name, r)
+    # float accuracy is the sample's, computed here independently
+    assert num(rows["float"]["accuracy"]) == pytest.approx(float_accuracy(), abs=1e-4)
+    assert num(rows["float"]["top1_agreement"]) == 1.0 and num(rows["float"]["speed-up"]) == 1.0
+    for name in ROWS[1:]:
+        acc, agree = num(rows[name]["accuracy"]), num(rows[name]["top1_agreement"])
+        assert 0.8 <= acc <= 1.0 and 0.8 <= agree <= 1.0, (name, acc, agree)
+        assert 0.9 <= num(rows[name]["cosine to float"]) <= 1.0 + 1e-6
+        assert num(rows[name]["quantize s"]) > 0 and num(rows[name]["peak RSS MB"]) > 50
+        assert num(rows[name]["latency ms"]) > 0
+    # weight bytes: float 4 B/weight, W8 1 B, W4 half a byte, over the same layers
+    wb = {n: num(r["weight bytes"]) for n, r in rows.items()}
+    assert wb["float"] == 4 * wb["ort-minmax-u8-W8A8"] == 8 * wb["rtn-W4A4"] == 8 * wb["pack-W4A4"]
+    assert rows["rtn-W4A4"]["parity"].startswith("ok") and rows["pack-W4A4"]["parity"].startswith("ok")
+    assert (tmp / "bench_sample.png").stat().st_size > 1000
+
+
+def test_rows_cached_as_json_and_rerun_skips(bench_run):
+    tmp, _ = bench_run
+    tag_dirs = [d for d in (tmp / "out" / "sample").iterdir() if d.is_dir() and d.name.startswith("full-")]
+    assert len(tag_dirs) == 1
+    res = json.loads((tag_dirs[0] / "pack-W4A4.json").read_text())
+    assert res["status"] == "ok" and res["recon_iters"] >= 4  # 16 iterations split over the units (>= 1 each)
+    assert res["config"]["iters_total"] == 16 and res["config"]["calib_samples"] == 16
+    p = harness(tmp)  # same command: every row comes from the cache
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("cached (ok)") == len(ROWS) and "running" not in p.stdout
+
+
+def test_failed_row_is_recorded(tmp_path):
+    """A row whose child fails is recorded with a one-line error, and the run goes on."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import run
+    finally:
+        sys.path.pop(0)
+    result = tmp_path / "r.json"
+    res = run.spawn("--_row", {"task": "sample", "row": "float", "out": str(tmp_path / "missing"), "cfg": {},
+                               "result": str(result)}, str(tmp_path / "r.log"), timeout=120)
+    assert res["status"] == "failed" and res["error"].startswith("FileNotFoundError")
+    assert "\n" not in res["error"] and json.loads(result.read_text())["status"] == "failed"
