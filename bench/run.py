@@ -352,7 +352,12 @@ def stored_weight_bytes(path: str) -> float:
             width[getattr(T, nm)] = b
     m = onnx.load(path, load_external_data=False)
     inits = {i.name: i for i in m.graph.initializer}
-    producer = {o: n for n in m.graph.node for o in n.output}
+    for n in m.graph.node:  # weights held in Constant nodes (e.g. Paddle exports)
+        if n.op_type == "Constant":
+            val = next((a.t for a in n.attribute if a.name == "value"), None)
+            if val is not None:
+                inits[n.output[0]] = val
+    producer = {o: n for n in m.graph.node for o in n.output if n.op_type != "Constant"}
     total, seen = 0.0, set()
     for node in m.graph.node:
         if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
@@ -397,26 +402,30 @@ def ort_quantize(row: Row, info: dict, cfg: dict, out_path: str, work: str, op_t
 
     notes = []
     src = info["model"]
-    pre = os.path.join(work, "ort_preprocessed.onnx")
-    if not os.path.exists(pre):
-        try:
-            quant_pre_process(src, pre + ".tmp.onnx", skip_symbolic_shape=True)
-            os.replace(pre + ".tmp.onnx", pre)
-        except Exception as exc:  # keep going on the raw model
-            notes.append(f"quant_pre_process failed ({type(exc).__name__}); raw model used")
-            pre = src
-    model = onnx.load(pre)
+    pre = out_path + ".pre.onnx"  # onnxruntime's recommended pre-processing, timed as part of the row
+    try:
+        quant_pre_process(src, pre, skip_symbolic_shape=True)
+        model = onnx.load(pre)
+        os.unlink(pre)
+    except Exception as exc:  # keep going on the raw model
+        notes.append(f"quant_pre_process failed ({one_line(exc)[:120]}); raw model used")
+        model = onnx.load(src)
     extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
-    if row.wbits == 4:
-        # int4 per-channel weights through TensorQuantOverrides; QInt4 / QUInt4 Q/DQ need opset 21
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        if opset < 21:
-            from onnx import version_converter
-            try:
-                model = version_converter.convert_version(model, 21)
-            except Exception as exc:
-                notes.append(f"opset 21 conversion failed ({type(exc).__name__}); com.microsoft Q/DQ used")
+    # per-channel DequantizeLinear (axis) needs opset 13; QInt4 / QUInt4 Q/DQ need opset 21
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    want = 21 if row.wbits == 4 or row.abits == 4 else 13
+    if opset < want:
+        from onnx import version_converter
+        try:
+            model = version_converter.convert_version(model, want)
+            notes.append(f"opset {opset} -> {want}")
+        except Exception as exc:
+            notes.append(f"opset {want} conversion failed ({type(exc).__name__})"
+                         + ("; com.microsoft Q/DQ used" if want == 21 else ""))
+            if want == 21:
                 extra["UseQDQContribOps"] = True
+    if row.wbits == 4:
+        # int4 per-channel weights through TensorQuantOverrides
         inits = {i.name: i for i in model.graph.initializer}
         over = {}
         for node in model.graph.node:
@@ -442,10 +451,24 @@ def ort_quantize(row: Row, info: dict, cfg: dict, out_path: str, work: str, op_t
     method = getattr(CalibrationMethod, row.calibrate)
     if row.calibrate == "Percentile":
         extra["CalibPercentile"] = 99.999
-    quantize_static(model, out_path, _Reader(feeds, batch), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=row.reduce_range, activation_type=act, weight_type=QuantType.QInt8,
-                    calibrate_method=method, extra_options=extra,
-                    op_types_to_quantize=None if op_types is None else list(op_types))
+    blob = model.SerializeToString()  # quantize_static modifies the ModelProto it is given
+
+    def run(types):
+        quantize_static(onnx.load_from_string(blob), out_path, _Reader(feeds, batch), quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=row.reduce_range, activation_type=act, weight_type=QuantType.QInt8,
+                        calibrate_method=method, extra_options=extra,
+                        op_types_to_quantize=None if types is None else list(types))
+        import onnxruntime
+        onnxruntime.InferenceSession(out_path, providers=["CPUExecutionProvider"])  # loads?
+
+    try:
+        run(op_types)
+    except Exception as exc:
+        if op_types is not None:
+            raise
+        # e.g. uint4 activations through MaxPool are rejected by onnxruntime's type check
+        notes.append(f"default op types failed ({one_line(exc)[:160]}); retried with {'/'.join(WEIGHT_OPS)} only")
+        run(WEIGHT_OPS)
     return {"notes": notes}
 
 
