@@ -159,6 +159,18 @@ class Clamp(nn.Module):
         return torch.clamp(x, self.lo, self.hi)
 
 
+class Flatten(nn.Module):
+    """ONNX Flatten: 2-D (prod(dims[:axis]), prod(dims[axis:])) for any axis in [-r, r]."""
+
+    def __init__(self, axis: int):
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axis = self.axis % x.dim() if self.axis < 0 else self.axis
+        return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+
+
 class BatchNormAnyRank(nn.Module):
     def __init__(self, eps: float):
         super().__init__()
@@ -232,6 +244,10 @@ def _clip(node, graph):
     return _result(mod, node, [node.input_values[0]])
 
 
+def _flatten(node, graph):
+    return _result(Flatten(node.attributes.get("axis", 1)), node)
+
+
 def _batch_norm(node, graph):
     if len(node.output_values) != 1 or node.attributes.get("training_mode", 0):
         raise NotImplementedError("BatchNormalization in training mode is not supported")
@@ -283,6 +299,8 @@ def install() -> None:
         _register("Clip", v, _clip, replace=True)
     for v in (9, 14, 15):
         _register("BatchNormalization", v, _batch_norm, replace=True)
+    for v in (1, 9, 11, 13, 21):  # onnx2torch's fails for axis = rank (and axis 0 / < 0)
+        _register("Flatten", v, _flatten, replace=True)
     for v in (11, 14):
         _register("CumSum", v, _cumsum, replace=True)
     # newer versions that only add element types
@@ -298,7 +316,7 @@ def install() -> None:
         _alias(op, 19, last)
         if op != "Equal":
             _alias(op, 21, last)
-    for op in ("Flatten", "Transpose", "Unsqueeze"):
+    for op in ("Transpose", "Unsqueeze"):
         _alias(op, 21, 13)
     _alias("ConstantOfShape", 20, 9)
     _alias("ConstantOfShape", 21, 9)
