@@ -482,6 +482,13 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
                 calib_samples=cfg["calib_samples"], batch_size=min(cfg["batch_size"], cfg["calib_samples"]),
                 recon=ReconOptions(iters_total=cfg["iters_total"],
                                    batch_size=min(cfg["batch_size"], cfg["calib_samples"])))
+    shapes = {}
+    calib, _ = load_feeds(info["calib"], info["model"], 1)
+    for name, dims in model_inputs(info["model"]):
+        if any(not (isinstance(d, int) and d > 0) for d in dims[1:]):  # dynamic non-batch dims: fix from the data
+            shapes[name] = [None] + list(calib[name].shape[1:])
+    if shapes:
+        o.input_shapes = shapes
     if row.mixed:
         ab = tuple(sorted({row.abits, 8}))
         o.mixed = MixedOptions(avg_wbits=float(row.wbits), wbits=(2, 3, 4, 8), abits=ab)
