@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -251,7 +251,8 @@ TASKS = {t.name: t for t in [
          needs=("make_effnet", "effnet_metrics"), batch_size=16),
     Task("minilm", "all-MiniLM-L6-v2 sentence embedder (SimLex-999 / WordSim-353 Spearman)", build_minilm,
          score_minilm, ("simlex", "wordsim"), (512, 128), (8000, 1000), module="minilm",
-         needs=("make_data", "score"), needs_models=("build_minilm",), argmax=False, batch_size=16, ort_op_types=("MatMul", "Gemm"),
+         needs=("make_data", "score"), needs_models=("build_minilm",), argmax=False, batch_size=16,
+         ort_op_types=("MatMul", "Gemm"),
          notes="onnxruntime rows quantize MatMul/Gemm only: with every op type quantize_static also quantizes "
                "the attention-mask Add (-3.4e38 on padding) and the model collapses (bench/minilm.py)."),
 ]}
@@ -454,9 +455,9 @@ def ort_quantize(row: Row, info: dict, cfg: dict, out_path: str, work: str, op_t
     blob = model.SerializeToString()  # quantize_static modifies the ModelProto it is given
 
     def run(types):
-        quantize_static(onnx.load_from_string(blob), out_path, _Reader(feeds, batch), quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=row.reduce_range, activation_type=act, weight_type=QuantType.QInt8,
-                        calibrate_method=method, extra_options=extra,
+        quantize_static(onnx.load_from_string(blob), out_path, _Reader(feeds, batch), quant_format=QuantFormat.QDQ,
+                        per_channel=True, reduce_range=row.reduce_range, activation_type=act,
+                        weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra,
                         op_types_to_quantize=None if types is None else list(types))
         import onnxruntime
         onnxruntime.InferenceSession(out_path, providers=["CPUExecutionProvider"])  # loads?
@@ -481,7 +482,8 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
     o = Options(wbits=row.wbits, abits=row.abits, method=method, seed=cfg["seed"],
                 calib_samples=cfg["calib_samples"], batch_size=min(cfg["batch_size"], cfg["calib_samples"]),
                 recon=ReconOptions(iters_total=cfg["iters_total"],
-                                   batch_size=min(cfg["batch_size"], cfg["calib_samples"])))
+                                   batch_size=min(cfg["batch_size"], cfg["calib_samples"])),
+                resume=True)  # a row killed mid-reconstruction continues from OUT.onnx.ckpt when rerun
     shapes = {}
     calib, _ = load_feeds(info["calib"], info["model"], 1)
     for name, dims in model_inputs(info["model"]):
@@ -491,7 +493,8 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
         o.input_shapes = shapes
     if row.mixed:
         ab = tuple(sorted({row.abits, 8}))
-        o.mixed = MixedOptions(avg_wbits=float(row.wbits), wbits=(2, 3, 4, 8), abits=ab)
+        o.mixed = MixedOptions(avg_wbits=float(row.wbits), wbits=(2, 3, 4, 8), abits=ab,
+                               cache=out_path + ".sensitivity.json")
     rep = quantize(info["model"], info["calib"], out_path, o, log=lambda *_: None)
     parity = rep.get("parity", [])
     res = {"weight_bytes": rep["weight_bytes"]["quantized"], "report_seconds": rep["seconds"],
@@ -781,8 +784,9 @@ def table(task: Task, res: dict) -> list[str]:
         for k, v in r.get("scores", {}).items():
             if k not in score_keys and isinstance(v, (int, float)):
                 score_keys.append(k)
-    head = (["row", "bits"] + score_keys + ["cosine to float", "argmax agree", "weight bytes", "quantize s",
-                                            "peak RSS MB", "latency ms", "speed-up", "parity"])
+    show_argmax = not any(k.startswith("top1_agree") for k in score_keys)  # else the same number twice
+    head = (["row", "bits"] + score_keys + ["cosine to float"] + (["argmax agree"] if show_argmax else [])
+            + ["weight bytes", "quantize s", "peak RSS MB", "latency ms", "speed-up", "parity"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         row = ROWS[name]
@@ -794,7 +798,8 @@ def table(task: Task, res: dict) -> list[str]:
         par = None if row.kind != "ours" else (f"ok ({r.get('parity_max_code_diff')} code)" if r.get("parity_ok")
                                                 else f"NO ({r.get('parity_max_code_diff')} codes)")
         cells = ([name, row.bits] + [_fmt(sc.get(k)) for k in score_keys]
-                 + [_fmt(r.get("cosine")), _fmt(r.get("argmax_agreement")), _fmt(int(round(r["weight_bytes"]))),
+                 + [_fmt(r.get("cosine"))] + ([_fmt(r.get("argmax_agreement"))] if show_argmax else [])
+                 + [_fmt(int(round(r["weight_bytes"]))),
                     _fmt(r.get("quantize_seconds")), _fmt(r.get("peak_rss_mb")), _fmt(r.get("latency_ms")),
                     f"{r['speedup']:.2f}x", par or "–"])
         lines.append("| " + " | ".join(cells) + " |")
@@ -870,7 +875,8 @@ def write_results(all_res: dict, a, command: str) -> str:
              "activations u8/s8 per tensor, calibrated with MinMax / Percentile (99.999) / Entropy, `-rr` = "
              "reduce_range, W4 rows via TensorQuantOverrides (per-channel QInt4 weights, opset 21, QUInt4 "
              "activations for A4). Ours: `rtn`, `adaround`, `block`, `pack` (equal total reconstruction iterations "
-             "for the last three), `pack-mixed-W4/W3`: pack + mixed precision (weights 2/3/4/8 bits, activations "
+             "for the last three; 8-bit weights in the 7-bit range, the pipeline's default), "
+             "`pack-mixed-W4/W3`: pack + mixed precision (weights 2/3/4/8 bits, activations "
              "A{4|3}/8 capped at uniform A4/A3 memory) under the weight bytes of uniform W4 / W3.", ""]
     for name, res in all_res.items():
         task = TASKS[name]
@@ -879,8 +885,9 @@ def write_results(all_res: dict, a, command: str) -> str:
             lines += [f"Not built yet: {res['missing']}.", ""]
             continue
         info, cfg = res["info"], res["cfg"]
+        n_eval = info["n_eval"] if not cfg["eval_samples"] else min(info["n_eval"], cfg["eval_samples"])
         lines += [f"Model `{os.path.basename(info['model'])}`; calibration {min(info['n_calib'], cfg['calib_samples'])}"
-                  f" samples, evaluation {info['n_eval'] if not cfg['eval_samples'] else min(info['n_eval'], cfg['eval_samples'])}"
+                  f" samples, evaluation {n_eval}"
                   f" samples (overlap {info['overlap']}); reconstruction iterations in total: {cfg['iters_total']}; "
                   f"latency median of {cfg['latency_runs']} runs.", ""]
         if task.notes:
