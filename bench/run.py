@@ -234,7 +234,8 @@ def score_minilm(outputs, float_outputs, labels, info) -> dict:
     import minilm
     with np.load(info["pairs"]) as z:
         pairs = {k: tuple(z[f"{k}_{i}"] for i in range(3)) for k in info["benchmarks"]}
-    return {k: v for k, v in minilm.score(outputs[0], pairs, reference=float_outputs[0]).items() if v is not None}
+    res = minilm.score(outputs[0], pairs, reference=float_outputs[0])
+    return {k: v for k, v in res.items() if v is not None and k != "cosine_to_float"}  # = the harness's cosine
 
 
 TASKS = {t.name: t for t in [
@@ -563,19 +564,36 @@ def run_row(task_name: str, row_name: str, out_dir: str, cfg: dict, result_path:
     res["cosine"] = float(np.mean([cosine(a, b) for a, b in zip(outs, ref)]))
     if task.argmax and ref[0].ndim >= 2 and ref[0].shape[-1] > 1:
         res["argmax_agreement"] = float((outs[0].argmax(-1) == ref[0].argmax(-1)).mean())
-    # latency: batch 1, 1 thread, median; float measured in the same process for the speed-up
-    from latency import latency
-
+    # latency: batch 1, 1 thread, median; float and row timed alternately in this process for the speed-up
     one = {k: v[:1] for k, v in feeds.items()}
-    runs = cfg["latency_runs"]
-    lat_f = latency(info["model"], one, 1, runs)
-    lat_q = lat_f if row.kind == "float" else latency(qpath, one, 1, runs)
+    lat_f, lat_q = paired_latency(info["model"], None if row.kind == "float" else qpath, one, cfg["latency_runs"])
     res["latency_ms"] = round(lat_q * 1e3, 4)
     res["float_latency_ms"] = round(lat_f * 1e3, 4)
     res["speedup"] = round(lat_f / lat_q, 3)
     res["status"] = "ok"
     res["row_seconds"] = round(time.time() - t0, 2)
     save_json(res, result_path)
+
+
+def paired_latency(float_model: str, model: str | None, feeds: dict, runs: int) -> tuple[float, float]:
+    """Median seconds per batch-1 run at 1 thread of the float model and of `model` (None: the float
+    model itself), timed alternately run by run so that load changes on a shared machine hit both."""
+    from packptq_onnx import runtime
+
+    sf = runtime.session(float_model, threads=1)
+    sq = sf if model is None else runtime.session(model, threads=1)
+    for _ in range(3):
+        sf.run(None, feeds)
+        sq.run(None, feeds)
+    tf, tq = [], []
+    for _ in range(runs):
+        for sess, times in ((sf, tf), (sq, tq)):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            times.append(time.perf_counter() - t0)
+    if model is None:
+        tf = tq = sorted(tf + tq)
+    return float(np.median(tf)), float(np.median(tq))
 
 
 def save_json(obj, path):
@@ -784,7 +802,7 @@ def table(task: Task, res: dict) -> list[str]:
         for k, v in r.get("scores", {}).items():
             if k not in score_keys and isinstance(v, (int, float)):
                 score_keys.append(k)
-    show_argmax = not any(k.startswith("top1_agree") for k in score_keys)  # else the same number twice
+    show_argmax = task.argmax and not any(k.startswith("top1_agree") for k in score_keys)  # not twice
     head = (["row", "bits"] + score_keys + ["cosine to float"] + (["argmax agree"] if show_argmax else [])
             + ["weight bytes", "quantize s", "peak RSS MB", "latency ms", "speed-up", "parity"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -868,8 +886,8 @@ def write_results(all_res: dict, a, command: str) -> str:
              "of the Conv/ConvTranspose/Gemm/MatMul weights at their bit width (ours: as quantized, W4 in int8 "
              "containers counts 4 bits; onnxruntime: the stored type); quantize wall time and peak RSS of the "
              "row's process at the end of quantization (includes interpreter and library imports); onnxruntime "
-             "latency at batch 1, 1 thread, median, and the float / row latency ratio measured in the same "
-             "process; parity: our onnxruntime output vs our torch simulation (max code difference at one 8-bit "
+             "latency at batch 1, 1 thread, median, and the float / row latency ratio with both timed alternately "
+             "in the same process; parity: our onnxruntime output vs our torch simulation (max code difference at one 8-bit "
              "step of the output range).", "",
              "Rows: `ort-*` are onnxruntime `quantize_static` QDQ, per-channel int8 weights (symmetric), "
              "activations u8/s8 per tensor, calibrated with MinMax / Percentile (99.999) / Entropy, `-rr` = "
