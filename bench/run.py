@@ -930,6 +930,10 @@ def write_results(all_res: dict, a, command: str) -> str:
     return path
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("--_row", "--_build"):
@@ -958,6 +962,10 @@ def main(argv=None):
             print(f"row  {r.name:<26} {r.kind:<6} {r.bits}")
         return 0
     a.out = os.path.abspath(a.out)
+    import signal
+    signal.signal(signal.SIGTERM, _terminate)  # like Ctrl-C: the running row's process is killed too
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started with & from a script
+        signal.signal(signal.SIGINT, _terminate)
     a.results = os.path.abspath(a.results)
     a.models_dir = os.path.abspath(a.models_dir or os.path.join(a.out, "models"))
     names = [m.strip() for m in a.models.split(",") if m.strip()]
