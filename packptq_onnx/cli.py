@@ -179,8 +179,11 @@ def cmd_quantize(a) -> int:
         save_json(report, a.report)
     wb = report["weight_bytes"]
     worst = max(p["max_code_diff"] for p in report["parity"])
+    over = max(p["over_one"] for p in report["parity"])
     print(f"wrote {a.output}: weights {wb['float32'] / 1e3:.1f} kB -> {wb['quantized'] / 1e3:.1f} kB; "
-          f"onnxruntime vs simulation: max {worst} output code(s) apart; {report['seconds']['total']:.1f} s")
+          f"onnxruntime vs simulation: max {worst} output code(s) apart"
+          + (f" ({100 * over:.3f}% of values more than one)" if worst > 1 else "")
+          + f"; {report['seconds']['total']:.1f} s")
     return 0
 
 

@@ -90,3 +90,44 @@ class LayerQuant:
     a2_zero: int | None = None
     o_zero: int | None = None
     pack: int | None = None
+
+
+# float ops that an 8-bit output quantizer in front of them only hurts: normalisation, softmax,
+# GELU pieces, attention scaling; onnxruntime does not fuse them into integer kernels anyway
+FLOAT_SENSITIVE = ("LayerNormalization", "Softmax", "Erf", "Gelu", "Div", "Sqrt", "Pow", "ReduceMean",
+                   "ReduceL2", "Exp", "Log", "Tanh", "Sigmoid", "Where", "InstanceNormalization",
+                   "GroupNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
+
+
+def outputs_before_float_ops(model, layers: list[Layer], max_nodes: int = 64) -> set[str]:
+    """Layer outputs whose data reaches a FLOAT_SENSITIVE op before the next quantized input.
+
+    Such outputs get no 8-bit output quantizer: it would not let onnxruntime fuse anything and it
+    coarsens exactly the tensors transformers are sensitive to (outlier-heavy residual streams
+    into LayerNorm, attention scores into Softmax, GELU inputs). Paths through data movement,
+    bias / residual Add, ReLU and pooling, as in CNNs, keep their output quantizers."""
+    g = model.graph
+    users: dict[str, list[int]] = {}
+    for i, node in enumerate(g.node):
+        for t in node.input:
+            users.setdefault(t, []).append(i)
+    quant_inputs = {i: {l.act_input, l.act_input2} - {None} for l in layers for i in [l.index]}
+    out = set()
+    for l in layers:
+        seen, frontier, hit = set(), [l.output], False
+        while frontier and not hit and len(seen) < max_nodes:
+            t = frontier.pop()
+            for i in users.get(t, []):
+                if i in seen:
+                    continue
+                seen.add(i)
+                if t in quant_inputs.get(i, ()):
+                    continue  # reaches a quantized input: the quantizer there takes over
+                node = g.node[i]
+                if node.op_type in FLOAT_SENSITIVE:
+                    hit = True
+                    break
+                frontier.extend(o for o in node.output if o)
+        if hit:
+            out.add(l.output)
+    return out

@@ -222,7 +222,8 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
         report["packs"] = meta["packs"]
     bad = [x for x in parity if not x.ok]
     if bad:
-        log(f"warning: onnxruntime differs from the simulation by more than one step on {bad[0].output}")
+        log(f"warning: onnxruntime differs from the simulation by more than one step on {bad[0].output} "
+            f"({100 * bad[0].over_one:.2f}% of its values)")
     if eval_path:
         report["validation"] = evaluate(imp, out, eval_path, labels_path, opts, log)
     report["seconds"]["total"] = round(time.time() - t0, 3)

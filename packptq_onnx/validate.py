@@ -56,13 +56,20 @@ class Parity:
 
     step = one 8-bit quantization step of the output's range. Float ops outside the quantizers
     (GEMM accumulation order, LayerNorm, Softmax) differ by ~1e-7 between the two runtimes and can
-    flip a rounding in a later quantizer, so exact equality is not guaranteed; `ok` means both
-    outputs, quantized at that step, differ by at most one code at every element."""
+    flip a rounding in a later quantizer (a value on a rounding tie), so exact equality is not
+    guaranteed. One layer alone stays within one code everywhere (tests/test_parity_grid.py); through
+    a deep network an isolated flip can grow (one Softmax value can move by many codes), so `ok`
+    means at most 0.1% of the output values differ by more than one code, and `exact` that none do."""
     output: str
     max_abs_diff: float
     step: float
     max_code_diff: int
+    over_one: float  # fraction of output values more than one code apart
     ok: bool
+    exact: bool
+
+
+OVER_ONE_OK = 1e-3
 
 
 def sim_parity(names, ort_out: list, sim_out: list) -> list[Parity]:
@@ -70,8 +77,10 @@ def sim_parity(names, ort_out: list, sim_out: list) -> list[Parity]:
     for name, a, b in zip(names, ort_out, sim_out):
         a, b = a.astype(np.float64), b.astype(np.float64)
         step = max(float(np.ptp(b)) / 255.0, 1e-12)
-        codes = int(np.abs(np.round(a / step) - np.round(b / step)).max())
-        res.append(Parity(name, float(np.abs(a - b).max()), step, codes, codes <= 1))
+        diff = np.abs(np.round(a / step) - np.round(b / step))
+        over = float((diff > 1).mean())
+        res.append(Parity(name, float(np.abs(a - b).max()), step, int(diff.max()), over, over <= OVER_ONE_OK,
+                          bool(diff.max() <= 1)))
     return res
 
 

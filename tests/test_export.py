@@ -27,7 +27,7 @@ def test_ort_equals_simulation(exported, arch, wbits, abits):
     ort_q = runtime.run(runtime.session(out), feeds)
     sim = convert.torch_run(gm, feeds, ["x"])
     par = validate.sim_parity(["y"], ort_q, sim)[0]
-    assert par.ok and par.max_abs_diff <= 2 * par.step, par
+    assert par.exact and par.max_abs_diff <= 2 * par.step, par
     # the quantization is real: on average the simulation is much farther from float than from ORT
     fl = runtime.run(runtime.session(imp.model), feeds)[0]
     assert np.abs(fl - sim[0]).mean() > 10 * np.abs(ort_q[0] - sim[0]).mean()
@@ -71,3 +71,17 @@ def test_eight_bit_weights_use_reduced_range_by_default(exported):
     assert min(int(r.w_int.min()) for r in recs) >= -64
     assert max(int(r.w_int.max()) for r in recs) <= 63
     assert max(int(np.abs(r.w_int).max()) for r in recs) >= 60  # the range is used, not collapsed
+
+
+def test_parity_counts_values_more_than_one_code_apart():
+    rng = np.random.RandomState(0)
+    sim = rng.rand(100, 100).astype(np.float32)
+    step = np.ptp(sim.astype(np.float64)) / 255
+    one = sim.copy()
+    one[3, 4] += 40 * step  # an isolated flip grown through later layers
+    many = sim + np.where(rng.rand(100, 100) < 0.02, 5 * step, 0).astype(np.float32)
+    close = sim + 0.4 * step
+    p_one, p_many, p_close = validate.sim_parity(["y"] * 3, [one, many, close], [sim] * 3)
+    assert p_one.max_code_diff == 40 and p_one.over_one == 1e-4 and p_one.ok and not p_one.exact
+    assert 0.01 < p_many.over_one < 0.03 and not p_many.ok
+    assert p_close.exact and p_close.ok and p_close.max_code_diff <= 1

@@ -45,7 +45,7 @@ def test_reconstruction_learns_and_export_matches(tmp_path, method):
     feeds = data.take(p.calib, 64)
     par = validate.sim_parity(p.imp.outputs, runtime.run(runtime.session(out), feeds),
                               convert.torch_run(p.gm, feeds, p.names))[0]
-    assert par.ok and par.max_abs_diff <= 2 * par.step
+    assert par.exact and par.max_abs_diff <= 2 * par.step
     # hard rounding is really used: some weights round away from nearest
     nearest = [np.clip(np.round(q.weight.detach().numpy() / q.wq.s(q.weight.dim()).numpy()), -4, 3) for q in p.qls]
     assert any((r.w_int != n).any() for r, n in zip(recs, nearest))
