@@ -92,11 +92,11 @@ class LayerQuant:
     pack: int | None = None
 
 
-# float ops that an 8-bit output quantizer in front of them only hurts: normalisation, softmax,
-# GELU pieces, attention scaling; onnxruntime does not fuse them into integer kernels anyway
-FLOAT_SENSITIVE = ("LayerNormalization", "Softmax", "Erf", "Gelu", "Div", "Sqrt", "Pow", "ReduceMean",
-                   "ReduceL2", "Exp", "Log", "Tanh", "Sigmoid", "Where", "InstanceNormalization",
-                   "GroupNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
+# transformer float ops that an 8-bit output quantizer in front of them only hurts: normalisation,
+# softmax, GELU, attention scaling and masking; onnxruntime fuses none of them into integer
+# kernels. (CNN ops such as pooling, ReLU, Sigmoid are deliberately not listed.)
+FLOAT_SENSITIVE = ("LayerNormalization", "Softmax", "Erf", "Gelu", "Div", "Sqrt", "Pow", "Where",
+                   "SimplifiedLayerNormalization", "RMSNormalization")
 
 
 def outputs_before_float_ops(model, layers: list[Layer], max_nodes: int = 64) -> set[str]:

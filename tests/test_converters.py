@@ -113,3 +113,11 @@ def test_pad_18(tmp_path):
 @pytest.mark.parametrize("axis", [0, 2, 3, -1])
 def test_flatten_any_axis(tmp_path, axis):  # onnx2torch's fails for axis = rank (BERT's mask) and 0
     _check(tmp_path, helper.make_node("Flatten", ["x"], ["y"], axis=axis), X3, 13)
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_layer_normalization_17(tmp_path, axis):  # transformers' LayerNorm (stays float)
+    shape = X3.shape[axis:] if axis > 0 else X3.shape[-1:]
+    node = helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], axis=axis, epsilon=1e-12)
+    _check(tmp_path, node, X3, 17, [("s", R.rand(*shape).astype(np.float32) + 0.5),
+                                     ("b", R.randn(*shape).astype(np.float32))], atol=1e-4)
