@@ -774,6 +774,10 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _secs(v) -> str:
+    return "–" if v is None else f"{v:.2f}" if v < 10 else f"{v:,.1f}" if v < 1000 else f"{v:,.0f}"
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     for mod in ("torch", "onnx", "onnxruntime", "numpy", "packptq_onnx"):
@@ -804,7 +808,7 @@ def table(task: Task, res: dict) -> list[str]:
                 score_keys.append(k)
     show_argmax = task.argmax and not any(k.startswith("top1_agree") for k in score_keys)  # not twice
     head = (["row", "bits"] + score_keys + ["cosine to float"] + (["argmax agree"] if show_argmax else [])
-            + ["weight bytes", "quantize s", "peak RSS MB", "latency ms", "speed-up", "parity"])
+            + ["weight bytes", "quantize s", "peak RSS MB", "latency ms", "speed-up", "recon units / iters", "parity"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         row = ROWS[name]
@@ -818,8 +822,9 @@ def table(task: Task, res: dict) -> list[str]:
         cells = ([name, row.bits] + [_fmt(sc.get(k)) for k in score_keys]
                  + [_fmt(r.get("cosine"))] + ([_fmt(r.get("argmax_agreement"))] if show_argmax else [])
                  + [_fmt(int(round(r["weight_bytes"]))),
-                    _fmt(r.get("quantize_seconds")), _fmt(r.get("peak_rss_mb")), _fmt(r.get("latency_ms")),
-                    f"{r['speedup']:.2f}x", par or "–"])
+                    _secs(r.get("quantize_seconds")), _fmt(r.get("peak_rss_mb")), _fmt(r.get("latency_ms")),
+                    f"{r['speedup']:.2f}x",
+                    f"{r['recon_units']} / {r['recon_iters']:,}" if r.get("recon_units") else "–", par or "–"])
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -880,15 +885,19 @@ def write_results(all_res: dict, a, command: str) -> str:
              f"Date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  ",
              "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + "  ",
              f"CPU: {cpu_name()}  ",
-             f"Mode: {'quick' if a.quick else 'full'}, seed {a.seed}", "",
+             f"Mode: {'quick' if a.quick else 'full'}, seed {a.seed}"
+             + "".join(f", {k} {v}" for k, v in (("--calib-samples", a.calib_samples), ("--iters-total", a.iters_total),
+                                                  ("--eval-samples", a.eval_samples),
+                                                  ("--latency-runs", a.latency_runs)) if v is not None), "",
              "Columns: the model's task metrics on the evaluation data (disjoint from the calibration data); "
              "cosine of all outputs to the float model's and argmax agreement along the last axis; weight bytes "
              "of the Conv/ConvTranspose/Gemm/MatMul weights at their bit width (ours: as quantized, W4 in int8 "
              "containers counts 4 bits; onnxruntime: the stored type); quantize wall time and peak RSS of the "
              "row's process at the end of quantization (includes interpreter and library imports); onnxruntime "
              "latency at batch 1, 1 thread, median, and the float / row latency ratio with both timed alternately "
-             "in the same process; parity: our onnxruntime output vs our torch simulation (max code difference at one 8-bit "
-             "step of the output range).", "",
+             "in the same process; parity: our onnxruntime output vs our torch simulation (max code difference at "
+             "one 8-bit step of the output range); recon units / iters: reconstruction units (layers, blocks or packs, "
+             "with stem and head layers) and the iterations they got in total.", "",
              "Rows: `ort-*` are onnxruntime `quantize_static` QDQ, per-channel int8 weights (symmetric), "
              "activations u8/s8 per tensor, calibrated with MinMax / Percentile (99.999) / Entropy, `-rr` = "
              "reduce_range, W4 rows via TensorQuantOverrides (per-channel QInt4 weights, opset 21, QUInt4 "
