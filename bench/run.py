@@ -854,17 +854,29 @@ def plot(task: Task, res: dict, path: str) -> str | None:
         for name, r in res["rows"].items():
             v = r.get("scores", {}).get(metric) if r.get("status") == "ok" else None
             if isinstance(v, (int, float)) and math.isfinite(v):
-                series.setdefault(ROWS[name].method, []).append((r["weight_bytes"], v, name))
+                series.setdefault(ROWS[name].method, []).append((r["weight_bytes"], v, ROWS[name]))
         markers = "os^vD<>pP*hX"
         for i, (m, pts) in enumerate(sorted(series.items())):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], color=COLORS.get(m),
-                    label=m, linestyle="-" if len(pts) > 1 else "none", alpha=0.85)
+            if m == "float":
+                ax.axhline(pts[0][1], color="black", linestyle=":", linewidth=1)
+                ax.plot([pts[0][0]], [pts[0][1]], marker="*", color="black", linestyle="none", label="float")
+                drawn = True
+                continue
+            # the line joins WbAb rows (and mixed); WbA8 rows with b < 8 are hollow markers
+            line = sorted(p for p in pts if p[2].wbits == p[2].abits or p[2].mixed)
+            side = [p for p in pts if p not in line]
+            mk, col = markers[i % len(markers)], COLORS.get(m)
+            h = ax.plot([p[0] for p in line], [p[1] for p in line], marker=mk, color=col, label=m,
+                        linestyle="-" if len(line) > 1 else "none", alpha=0.85)[0] if line else None
+            if side:
+                ax.plot([p[0] for p in side], [p[1] for p in side], marker=mk, linestyle="none", alpha=0.85,
+                        markerfacecolor="none", color=h.get_color() if h else col,
+                        label=None if h else m)
             drawn = True
         ax.set_xscale("log")
         ax.set_xlabel("weight bytes (Conv/Gemm/MatMul weights, log scale)")
         ax.set_ylabel(metric)
-        ax.set_title(f"{task.name}: {metric} vs weight bytes")
+        ax.set_title(f"{task.name}: {metric} vs weight bytes (hollow: W4A8)")
         ax.grid(True, alpha=0.3)
         if series:
             ax.legend(fontsize=8, ncol=2)
