@@ -154,7 +154,7 @@ def normalise(model: onnx.ModelProto):
     notes = []
     n_const = constants_to_initializers(m.graph)
     if n_const:
-        notes.append(f"{n_const} Constant nodes moved to initializers")
+        notes.append(f"{n_const} Constant (or Identity-of-initializer) nodes moved to initializers")
     opset = default_opset(m)
     if opset < MIN_OPSET:
         try:
@@ -182,8 +182,20 @@ def _shape(value_info) -> list:
 
 
 def constants_to_initializers(graph) -> int:
+    """Constant nodes, and Identity nodes of an initializer (torch's export of tied / equal
+    parameters), become initializers: weights must be initializers to be found and quantized."""
     keep, moved = [], 0
+    inits = {i.name: i for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
     for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+            t = onnx.TensorProto()
+            t.CopyFrom(inits[node.input[0]])
+            t.name = node.output[0]
+            graph.initializer.append(t)
+            inits[t.name] = t
+            moved += 1
+            continue
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
             a = node.attribute[0]
             value = {"value": lambda: numpy_helper.to_array(a.t),
@@ -193,6 +205,7 @@ def constants_to_initializers(graph) -> int:
                      "value_ints": lambda: np.array(a.ints, np.int64)}.get(a.name)
             if value is not None:
                 graph.initializer.append(numpy_helper.from_array(value(), node.output[0]))
+                inits[node.output[0]] = graph.initializer[-1]
                 moved += 1
                 continue
         keep.append(node)

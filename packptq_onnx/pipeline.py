@@ -12,7 +12,7 @@ import torch
 from . import __version__, convert, data, qmodel, runtime, validate
 from .errors import UsageError
 from .exporters import files, qdq
-from .layers import find_layers
+from .layers import find_layers, outputs_before_float_ops
 from .onnx_import import ImportedModel, check_static, load
 from .mixed import MixedOptions
 from .progress import bar
@@ -155,7 +155,8 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     p = Prepared(imp, calib, names, gm, qls, faithful, 0.0)
     qmodel.calibrate(gm, qls, p.batches(opts), opts.wbits, opts.abits, opts.reduce_range, opts.seed,
                      progress=lambda it: bar(it, "calibrate", -(-p.n_samples // opts.batch_size)),
-                     output_bits=opts.output_bits, graph_outputs=set(imp.outputs))
+                     output_bits=opts.output_bits,
+                     float_outputs=set(imp.outputs) | outputs_before_float_ops(imp.model, layers))
     p.seconds = time.time() - t0
     return p
 

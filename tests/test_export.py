@@ -13,7 +13,7 @@ def quantize(path, wbits, abits, calib):
     gm = convert.to_torch(imp)
     qls = qmodel.wrap(gm, imp.model, layers.find_layers(imp.model))
     qmodel.calibrate(gm, qls, data.batches(calib, ["x"], 8), wbits, abits, True, 0,
-                     graph_outputs=set(imp.outputs))
+                     float_outputs=set(imp.outputs))
     return imp, gm, qls, qdq.write_qdq(imp.model, qmodel.export_records(qls), {"test": True})
 
 

@@ -1,10 +1,10 @@
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 import nets
-from packptq_onnx import convert, onnx_import
+from packptq_onnx import convert, onnx_import, runtime
 from packptq_onnx.errors import UsageError
 
 
@@ -67,3 +67,22 @@ def test_bad_files_are_usage_errors(tmp_path):
     junk.write_bytes(b"this is not a protobuf at all \x00\xff" * 10)
     with pytest.raises(UsageError, match="not a readable ONNX model"):
         onnx_import.load(str(junk))
+
+
+def test_identity_of_initializer_becomes_a_weight():
+    """torch exports equal / tied parameters once, behind Identity nodes: they must still be weights."""
+    from packptq_onnx.layers import find_layers
+
+    w = np.random.RandomState(0).randn(4, 3).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["w_tied"]), helper.make_node("MatMul", ["x", "w_tied"], ["y"]),
+         helper.make_node("MatMul", ["y", "w2"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 3])],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(w[:3].T.copy(), "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    norm, inputs, outputs, notes = onnx_import.normalise(m)
+    assert [n.op_type for n in norm.graph.node] == ["MatMul", "MatMul"]
+    assert [(l.op, l.weight) for l in find_layers(norm)] == [("MatMul", "w_tied"), ("MatMul", "w2")]
+    x = np.random.RandomState(1).randn(5, 4).astype(np.float32)
+    np.testing.assert_allclose(runtime.run(runtime.session(norm), {"x": x})[0], x @ w @ w[:3].T, rtol=1e-5)
