@@ -95,7 +95,10 @@ class LayerQuant:
 # transformer float ops that an 8-bit output quantizer in front of them only hurts: normalisation,
 # softmax, GELU, attention scaling and masking; onnxruntime fuses none of them into integer
 # kernels. (CNN ops such as pooling, ReLU, Sigmoid are deliberately not listed.)
-FLOAT_SENSITIVE = ("LayerNormalization", "Softmax", "Erf", "Gelu", "Div", "Sqrt", "Pow", "Where",
+# Div is not here: CNN hard-swish is x * clip(x + 3, 0, 6) / 6 and its convs must keep their output
+# quantizers to run as QLinearConv; the transformer Divs (attention scale, LayerNorm, GELU's x / √2)
+# lead to Softmax, Sqrt/Pow or Erf, which are.
+FLOAT_SENSITIVE = ("LayerNormalization", "Softmax", "Erf", "Gelu", "Sqrt", "Pow", "Where",
                    "SimplifiedLayerNormalization", "RMSNormalization")
 
 

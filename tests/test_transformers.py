@@ -79,9 +79,28 @@ def test_vit_layers_blocks_and_output_quantizers(exported):
                     "/blocks/blocks.1/attn/MatMul_1", "/blocks/blocks.1/attn/qkv/MatMul", "/head/Gemm"], kept
 
 
-def test_cnn_keeps_every_output_quantizer(exported):
-    model = onnx_import.load(exported("resnet")).model
+@pytest.mark.parametrize("arch", ["resnet", "mobilenetv2"])
+def test_cnn_keeps_every_output_quantizer(exported, arch):
+    model = onnx_import.load(exported(arch)).model
     assert outputs_before_float_ops(model, find_layers(model)) == set()
+
+
+def test_hardswish_with_div_keeps_output_quantizers():
+    """PaddleOCR's hard-swish, x * clip(x + 3, 0, 6) / 6, between two convs; a softmax head after."""
+    from onnx import TensorProto, helper, numpy_helper
+    r = np.random.RandomState(0)
+    inits = [numpy_helper.from_array(r.randn(4, 2, 1, 1).astype(np.float32), "w1"),
+             numpy_helper.from_array(r.randn(4, 4, 1, 1).astype(np.float32), "w2")]
+    inits += [numpy_helper.from_array(np.array(v, np.float32), name) for name, v in
+              (("three", 3.0), ("zero", 0.0), ("six", 6.0))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"]), helper.make_node("Add", ["c1", "three"], ["a"]),
+             helper.make_node("Clip", ["a", "zero", "six"], ["k"]), helper.make_node("Mul", ["c1", "k"], ["m"]),
+             helper.make_node("Div", ["m", "six"], ["h"]), helper.make_node("Conv", ["h", "w2"], ["c2"]),
+             helper.make_node("Softmax", ["c2"], ["y"], axis=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert outputs_before_float_ops(model, find_layers(model)) == {"c2"}
 
 
 def test_vit_quantize_export_parity(exported, tmp_path):
