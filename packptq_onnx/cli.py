@@ -183,6 +183,7 @@ def cmd_quantize(a) -> int:
     print(f"wrote {a.output}: weights {wb['float32'] / 1e3:.1f} kB -> {wb['quantized'] / 1e3:.1f} kB; "
           f"onnxruntime vs simulation: max {worst} output code(s) apart"
           + (f" ({100 * over:.3f}% of values more than one)" if worst > 1 else "")
+          + f", layer by layer max {report['parity_layers']['max_code_diff']}"
           + f"; {report['seconds']['total']:.1f} s")
     return 0
 

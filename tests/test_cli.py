@@ -25,6 +25,7 @@ def test_quantize_sample_w8a8_end_to_end(tmp_path, capsys):
     assert v["acc_float"] > 0.97
     assert v["acc_float"] - v["acc_quant"] <= 0.005  # within 0.5 point of float
     assert all(p["ok"] for p in r["parity"])
+    assert r["parity_layers"]["exact"] and r["parity_layers"]["layers"] == len(r["layers"])
     assert r["weight_bytes"]["quantized"] * 4 == pytest.approx(r["weight_bytes"]["float32"], rel=0.01)
     assert "logits" in capsys.readouterr().out  # the validation table is printed
     assert main(["inspect", str(out), "--json"]) == 0

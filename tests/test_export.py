@@ -1,11 +1,16 @@
 """QDQ export: onnxruntime output equals our torch simulation within one quantization step."""
+import os
+
 import numpy as np
 import onnx
 import pytest
 
 import nets
+from conftest import SAMPLES
 from packptq_onnx import convert, data, layers, onnx_import, qmodel, runtime, validate
 from packptq_onnx.exporters import qdq
+
+MODEL, CALIB = os.path.join(SAMPLES, "digits_resnet.onnx"), os.path.join(SAMPLES, "calib.npz")
 
 
 def quantize(path, wbits, abits, calib):
@@ -85,3 +90,22 @@ def test_parity_counts_values_more_than_one_code_apart():
     assert p_one.max_code_diff == 40 and p_one.over_one == 1e-4 and p_one.ok and not p_one.exact
     assert 0.01 < p_many.over_one < 0.03 and not p_many.ok
     assert p_close.exact and p_close.ok and p_close.max_code_diff <= 1
+
+
+def test_layer_parity_finds_a_wrong_layer(tmp_path):
+    """Each layer fed with onnxruntime's own input must match; a corrupted weight must show."""
+    from packptq_onnx.parity import layer_parity
+    from packptq_onnx.pipeline import Options, prepare
+
+    p = prepare(MODEL, CALIB, Options(wbits=4, abits=4, method="rtn", calib_samples=64), log=lambda *a: None)
+    out = qdq.write_qdq(p.imp.model, qmodel.export_records(p.qls))
+    feeds = data.take(p.calib, 8)
+    good = layer_parity(out, p.gm, p.qls, feeds, p.names)
+    assert good.exact and good.layers == len(p.qls)
+    victim = p.qls[3].layer.name
+    w = next(i for i in out.graph.initializer if i.name == victim + ".w_int4")  # int8 container named for its bits
+    a = onnx.numpy_helper.to_array(w).copy()
+    a.flat[:: 7] = np.clip(a.flat[:: 7] + 3, -8, 7)
+    w.CopyFrom(onnx.numpy_helper.from_array(a, w.name))
+    bad = layer_parity(out, p.gm, p.qls, feeds, p.names)
+    assert not bad.exact and bad.worst == victim and bad.max_code_diff > 1

@@ -63,6 +63,7 @@ def _check_export(src, out_path, report):
     assert len(act_mm) == sum(1 for lay in report["layers"] if lay["wbits"] == 0)
     for p in report["parity"]:
         assert p["ok"] and p["max_code_diff"] <= 1, p
+    assert report["parity_layers"]["exact"] and report["parity_layers"]["layers"] == len(report["layers"])
     runtime.session(out_path)  # loads and runs in onnxruntime (parity above ran it)
 
 
