@@ -1,0 +1,58 @@
+"""Benchmark rows: one quantization method at one bit width (float, onnxruntime's quantize_static
+variants, our rtn / adaround / block / pack, pack + mixed precision), and --rows selection."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+BITS = ((8, 8), (4, 8), (4, 4), (3, 3))
+OURS = ("rtn", "adaround", "block", "pack")
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str                  # float | ort | ours
+    method: str                # plot series: float, ort-minmax-u8, rtn, pack, pack-mixed, ...
+    wbits: int = 32
+    abits: int = 32
+    calibrate: str = "MinMax"  # ort: MinMax | Percentile | Entropy
+    act: str = "u8"            # ort: u8 | s8
+    reduce_range: bool = False  # ort
+    mixed: bool = False        # ours: pack + mixed precision at the weight bytes of uniform W{wbits}
+
+    @property
+    def bits(self) -> str:
+        if self.kind == "float":
+            return "fp32"
+        return f"≤W{self.wbits} budget, A≤{self.abits}" if self.mixed else f"W{self.wbits}A{self.abits}"
+
+
+def all_rows() -> list[Row]:
+    rows = [Row("float", "float", "float")]
+    for cal, act, rr in (("MinMax", "u8", False), ("MinMax", "s8", False), ("MinMax", "u8", True),
+                         ("Percentile", "u8", False), ("Entropy", "u8", False)):
+        m = f"ort-{cal.lower()}-{act}" + ("-rr" if rr else "")
+        rows.append(Row(f"{m}-W8A8", "ort", m, 8, 8, cal, act, rr))
+    for w, a in ((4, 8), (4, 4)):
+        rows.append(Row(f"ort-minmax-u8-W{w}A{a}", "ort", "ort-minmax-u8", w, a, "MinMax", "u8"))
+    for m in OURS:
+        for w, a in BITS:
+            rows.append(Row(f"{m}-W{w}A{a}", "ours", m, w, a))
+    for w in (4, 3):
+        rows.append(Row(f"pack-mixed-W{w}", "ours", "pack-mixed", w, w, mixed=True))
+    return rows
+
+
+ROWS = {r.name: r for r in all_rows()}
+
+
+def select_rows(patterns: str | None, allowed) -> list[Row]:
+    names = [n for n in ROWS if allowed is None or n in allowed]
+    if not patterns:
+        return [ROWS[n] for n in names]
+    pats = [p.strip() for p in patterns.split(",") if p.strip()]
+    for p in pats:
+        if not any(fnmatch.fnmatchcase(n, p) for n in ROWS):
+            raise SystemExit(f"--rows: {p!r} matches no row (see --list)")
+    return [ROWS[n] for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
