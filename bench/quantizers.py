@@ -164,7 +164,9 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
     res = {"weight_bytes": rep["weight_bytes"]["quantized"], "report_seconds": rep["seconds"],
            "parity_ok": all(p["ok"] for p in parity), "parity_max_code_diff": max((p["max_code_diff"] for p in parity),
                                                                                 default=None),
-           "parity_max_abs_diff": max((p["max_abs_diff"] for p in parity), default=None)}
+           "parity_max_abs_diff": max((p["max_abs_diff"] for p in parity), default=None),
+           "parity_over_one": max((p["over_one"] for p in parity), default=None),
+           "parity_layers": rep.get("parity_layers", {}).get("max_code_diff")}
     if "reconstruction" in rep:
         res["recon_iters"] = sum(u["iters"] for u in rep["reconstruction"]["units"])
         res["recon_units"] = len(rep["reconstruction"]["units"])

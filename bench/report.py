@@ -74,8 +74,10 @@ def table(task: Task, res: dict) -> list[str]:
             lines.append(f"| {name} | {row.bits} | failed: {err} |" + " |" * (len(head) - 3))
             continue
         sc = r.get("scores", {})
-        par = None if row.kind != "ours" else (f"ok ({r.get('parity_max_code_diff')} code)" if r.get("parity_ok")
-                                                else f"NO ({r.get('parity_max_code_diff')} codes)")
+        par = None if row.kind != "ours" else (
+            ("ok" if r.get("parity_ok") else "NO") + f" ({r.get('parity_max_code_diff')} code"
+            + (f", {100 * r['parity_over_one']:.3f}% >1" if r.get("parity_over_one") else "")
+            + (f"; layers {r['parity_layers']}" if r.get("parity_layers") is not None else "") + ")")
         cells = ([name, row.bits] + [fmt(sc.get(k)) for k in score_keys]
                  + [fmt(r.get("cosine"))] + ([fmt(r.get("argmax_agreement"))] if show_argmax else [])
                  + [fmt(int(round(r["weight_bytes"]))),
@@ -165,7 +167,8 @@ def write_results(all_res: dict, a, command: str) -> str:
              "row's process at the end of quantization (includes interpreter and library imports); onnxruntime "
              "latency at batch 1, 1 thread, median, and the float / row latency ratio with both timed alternately "
              "in the same process; parity: our onnxruntime output vs our torch simulation (max code difference at "
-             "one 8-bit step of the output range); recon units / iters: reconstruction units (layers, blocks or packs, "
+             "one 8-bit step of the output range, the share of values more than one code apart, and the worst "
+             "layer when each layer is fed onnxruntime's own input); recon units / iters: reconstruction units (layers, blocks or packs, "
              "with stem and head layers) and the iterations they got in total.", "",
              "Rows: `ort-*` are onnxruntime `quantize_static` QDQ, per-channel int8 weights (symmetric), "
              "activations u8/s8 per tensor, calibrated with MinMax / Percentile (99.999) / Entropy, `-rr` = "
