@@ -54,6 +54,7 @@ class UnitResult:
     loss_before: float
     loss_after: float
     seconds: float
+    kept_rtn: bool = False      # learning made the unit worse on calibration data: RTN state kept
 
 
 def make_units(method: str, units_struct, packs, layers) -> list[Unit]:
@@ -219,6 +220,7 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
 
     before = evaluate()
     weighted = [q for q in own if q.wq is not None]
+    rtn_scales = {id(x): x.scale.detach().clone() for q in own for x in (q.aq, q.aq2, q.oq) if x is not None}
     for q in weighted:
         q.wq.init_adaround(q.weight)
     params_v = [q.wq.alpha for q in weighted]
@@ -257,8 +259,17 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     for q in weighted:
         q.wq.soft = False
     after = evaluate()
+    kept_rtn = after > before
+    if kept_rtn:  # never leave a unit worse than round-to-nearest on the data it was judged on
+        for q in weighted:
+            q.wq.alpha = None
+        for q in own:
+            for x in (q.aq, q.aq2, q.oq):
+                if x is not None:
+                    x.scale.data.copy_(rtn_scales[id(x)])
+        after = evaluate()
     cache.close()
-    return UnitResult(unit.name, iters, before, after, time.time() - t0)
+    return UnitResult(unit.name, iters, before, after, time.time() - t0, kept_rtn)
 
 
 def split_iters(units: list[Unit], o: ReconOptions) -> list[int]:
@@ -326,8 +337,9 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
         r = reconstruct_unit(gm, model, qls, u, calib_batches, n, iters[i], o, unit_seed(seed, i), device,
                              os.path.dirname(os.path.abspath(ckpt)))
         done.append(r)
+        kept = "  (kept round-to-nearest: learning did not help)" if r.kept_rtn else ""
         log(f"  {u.name:<28} {len(u.layers):>3} layers {r.iters:>6} it  loss {r.loss_before:.4g} -> "
-            f"{r.loss_after:.4g}  {r.seconds:.1f} s")
+            f"{r.loss_after:.4g}  {r.seconds:.1f} s{kept}")
         tmp = ckpt + ".tmp"
         torch.save({"fingerprint": fingerprint, "done": [asdict(x) for x in done],
                     "state": checkpoint_state(qls)}, tmp)

@@ -36,7 +36,9 @@ def _eval_cosine(p):
 @pytest.mark.parametrize("method", ["adaround", "block", "pack"])
 def test_reconstruction_learns_and_export_matches(tmp_path, method):
     p, res = _run(method, tmp_path)
-    assert all(u["loss_after"] < u["loss_before"] for u in res["units"])  # every unit improves
+    for u in res["units"]:  # every unit improves, or (learning did not help) keeps its RTN state exactly
+        assert u["loss_after"] < u["loss_before"] or (u["kept_rtn"] and np.isclose(u["loss_after"], u["loss_before"]))
+    assert sum(not u["kept_rtn"] for u in res["units"]) >= len(res["units"]) - 1
     p_rtn, _ = _run("rtn", tmp_path)
     assert _eval_cosine(p) > _eval_cosine(p_rtn)  # held-out data: closer to float than RTN
     recs = qmodel.export_records(p.qls)
