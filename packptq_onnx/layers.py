@@ -134,3 +134,40 @@ def outputs_before_float_ops(model, layers: list[Layer], max_nodes: int = 64) ->
         if hit:
             out.add(l.output)
     return out
+
+
+def post_activations(model, layers: list[Layer]) -> dict[str, tuple[float, float, str]]:
+    """Layer name -> (lo, hi, tensor) where the layer's output has one consumer, a Relu or a Clip with
+    constant bounds, writing `tensor`.
+
+    Such a layer's output quantizer is calibrated on the clipped values and kept inside [lo, hi]:
+    then quantizing before or after the activation is the same, onnxruntime drops the Clip / Relu
+    (ClipQuantFusion) and the 8-bit step covers [0, 6] rather than the much wider pre-activation."""
+    g = model.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    users: dict[str, list] = {}
+    for node in g.node:
+        for t in node.input:
+            users.setdefault(t, []).append(node)
+    graph_out = {o.name for o in g.output}
+    out = {}
+    for l in layers:
+        us = users.get(l.output, [])
+        if len(us) != 1 or l.output in graph_out:
+            continue
+        n = us[0]
+        if n.op_type == "Relu":
+            out[l.name] = (0.0, float("inf"), n.output[0])
+        elif n.op_type == "Clip" and n.input[0] == l.output:
+            bounds = [float("-inf"), float("inf")]
+            ok = True
+            for k, t in enumerate(list(n.input[1:3])):
+                if not t:
+                    continue
+                if t not in inits or inits[t].size != 1:
+                    ok = False
+                    break
+                bounds[k] = float(inits[t].reshape(-1)[0])
+            if ok:
+                out[l.name] = (bounds[0], bounds[1], n.output[0])
+    return out

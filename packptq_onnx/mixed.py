@@ -132,6 +132,7 @@ def allocate(gm, qls, packs, units, batches, mo: MixedOptions, abits_uniform: in
         rows.append({"id": p.id, "blocks": p.blocks, "wbits": w, "abits": a, "bytes": size[p.id][k],
                      "sensitivity": table[p.id][k]})
         log(f"  pack {p.id}: W{w}A{a}  {size[p.id][k] / 1e3:.1f} kB  Omega {table[p.id][k]:.4g}")
+    qmodel.tie_inputs(qls)
     return {"budget_bytes": budget, "predicted_bytes": fixed_bytes + sol.size, "fixed_bytes": fixed_bytes,
             "options": opts, "sensitivity": table, "packs": rows, "solver": sol.solver,
             "solve_seconds": round(sol.seconds, 4), "objective": sol.objective}

@@ -12,7 +12,7 @@ import torch
 from . import __version__, convert, data, qmodel, runtime, validate
 from .errors import UsageError
 from .exporters import files, qdq
-from .layers import find_layers, outputs_before_float_ops
+from .layers import find_layers, outputs_before_float_ops, post_activations
 from .onnx_import import ImportedModel, check_static, load
 from .parity import layer_parity
 from .mixed import MixedOptions
@@ -158,7 +158,8 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     qmodel.calibrate(gm, qls, p.batches(opts), opts.wbits, opts.abits, opts.reduce_range, opts.seed,
                      progress=lambda it: bar(it, "calibrate", -(-p.n_samples // opts.batch_size)),
                      output_bits=opts.output_bits,
-                     float_outputs=set(imp.outputs) | outputs_before_float_ops(imp.model, layers))
+                     float_outputs=set(imp.outputs) | outputs_before_float_ops(imp.model, layers),
+                     post_act=post_activations(imp.model, layers))
     p.seconds = time.time() - t0
     return p
 
@@ -209,7 +210,7 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
         "tool": {"name": "packptq-onnx", "version": __version__},
         "input": model_path, "output": out_path, "options": asdict(opts),
         "file_bytes": os.path.getsize(out_path),
-        "weight_range": "reduced: 8-bit weights use [-64, 63] (exact on AVX2 CPUs without VNNI)"
+        "weight_range": "reduced: 8-bit weights use [-64, 63] (exact on AVX2 CPUs without VNNI), depthwise convs [-128, 127]"
         if opts.reduce_range else "full: 8-bit weights use [-128, 127]",
         "import": {"notes": imp.notes, "faithful": [asdict(a) for a in p.faithful],
                    "float_nodes": list(gm.float_nodes)},

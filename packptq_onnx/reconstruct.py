@@ -224,7 +224,7 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     for q in weighted:
         q.wq.init_adaround(q.weight)
     params_v = [q.wq.alpha for q in weighted]
-    params_s = [x.scale for q in own for x in (q.aq, q.aq2, q.oq) if x is not None]
+    params_s = list({id(x): x.scale for q in own for x in (q.aq, q.aq2, q.oq) if x is not None}.values())
     opt_v = torch.optim.Adam(params_v, lr=o.lr_round) if params_v else None
     opt_s = torch.optim.Adam(params_s, lr=o.lr_scale) if params_s else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(iters, 1), eta_min=0) if opt_s else None

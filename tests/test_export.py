@@ -17,8 +17,9 @@ def quantize(path, wbits, abits, calib):
     imp = onnx_import.load(path)
     gm = convert.to_torch(imp)
     qls = qmodel.wrap(gm, imp.model, layers.find_layers(imp.model))
+    lays = layers.find_layers(imp.model)
     qmodel.calibrate(gm, qls, data.batches(calib, ["x"], 8), wbits, abits, True, 0,
-                     float_outputs=set(imp.outputs))
+                     float_outputs=set(imp.outputs), post_act=layers.post_activations(imp.model, lays))
     return imp, gm, qls, qdq.write_qdq(imp.model, qmodel.export_records(qls), {"test": True})
 
 
@@ -78,6 +79,36 @@ def test_eight_bit_weights_use_reduced_range_by_default(exported):
     assert max(int(np.abs(r.w_int).max()) for r in recs) >= 60  # the range is used, not collapsed
 
 
+def test_depthwise_convs_use_full_range_and_chains_fuse(exported, tmp_path):
+    """MobileNetV2-like at W8A8: depthwise convs get [-128, 127] (their kernel accumulates in 32
+    bits), the rest [-64, 63]; a layer reading another's (ReLU6-clipped) output shares its output
+    quantizer, so onnxruntime drops the Clips and runs every conv as QLinearConv."""
+    import onnxruntime as ort
+    net = nets.build("mobilenetv2")
+    imp, gm, qls, out = quantize(exported("mobilenetv2", 17), 8, 8, nets.inputs(net, 16))
+    recs = qmodel.export_records(qls)
+    dw = [r for q, r in zip(qls, recs) if qmodel.is_depthwise(q)]
+    other = [r for q, r in zip(qls, recs) if not qmodel.is_depthwise(q)]
+    assert dw and other
+    assert max(int(np.abs(r.w_int).max()) for r in dw) > 64
+    assert all(r.w_int.min() >= -64 and r.w_int.max() <= 63 for r in other)
+    post = layers.post_activations(imp.model, [q.layer for q in qls])
+    assert post and all(lo == 0.0 and hi == 6.0 for lo, hi, _ in post.values())
+    tied = [q for q in qls if q.aq is not None and q.__dict__.get("fed_by") is not None]
+    assert tied and all(q.aq is q.__dict__["fed_by"].oq for q in tied)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(out.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    n_conv = sum(q.layer.op == "Conv" for q in qls)
+    # the stem reads the float network input: it stays a float Conv, followed by its ReLU6
+    assert ops.count("Conv") == 1 and ops.count("Clip") <= 1, ops
+    assert ops.count("QLinearConv") == n_conv - 1, ops
+    feeds = nets.inputs(net, 16, seed=3)
+    par = validate.sim_parity(["y"], runtime.run(runtime.session(out), feeds), convert.torch_run(gm, feeds, ["x"]))[0]
+    assert par.exact
+
+
 def test_parity_counts_values_more_than_one_code_apart():
     rng = np.random.RandomState(0)
     sim = rng.rand(100, 100).astype(np.float32)
@@ -109,3 +140,33 @@ def test_layer_parity_finds_a_wrong_layer(tmp_path):
     w.CopyFrom(onnx.numpy_helper.from_array(a, w.name))
     bad = layer_parity(out, p.gm, p.qls, feeds, p.names)
     assert not bad.exact and bad.worst == victim and bad.max_code_diff > 1
+
+
+def test_dead_channel_bias_fits_int32(tmp_path):
+    """A channel whose weights are all zero keeps its bias: its weight scale is raised so the bias
+    fits the int32 export (EfficientNet-Lite0's stem has such channels; overflow made onnxruntime
+    add garbage there)."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.RandomState(0)
+    w1 = rng.randn(4, 3, 3, 3).astype(np.float32) * 0.3
+    w2 = rng.randn(4, 4, 3, 3).astype(np.float32) * 0.3
+    w2[2] = 1e-12  # dead channel
+    b2 = np.array([0.1, -0.2, 5.0, 0.3], np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["h"], name="c1", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="c2", pads=[1, 1, 1, 1])],
+        "dead", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(b2, "b2")])
+    path = str(tmp_path / "dead.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    calib = {"x": rng.randn(32, 3, 8, 8).astype(np.float32)}
+    imp, gm, qls, out = quantize(path, 8, 8, calib)
+    rec = next(r for r in qmodel.export_records(qls) if r.layer.name == "c2")
+    assert np.abs(rec.bias_int.astype(np.int64)).max() <= 2 ** 24
+    assert (rec.w_int[2] == 0).all()
+    ort_q = runtime.run(runtime.session(out), calib)[0]
+    np.testing.assert_allclose(ort_q[:, 2], 5.0, atol=1e-3)
+    sim = convert.torch_run(gm, calib, ["x"])
+    assert validate.sim_parity(["y"], [ort_q], sim)[0].exact
