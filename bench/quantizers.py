@@ -142,8 +142,8 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
     from packptq_onnx.pipeline import Options, quantize
     from packptq_onnx.reconstruct import ReconOptions
 
-    method = "pack" if row.mixed else row.method
-    o = Options(wbits=row.wbits, abits=row.abits, method=method, seed=cfg["seed"],
+    method = "pack" if row.mixed else row.method.replace("-fullrange", "")
+    o = Options(reduce_range=not row.full_range, wbits=row.wbits, abits=row.abits, method=method, seed=cfg["seed"],
                 calib_samples=cfg["calib_samples"], batch_size=min(cfg["batch_size"], cfg["calib_samples"]),
                 recon=ReconOptions(iters_total=cfg["iters_total"],
                                    batch_size=min(cfg["batch_size"], cfg["calib_samples"])),

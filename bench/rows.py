@@ -20,6 +20,7 @@ class Row:
     act: str = "u8"            # ort: u8 | s8
     reduce_range: bool = False  # ort
     mixed: bool = False        # ours: pack + mixed precision at the weight bytes of uniform W{wbits}
+    full_range: bool = False   # ours: --full-range-weights (8-bit weights in [-128, 127], as onnxruntime's)
 
     @property
     def bits(self) -> str:
@@ -39,6 +40,8 @@ def all_rows() -> list[Row]:
     for m in OURS:
         for w, a in BITS:
             rows.append(Row(f"{m}-W{w}A{a}", "ours", m, w, a))
+    for m in ("rtn", "pack"):  # 8-bit weights in the full range: exact on CPUs with VNNI, as onnxruntime's rows
+        rows.append(Row(f"{m}-fullrange-W8A8", "ours", f"{m}-fullrange", 8, 8, full_range=True))
     for w in (4, 3):
         rows.append(Row(f"pack-mixed-W{w}", "ours", "pack-mixed", w, w, mixed=True))
     return rows

@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import UsageError
+from .folding import fold_constants, fuse_pad_into_conv
 
 MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 
@@ -163,6 +164,10 @@ def normalise(model: onnx.ModelProto):
             raise UsageError(f"cannot upgrade opset {opset} to {MIN_OPSET}: {str(exc).splitlines()[0][:200]}") from None
         notes.append(f"opset {opset} upgraded to {MIN_OPSET}")
     _unique_names(m.graph)
+    n_fold = fold_constants(m)
+    n_pad = fuse_pad_into_conv(m.graph)
+    if n_fold or n_pad:
+        notes.append(f"{n_fold} constant nodes folded, {n_pad} zero Pads fused into Conv")
     n_bn = fold_batchnorm(m.graph)
     if n_bn:
         notes.append(f"{n_bn} BatchNormalization folded into Conv")

@@ -86,3 +86,33 @@ def test_identity_of_initializer_becomes_a_weight():
     assert [(l.op, l.weight) for l in find_layers(norm)] == [("MatMul", "w_tied"), ("MatMul", "w2")]
     x = np.random.RandomState(1).randn(5, 4).astype(np.float32)
     np.testing.assert_allclose(runtime.run(runtime.session(norm), {"x": x})[0], x @ w @ w[:3].T, rtol=1e-5)
+
+
+def test_computed_zero_pad_is_folded_into_the_conv(tmp_path):
+    """TF-style "same" padding: pads computed from constants (Concat, Cast), then Pad -> Conv. The
+    constants fold, the Pad moves into the Conv's pads, and the model computes the same."""
+    rng = np.random.RandomState(0)
+    w = rng.randn(4, 3, 3, 3).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Constant", [], ["c0"], value=numpy_helper.from_array(np.array([0, 0, 0, 1], np.int32))),
+         helper.make_node("Concat", ["c0", "c1"], ["pc"], axis=0, name="cat"),
+         helper.make_node("Cast", ["pc"], ["pads"], to=TensorProto.INT64, name="cast"),
+         helper.make_node("Pad", ["x", "pads"], ["xp"], name="pad"),
+         helper.make_node("Conv", ["xp", "w"], ["h"], name="conv", strides=[2, 2], pads=[1, 0, 0, 0]),
+         helper.make_node("Relu", ["h"], ["y"], name="relu")],
+        "pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5, 4])],
+        [numpy_helper.from_array(np.array([0, 0, 2, 0], np.int32), "c1"), numpy_helper.from_array(w, "w")])
+    path = str(tmp_path / "pad.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    imp = onnx_import.load(path)
+    ops = [n.op_type for n in imp.model.graph.node]
+    assert ops == ["Conv", "Relu"], ops
+    conv = imp.model.graph.node[0]
+    assert conv.input[0] == "x"
+    assert list(next(a for a in conv.attribute if a.name == "pads").ints) == [1, 1, 2, 0]
+    x = {"x": rng.randn(2, 3, 9, 9).astype(np.float32)}
+    ref = runtime.run(runtime.session(imp.original), x)[0]
+    np.testing.assert_allclose(runtime.run(runtime.session(imp.model), x)[0], ref, atol=1e-5)
+    gm = convert.to_torch(imp)
+    np.testing.assert_allclose(convert.torch_run(gm, x, ["x"])[0], ref, atol=1e-4)

@@ -1,0 +1,116 @@
+"""Graph clean-ups before quantizing: fold constant subgraphs, fuse zero Pad into the Conv after it.
+
+Exporters write TF-style "same" padding as a Pad whose pads are computed from constants
+(ConstantOfShape / Concat / Reshape / Slice / Transpose / Cast: torch's F.pad, EfficientNet-Lite).
+Left in place, the Pad sits between a layer's activation and the next conv's input quantizer, so
+onnxruntime can neither drop the ReLU6 nor fuse the convs into integer kernels.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+NO_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+           "Bernoulli", "If", "Loop", "Scan", "SequenceConstruct"}
+MAX_FOLD_BYTES = 1 << 24  # do not bloat the model by materialising large computed tensors
+
+
+def fold_constants(model: onnx.ModelProto) -> int:
+    """Nodes whose inputs are all initializers become initializers (evaluated with onnx.reference)."""
+    from onnx.reference import ReferenceEvaluator
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    graph_out = {o.name for o in g.output}
+    opsets = list(model.opset_import)
+    keep, folded = [], 0
+    for node in g.node:
+        ins = [t for t in node.input if t]
+        if (node.domain not in ("", "ai.onnx") or node.op_type in NO_FOLD or not ins
+                or any(t not in inits for t in ins) or any(o in graph_out for o in node.output)):
+            keep.append(node)
+            continue
+        try:
+            sub = helper.make_model(
+                helper.make_graph([node], "fold", [], [helper.make_empty_tensor_value_info(o) for o in node.output],
+                                  [inits[t] for t in dict.fromkeys(ins)]), opset_imports=opsets)
+            values = ReferenceEvaluator(sub).run(None, {})
+        except Exception:
+            keep.append(node)
+            continue
+        if sum(np.asarray(v).nbytes for v in values) > MAX_FOLD_BYTES:
+            keep.append(node)
+            continue
+        for name, v in zip(node.output, values):
+            t = numpy_helper.from_array(np.asarray(v), name)
+            g.initializer.append(t)
+            inits[name] = t
+        folded += 1
+    if folded:
+        del g.node[:]
+        g.node.extend(keep)
+        _drop_unused_initializers(g)
+    return folded
+
+
+def fuse_pad_into_conv(graph) -> int:
+    """Pad (constant mode, value 0, spatial pads only, constant pads) feeding only Convs: the pads
+    move into the Convs' `pads` attribute and the Pad disappears (as onnxruntime's PadFusion)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    users: dict[str, list] = {}
+    for n in graph.node:
+        for t in n.input:
+            users.setdefault(t, []).append(n)
+    graph_out = {o.name for o in graph.output}
+    drop = []
+    for pad in graph.node:
+        if pad.op_type != "Pad" or len(pad.input) < 2 or pad.input[1] not in inits or pad.output[0] in graph_out:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in pad.attribute}
+        mode = attrs.get("mode", b"constant")
+        if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
+            continue
+        if len(pad.input) > 2 and pad.input[2]:
+            if pad.input[2] not in inits or np.any(inits[pad.input[2]] != 0):
+                continue
+        if len(pad.input) > 3 and pad.input[3]:
+            continue  # axes input: keep it simple
+        pads = inits[pad.input[1]].astype(np.int64).reshape(-1)
+        r = len(pads) // 2
+        if r < 3 or np.any(pads < 0) or np.any(pads[[0, 1, r, r + 1]] != 0):
+            continue
+        convs = users.get(pad.output[0], [])
+        if not convs or any(c.op_type != "Conv" or c.input[0] != pad.output[0] for c in convs):
+            continue
+        if any(_conv_attr(c, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") for c in convs):
+            continue
+        begin, end = pads[2:r], pads[r + 2:]
+        for c in convs:
+            old = list(_conv_attr(c, "pads", [0] * (2 * (r - 2))))
+            new = [int(a + b) for a, b in zip(old, list(begin) + list(end))]
+            for a in list(c.attribute):
+                if a.name == "pads":
+                    c.attribute.remove(a)
+            c.attribute.append(helper.make_attribute("pads", new))
+            c.input[0] = pad.input[0]
+        drop.append(pad)
+    for pad in drop:
+        graph.node.remove(pad)
+    if drop:
+        _drop_unused_initializers(graph)
+    return len(drop)
+
+
+def _conv_attr(node, name, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
