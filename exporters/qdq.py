@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from packptq_onnx.folding import drop_unused_initializers
+
 META_KEY = "packptq"
 STORAGES = ("int8", "packed")
 # packed storage: 3-4 bit weights as INT4 (opset 21), 2-bit as INT2 (opset 25); 5-8 bit stay int8
@@ -78,7 +80,7 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
     del g.node[:]
     g.node.extend(nodes)
     g.initializer.extend(inits)
-    _drop_unused_initializers(g)
+    drop_unused_initializers(g)
     if meta is not None:
         _set_meta(m, META_KEY, json.dumps(meta, sort_keys=True))
     return m
@@ -177,13 +179,6 @@ def _set_meta(holder, key: str, value: str) -> None:
             p.value = value
             return
     holder.metadata_props.add(key=key, value=value)
-
-
-def _drop_unused_initializers(g) -> None:
-    used = {n for node in g.node for n in node.input} | {o.name for o in g.output}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
 
 
 def set_meta(model: onnx.ModelProto, meta: dict) -> None:

@@ -50,7 +50,7 @@ def fold_constants(model: onnx.ModelProto) -> int:
     if folded:
         del g.node[:]
         g.node.extend(keep)
-        _drop_unused_initializers(g)
+        drop_unused_initializers(g)
     return folded
 
 
@@ -58,10 +58,7 @@ def fuse_pad_into_conv(graph) -> int:
     """Pad (constant mode, value 0, spatial pads only, constant pads) feeding only Convs: the pads
     move into the Convs' `pads` attribute and the Pad disappears (as onnxruntime's PadFusion)."""
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    users: dict[str, list] = {}
-    for n in graph.node:
-        for t in n.input:
-            users.setdefault(t, []).append(n)
+    users = consumers(graph)
     graph_out = {o.name for o in graph.output}
     drop = []
     for pad in graph.node:
@@ -98,7 +95,7 @@ def fuse_pad_into_conv(graph) -> int:
     for pad in drop:
         graph.node.remove(pad)
     if drop:
-        _drop_unused_initializers(graph)
+        drop_unused_initializers(graph)
     return len(drop)
 
 
@@ -109,7 +106,17 @@ def _conv_attr(node, name, default):
     return default
 
 
-def _drop_unused_initializers(graph) -> None:
+def consumers(graph) -> dict[str, list]:
+    """Tensor name -> the nodes that read it."""
+    out: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def drop_unused_initializers(graph) -> None:
+    """Remove initializers that no node reads and that are not graph outputs."""
     used = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]

@@ -7,6 +7,8 @@ import numpy as np
 
 from onnx import numpy_helper
 
+from .folding import consumers
+
 QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -145,10 +147,7 @@ def post_activations(model, layers: list[Layer]) -> dict[str, tuple[float, float
     (ClipQuantFusion) and the 8-bit step covers [0, 6] rather than the much wider pre-activation."""
     g = model.graph
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    users: dict[str, list] = {}
-    for node in g.node:
-        for t in node.input:
-            users.setdefault(t, []).append(node)
+    users = consumers(g)
     graph_out = {o.name for o in g.output}
     out = {}
     for l in layers:

@@ -15,7 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import UsageError
-from .folding import fold_constants, fuse_pad_into_conv
+from .folding import consumers, drop_unused_initializers, fold_constants, fuse_pad_into_conv
 
 MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 
@@ -230,14 +230,6 @@ def _unique_names(graph) -> None:
         seen.add(name)
 
 
-def consumers(graph) -> dict[str, list]:
-    out: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            out.setdefault(name, []).append(node)
-    return out
-
-
 def fold_batchnorm(graph) -> int:
     """Fold BatchNormalization into the Conv that alone feeds it (weights rewritten, new names)."""
     inits = {i.name: i for i in graph.initializer}
@@ -270,9 +262,6 @@ def fold_batchnorm(graph) -> int:
         drop.append(bn)
     for bn in drop:
         graph.node.remove(bn)
-    if drop:  # remove initializers nobody uses any more
-        used = {n for node in graph.node for n in node.input} | outputs
-        keep = [i for i in graph.initializer if i.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+    if drop:
+        drop_unused_initializers(graph)
     return len(drop)

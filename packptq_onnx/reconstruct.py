@@ -220,11 +220,12 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
 
     before = evaluate()
     weighted = [q for q in own if q.wq is not None]
-    rtn_scales = {id(x): x.scale.detach().clone() for q in own for x in (q.aq, q.aq2, q.oq) if x is not None}
+    act_qs = list({id(x): x for q in own for x in (q.aq, q.aq2, q.oq) if x is not None}.values())  # a shared quantizer once
+    rtn_scales = [x.scale.detach().clone() for x in act_qs]
     for q in weighted:
         q.wq.init_adaround(q.weight)
     params_v = [q.wq.alpha for q in weighted]
-    params_s = list({id(x): x.scale for q in own for x in (q.aq, q.aq2, q.oq) if x is not None}.values())
+    params_s = [x.scale for x in act_qs]
     opt_v = torch.optim.Adam(params_v, lr=o.lr_round) if params_v else None
     opt_s = torch.optim.Adam(params_s, lr=o.lr_scale) if params_s else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(iters, 1), eta_min=0) if opt_s else None
@@ -263,10 +264,8 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     if kept_rtn:  # never leave a unit worse than round-to-nearest on the data it was judged on
         for q in weighted:
             q.wq.alpha = None
-        for q in own:
-            for x in (q.aq, q.aq2, q.oq):
-                if x is not None:
-                    x.scale.data.copy_(rtn_scales[id(x)])
+        for x, s0 in zip(act_qs, rtn_scales):
+            x.scale.data.copy_(s0)
         after = evaluate()
     cache.close()
     return UnitResult(unit.name, iters, before, after, time.time() - t0, kept_rtn)

@@ -16,8 +16,8 @@ MODEL, CALIB = os.path.join(SAMPLES, "digits_resnet.onnx"), os.path.join(SAMPLES
 def quantize(path, wbits, abits, calib):
     imp = onnx_import.load(path)
     gm = convert.to_torch(imp)
-    qls = qmodel.wrap(gm, imp.model, layers.find_layers(imp.model))
     lays = layers.find_layers(imp.model)
+    qls = qmodel.wrap(gm, imp.model, lays)
     qmodel.calibrate(gm, qls, data.batches(calib, ["x"], 8), wbits, abits, True, 0,
                      float_outputs=set(imp.outputs), post_act=layers.post_activations(imp.model, lays))
     return imp, gm, qls, qdq.write_qdq(imp.model, qmodel.export_records(qls), {"test": True})
