@@ -262,6 +262,7 @@ def tie_inputs(qls: list[QuantLayer]) -> None:
         p = q.__dict__.get("fed_by")
         if p is not None and p.oq is not None and q.aq is not None and q.aq.bits == p.oq.bits:
             q.aq = p.oq
+            fit_bias(q)  # the bias steps follow the input scale, which just changed
 
 
 def set_bits(q: QuantLayer, wbits: int | None, abits: int | None) -> None:
