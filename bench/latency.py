@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from packptq_onnx import data, runtime
+from packptq_onnx.errors import UsageError
 from packptq_onnx.mixed import MixedOptions
 from packptq_onnx.onnx_import import load
 from packptq_onnx.pipeline import Options, quantize
@@ -48,17 +49,23 @@ def main():
     calib, _ = data.load(a.calib, imp.inputs)
     name = os.path.splitext(os.path.basename(a.model))[0]
     models = {"float": (imp.original, os.path.getsize(a.model), os.path.getsize(a.model))}
+    skipped = []
     for label, kw in VARIANTS.items():
         sizes = {}
         for storage in ("int8", "packed"):
             path = os.path.join(a.out, f"{name}_{label.replace(' ', '_')}_{storage}.onnx")
             o = Options(method="rtn", calib_samples=a.calib_samples, storage=storage, **kw)
-            quantize(a.model, a.calib, path, o, log=lambda *_: None)
+            try:
+                quantize(a.model, a.calib, path, o, log=lambda *_: None)
+            except UsageError as exc:  # e.g. a mixed budget below what 8-bit stem and head alone need
+                skipped.append(f"{label}: {exc}")
+                break
             sizes[storage] = os.path.getsize(path)
             if storage == "int8":
                 import onnx
                 int8_model = onnx.load(path)
-        models[label] = (int8_model, sizes["int8"], sizes["packed"])
+        if len(sizes) == 2:
+            models[label] = (int8_model, sizes["int8"], sizes["packed"])
     rows = []
     for b in (1, 32):
         feeds = {k: np.repeat(v[:1], b, 0) if len(v) < b else v[:b] for k, v in calib.items()}
@@ -72,6 +79,8 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.2f}x | {r[5]:,} | {r[6]:,} |")
+    for line in skipped:
+        print(f"\nskipped {line}")
 
 
 if __name__ == "__main__":
