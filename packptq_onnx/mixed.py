@@ -98,15 +98,24 @@ def allocate(gm, qls, packs, units, batches, mo: MixedOptions, abits_uniform: in
         qmodel.set_bits(q, mo.fixed_bits, mo.fixed_bits)
     opts = options(mo)
     elems = {q.layer.name: q.weight.numel() for q in qls}
+    fixed_bytes = sum(elems[q.layer.name] * mo.fixed_bits / 8 for q in fixed)
+    total_elems = sum(elems.values())
+    budget = mo.budget if mo.budget is not None else total_elems * mo.avg_wbits / 8
+    size = [[sum(elems[n] for n in names) * w / 8 for w, _ in opts] for names in pack_layers]
+
+    def infeasible() -> UsageError:
+        smallest = fixed_bytes + ilp.min_size(size)
+        return UsageError(f"weight budget {budget:,.0f} bytes is infeasible: the smallest possible size is "
+                          f"{smallest:,.0f} bytes ({smallest * 8 / total_elems:.2f} average bits, stem/head "
+                          f"at {mo.fixed_bits} bits)")
+
+    if fixed_bytes + ilp.min_size(size) > budget:  # known before the costly sensitivity measurement
+        raise infeasible()
     table = _cached(mo.cache, fingerprint, opts)
     if table is None:
         table = measure(gm, qls, pack_layers, opts, batches)
         if mo.cache:
             _save_cache(mo.cache, fingerprint, opts, table)
-    fixed_bytes = sum(elems[q.layer.name] * mo.fixed_bits / 8 for q in fixed)
-    total_elems = sum(elems.values())
-    budget = mo.budget if mo.budget is not None else total_elems * mo.avg_wbits / 8
-    size = [[sum(elems[n] for n in names) * w / 8 for w, _ in opts] for names in pack_layers]
     extra = []
     if len(set(a for _, a in opts)) > 1:
         first = next(iter(batches()))
@@ -118,10 +127,7 @@ def allocate(gm, qls, packs, units, batches, mo: MixedOptions, abits_uniform: in
         sol = ilp.solve(table, size, budget - fixed_bytes, extra, mo.solver, mo.time_limit)
     except UsageError as exc:
         if "infeasible" in str(exc) and "budget" in str(exc):
-            smallest = fixed_bytes + ilp.min_size(size)
-            raise UsageError(f"weight budget {budget:,.0f} bytes is infeasible: the smallest possible size is "
-                             f"{smallest:,.0f} bytes ({smallest * 8 / total_elems:.2f} average bits, stem/head "
-                             f"at {mo.fixed_bits} bits)") from None
+            raise infeasible() from None
         raise
     by_name = {q.layer.name: q for q in qls}
     rows = []

@@ -103,7 +103,9 @@ def test_mixed_precision_on_sample(tmp_path, monkeypatch):
     assert r2["mixed_precision"]["counted_bytes"] < m["counted_bytes"]
 
 
-def test_cli_infeasible_budget(tmp_path, capsys):
+def test_cli_infeasible_budget(tmp_path, capsys, monkeypatch):
+    from packptq_onnx import mixed
+    monkeypatch.setattr(mixed, "measure", lambda *a, **k: pytest.fail("sensitivities measured before the budget check"))
     code = main(["quantize", MODEL, "--calib", CALIB, "-o", str(tmp_path / "o.onnx"), "--method", "rtn",
                  "--budget", "1kB"])
     err = capsys.readouterr().err
