@@ -157,7 +157,8 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
         o.input_shapes = shapes
     if row.mixed:
         ab = tuple(sorted({row.abits, 8}))
-        o.mixed = MixedOptions(avg_wbits=float(row.wbits), wbits=(2, 3, 4, 8), abits=ab,
+        # stem and head at the uniform row's bits: the same budget and treatment as pack-W{w}A{w}
+        o.mixed = MixedOptions(avg_wbits=float(row.wbits), wbits=(2, 3, 4, 8), abits=ab, fixed_bits=row.wbits,
                                cache=out_path + ".sensitivity.json")
     rep = quantize(info["model"], info["calib"], out_path, o, log=lambda *_: None)
     parity = rep.get("parity", [])
