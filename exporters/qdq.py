@@ -63,7 +63,8 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
         n = name(base)
         if storage == "packed" and bits in PACKED:
             a = np.asarray(array)
-            inits.append(helper.make_tensor(n, PACKED[bits][0], a.shape, a.astype(np.int8).ravel().tolist()))
+            width = 2 if PACKED[bits][0] == onnx.TensorProto.INT2 else 4
+            inits.append(helper.make_tensor(n, PACKED[bits][0], a.shape, pack_bits(a, width), raw=True))
         else:
             inits.append(numpy_helper.from_array(np.asarray(array).astype(np.int8), n))
         return n
@@ -84,6 +85,17 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
     if meta is not None:
         _set_meta(m, META_KEY, json.dumps(meta, sort_keys=True))
     return m
+
+
+def pack_bits(a: np.ndarray, width: int) -> bytes:
+    """Signed integers as ONNX INT4 / INT2 raw data: 8 / width values per byte, the first in the
+    lowest bits. (helper.make_tensor with a list writes one varint per byte instead: EfficientNet-
+    Lite0's W4 weights took 3.30 MB for 2.30 MB of nibbles.)"""
+    per = 8 // width
+    v = (np.asarray(a, np.int64).ravel() & ((1 << width) - 1)).astype(np.uint8)
+    v = np.concatenate([v, np.zeros(-len(v) % per, np.uint8)]).reshape(-1, per)
+    shifts = (width * np.arange(per)).astype(np.uint8)
+    return np.bitwise_or.reduce(v << shifts, axis=1).astype(np.uint8).tobytes()
 
 
 def _upgrade_for_packed(m: onnx.ModelProto, quants: list) -> onnx.ModelProto:

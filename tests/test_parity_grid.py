@@ -68,6 +68,9 @@ def test_parity_grid(prepared, op, storage):
             if storage == "packed" and wbits <= 4:
                 kinds = {i.data_type for i in out.graph.initializer if ".w_int" in i.name}
                 assert kinds == {TensorProto.INT2 if wbits == 2 else TensorProto.INT4}
+                w = next(i for i in out.graph.initializer if ".w_int" in i.name)
+                width = 2 if wbits == 2 else 4  # raw nibbles / crumbs, not one varint per value
+                assert len(w.raw_data) == -(-int(np.prod(w.dims)) * width // 8)
             ort = runtime.run(runtime.session(out), feeds)
             sim = convert.torch_run(gm, feeds, ["x"])
             par = validate.sim_parity(["y"], ort, sim)[0]
