@@ -79,7 +79,7 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
         if q is not None and q.o_scale is not None:
             nodes.extend(_output_nodes(node, q, const, name))
     del g.node[:]
-    g.node.extend(nodes)
+    g.node.extend(_live(nodes, {o.name for o in g.output}))
     g.initializer.extend(inits)
     drop_unused_initializers(g)
     if meta is not None:
@@ -96,6 +96,17 @@ def pack_bits(a: np.ndarray, width: int) -> bytes:
     v = np.concatenate([v, np.zeros(-len(v) % per, np.uint8)]).reshape(-1, per)
     shifts = (width * np.arange(per)).astype(np.uint8)
     return np.bitwise_or.reduce(v << shifts, axis=1).astype(np.uint8).tobytes()
+
+
+def _live(nodes: list, outputs: set) -> list:
+    """Drop nodes nothing reads any more (a Relu / Clip bypassed by a shared input quantizer)."""
+    used = set(outputs)
+    keep = []
+    for node in reversed(nodes):
+        if any(o in used for o in node.output):
+            keep.append(node)
+            used.update(node.input)
+    return keep[::-1]
 
 
 def _upgrade_for_packed(m: onnx.ModelProto, quants: list) -> onnx.ModelProto:
@@ -159,22 +170,22 @@ def _layer_nodes(node, q, const, weight_const, name) -> list:
         out.append(helper.make_node("DequantizeLinear", [b_q, b_s, b_z], [b_dq], name=name(f"{lname}.b_DQ"),
                                     axis=0))
         node.input[2] = b_dq
-    if q.abits is not None:
+    if q.input_from is not None:  # input quantizer shared with the producer's output: read its DQ
+        node.input[0] = q.input_from
+    elif q.abits is not None:
         nodes, node.input[0] = _act_qdq(node.input[0], q.abits, q.a_scale, q.a_zero, lname, "x", const, name)
         out += nodes
     return out
 
 
 def _output_nodes(node, q, const, name) -> list:
-    """Q -> DQ on the layer output (consumers keep reading the original tensor name)."""
+    """Q -> [Clip] -> DQ on the layer output (consumers keep reading the original tensor name)."""
     lname, y = q.layer.name, node.output[0]
     pre = name(f"{lname}.y_float")
     node.output[0] = pre
-    s = const(f"{lname}.y_scale", np.array(q.o_scale, np.float32))
-    z = const(f"{lname}.y_zero", np.array(q.o_zero, np.uint8))
-    yq = name(f"{lname}.y_q")
-    return [helper.make_node("QuantizeLinear", [pre, s, z], [yq], name=name(f"{lname}.y_Q")),
-            helper.make_node("DequantizeLinear", [yq, s, z], [y], name=name(f"{lname}.y_DQ"))]
+    nodes, dq = _act_qdq(pre, q.o_bits, q.o_scale, q.o_zero, lname, "y", const, name)
+    nodes[-1].output[0] = y
+    return nodes
 
 
 def _tag(model, node, tag: dict) -> None:

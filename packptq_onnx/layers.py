@@ -87,10 +87,12 @@ class LayerQuant:
     a_zero: int | None = None
     bias_int: "np.ndarray | None" = None   # int32
     bias_scale: "np.ndarray | None" = None  # float32, a_scale * w_scale
-    o_scale: float | None = None            # 8-bit output quantizer (for kernel fusion), if any
+    o_scale: float | None = None            # output quantizer (for kernel fusion), if any
     a2_scale: float | None = None           # second input of an activation x activation MatMul
     a2_zero: int | None = None
     o_zero: int | None = None
+    o_bits: int = 8
+    input_from: str | None = None  # read this tensor (the producer's quantized output) as it is
     pack: int | None = None
 
 
@@ -169,4 +171,20 @@ def post_activations(model, layers: list[Layer]) -> dict[str, tuple[float, float
                 bounds[k] = float(inits[t].reshape(-1)[0])
             if ok:
                 out[l.name] = (bounds[0], bounds[1], n.output[0])
+    return out
+
+
+def read_only_by_layers(model, layers: list[Layer]) -> set[str]:
+    """Tensors whose every reader is a quantized layer taking it as its (first) activation input,
+    and that are not graph outputs: their producer's output quantizer may take the readers' bits."""
+    g = model.graph
+    by_node = {l.name: l for l in layers}
+    graph_out = {o.name for o in g.output}
+    out = set()
+    for t, nodes in consumers(g).items():
+        if t in graph_out or not t:
+            continue
+        if all(n.name in by_node and by_node[n.name].act_input == t and list(n.input).count(t) == 1
+               and by_node[n.name].act_input2 != t for n in nodes):
+            out.add(t)
     return out

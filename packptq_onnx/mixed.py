@@ -28,6 +28,7 @@ class MixedOptions:
     wbits: tuple = (2, 3, 4, 8)
     abits: tuple = (4, 8)
     fixed_bits: int = 8                # stem and head layers, weights and activations
+    fixed_abits: int | None = None     # stem and head activations, if not fixed_bits
     solver: str = "cbc"
     time_limit: float | None = 60.0
     cache: str | None = None           # JSON file of measured sensitivities
@@ -49,7 +50,7 @@ def _outputs(res) -> list:
 def measure(gm, qls, pack_layers: list[list[str]], opts: list[tuple[int, int]], batches) -> list[list[float]]:
     """Omega[p][k]: loss with only pack p at option k; every layer is left as it was found."""
     by_name = {q.layer.name: q for q in qls}
-    saved = {q.layer.name: (q.wq, q.aq, q.aq2) for q in qls}
+    saved = {q.layer.name: (q.wq, q.aq, q.aq2, q.oq) for q in qls}
     qmodel.set_quant(qls, False, False)
     data = list(batches())
     ref = [[t.detach() for t in _outputs(gm(*args))] for args in data]
@@ -63,6 +64,7 @@ def measure(gm, qls, pack_layers: list[list[str]], opts: list[tuple[int, int]], 
                 for q in own:
                     qmodel.set_bits(q, w, a)
                     q.quant_w = q.quant_a = True
+                qmodel.match_output_bits(qls)  # outputs read by the pack at its input bits
                 tot = sum(float(per_sample_loss(_outputs(gm(*args)), r).sum()) for args, r in zip(data, ref))
                 row.append(tot / n)
                 for q in own:
@@ -70,7 +72,7 @@ def measure(gm, qls, pack_layers: list[list[str]], opts: list[tuple[int, int]], 
             table.append(row)
     finally:
         for q in qls:
-            q.wq, q.aq, q.aq2 = saved[q.layer.name]
+            q.wq, q.aq, q.aq2, q.oq = saved[q.layer.name]
         qmodel.set_quant(qls, True, True)
     return table
 
@@ -95,7 +97,7 @@ def allocate(gm, qls, packs, units, batches, mo: MixedOptions, abits_uniform: in
     in_pack = {n for names in pack_layers for n in names}
     fixed = [q for q in qls if q.layer.name not in in_pack]
     for q in fixed:
-        qmodel.set_bits(q, mo.fixed_bits, mo.fixed_bits)
+        qmodel.set_bits(q, mo.fixed_bits, mo.fixed_abits or mo.fixed_bits)
     opts = options(mo)
     elems = {q.layer.name: q.weight.numel() for q in qls}
     fixed_bytes = sum(elems[q.layer.name] * mo.fixed_bits / 8 for q in fixed)

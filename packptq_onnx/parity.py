@@ -38,12 +38,18 @@ def layer_parity(qdq: onnx.ModelProto, gm, qls, feeds: dict, names: list) -> Lay
     m = onnx.ModelProto()
     m.CopyFrom(qdq)
     have = {o.name for o in m.graph.output} | set(feeds)
-    wanted = {t for q in qls for t in (q.layer.act_input, q.layer.act_input2, q.layer.output) if t}
+    # a Relu / Clip bypassed by a shared input quantizer is gone: read what the layer reads now
+    produced = {o for n in m.graph.node for o in n.output} | set(feeds)
+    reads = {n.name: n.input[0] for n in m.graph.node}
+    source = {q.layer.act_input: reads[q.layer.name] for q in qls
+              if q.layer.act_input and q.layer.act_input not in produced and q.layer.name in reads}
+    wanted = {source.get(t, t) for q in qls for t in (q.layer.act_input, q.layer.act_input2, q.layer.output) if t}
     for t in sorted(wanted - have):
         m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
     sess = runtime.session(m)
     values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     values.update(feeds)
+    values.update({t: values[src] for t, src in source.items()})
     worst, worst_name = 0, ""
     for q in qls:
         if id(q) not in captured:

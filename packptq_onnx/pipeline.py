@@ -12,7 +12,7 @@ import torch
 from . import __version__, convert, data, qmodel, runtime, validate
 from .errors import UsageError
 from .exporters import files, qdq
-from .layers import find_layers, outputs_before_float_ops, post_activations
+from .layers import find_layers, outputs_before_float_ops, post_activations, read_only_by_layers
 from .onnx_import import ImportedModel, check_static, load
 from .parity import layer_parity
 from .mixed import MixedOptions
@@ -159,7 +159,8 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
                      progress=lambda it: bar(it, "calibrate", -(-p.n_samples // opts.batch_size)),
                      output_bits=opts.output_bits,
                      float_outputs=set(imp.outputs) | outputs_before_float_ops(imp.model, layers),
-                     post_act=post_activations(imp.model, layers))
+                     post_act=post_activations(imp.model, layers),
+                     layer_only=read_only_by_layers(imp.model, layers))
     p.seconds = time.time() - t0
     return p
 

@@ -83,7 +83,7 @@ class QuantLayer(nn.Module):
         self.act_stats2 = None
         self.wq: WeightQuantizer | None = None
         self.aq: ActQuantizer | None = None
-        self.oq: ActQuantizer | None = None  # 8-bit output quantizer: lets onnxruntime fuse the layer
+        self.oq: ActQuantizer | None = None  # output quantizer: lets onnxruntime fuse the layer
         self.out_observer = None
         self.quant_w = self.quant_a = False
         self.observer = None  # callable(x) during calibration
@@ -176,7 +176,8 @@ def set_quant(qls, weights: bool, acts: bool) -> None:
 
 @torch.no_grad()
 def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bool, seed: int,
-              progress=None, output_bits: int | None = 8, float_outputs=(), post_act=None) -> None:
+              progress=None, output_bits: int | None = 8, float_outputs=(), post_act=None,
+              layer_only=()) -> None:
     """RTN initialisation: weight scales by Lp search, activation ranges from float calibration data.
 
     wbits / abits: an int for all layers or a dict layer-name -> bits. output_bits: an output
@@ -184,7 +185,9 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
     feed LayerNorm / Softmax / GELU first); None: no output quantizers. post_act: layer name ->
     (lo, hi, tensor) of a Relu / Clip right after the layer (layers.post_activations): its output
     quantizer is calibrated on the clipped values, and a layer reading that tensor (or the output
-    itself) at the same bits shares the quantizer (see tie_inputs)."""
+    itself) at the same bits shares the quantizer (see tie_inputs). layer_only: tensors read by
+    quantized layers only (layers.read_only_by_layers): an output quantizer writing one of them takes
+    its readers' bits when they agree, so a W4A4 chain is quantized once per tensor, at 4 bits."""
     post_act = post_act or {}
     def bits(b, name):
         return b[name] if isinstance(b, dict) else b
@@ -238,18 +241,23 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
         if ("in2", q.layer.name) in stats:
             q.act_stats2 = summary(("in2", q.layer.name))
         set_bits(q, None, bits(abits, q.layer.name))
+        q.__dict__["out_stats"] = None
         if ("out", q.layer.name) in stats:
-            lo, hi, sample = summary(("out", q.layer.name))
-            q.oq = ActQuantizer(output_bits, *quant.search_act_params(sample, lo, hi, *quant.act_qrange(output_bits)))
-            q.oq.to(q.weight.device)
+            q.__dict__["out_stats"], q.__dict__["out_bits"] = summary(("out", q.layer.name)), output_bits
+            set_output_bits(q, output_bits)
     producers = {}
-    for q in qls:
+    for q in qls:  # plain attributes below (not submodules): post_act, fed_by, readers
+        q.__dict__["post_act"] = post_act.get(q.layer.name)
+        q.__dict__["readers"] = []
         if q.oq is not None:
             producers[q.layer.output] = q
             if q.layer.name in post_act:
                 producers[post_act[q.layer.name][2]] = q
     for q in qls:
-        q.__dict__["fed_by"] = producers.get(q.layer.act_input)  # plain attribute, not a submodule
+        p = producers.get(q.layer.act_input)
+        q.__dict__["fed_by"] = p
+        if p is not None and q.layer.act_input in layer_only:
+            p.__dict__["readers"].append(q)
     tie_inputs(qls)
     set_quant(qls, True, True)
 
@@ -257,12 +265,36 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
 def tie_inputs(qls: list[QuantLayer]) -> None:
     """A layer whose input is another layer's output (directly or through its Relu / Clip) uses that
     layer's output quantizer when the bits agree: one quantizer per tensor, so onnxruntime removes
-    the second Q/DQ pair and the Clip and runs the chain as fused integer kernels."""
+    the second Q/DQ pair and the Clip and runs the chain as fused integer kernels. First, an output
+    quantizer whose tensor only quantized layers read takes their bits when they agree."""
+    match_output_bits(qls)
     for q in qls:
         p = q.__dict__.get("fed_by")
         if p is not None and p.oq is not None and q.aq is not None and q.aq.bits == p.oq.bits:
             q.aq = p.oq
             fit_bias(q)  # the bias steps follow the input scale, which just changed
+
+
+def match_output_bits(qls: list[QuantLayer]) -> None:
+    """An output quantizer read by quantized layers only takes their input bits when they all agree,
+    else the calibrated output bits (8 by default)."""
+    for p in qls:
+        readers = p.__dict__.get("readers")
+        if p.oq is None or not readers:
+            continue
+        bits = {r.aq.bits if r.aq is not None else None for r in readers}
+        want = bits.pop() if len(bits) == 1 and None not in bits else p.__dict__["out_bits"]
+        if p.oq.bits != want:
+            set_output_bits(p, want)
+
+
+def set_output_bits(q: QuantLayer, bits: int) -> None:
+    """(Re)build the output quantizer at `bits`, round to nearest, from its calibration statistics."""
+    key = ("o", bits)
+    if key not in q.initial:
+        lo, hi, sample = q.__dict__["out_stats"]
+        q.initial[key] = quant.search_act_params(sample, lo, hi, *quant.act_qrange(bits))
+    q.oq = ActQuantizer(bits, *q.initial[key]).to(q.weight.device)
 
 
 def set_bits(q: QuantLayer, wbits: int | None, abits: int | None) -> None:
@@ -323,9 +355,10 @@ def export_records(qls: list[QuantLayer], packs: dict | None = None):
             rec = LayerQuant(q.layer, q.wq.bits, w_int, q.wq.scale.float().cpu().numpy().copy(),
                              pack=(packs or {}).get(q.layer.name))
         if q.oq is not None:
-            rec.o_scale, rec.o_zero = float(q.oq.scale), int(q.oq.zero)
+            rec.o_scale, rec.o_zero, rec.o_bits = float(q.oq.scale), int(q.oq.zero), q.oq.bits
         if q.aq is not None:
             rec.abits, rec.a_scale, rec.a_zero = q.aq.bits, float(q.aq.scale), int(q.aq.zero)
+            rec.input_from = shared_input(q)
             bs = q.bias_scale()
             if q.bias_path is not None and bs is not None:
                 b = dict(q.inner.named_parameters())[q.bias_path]
@@ -333,3 +366,22 @@ def export_records(qls: list[QuantLayer], packs: dict | None = None):
                 rec.bias_scale = bs.float().numpy().copy()
         out.append(rec)
     return out
+
+
+def shared_input(q: QuantLayer) -> str | None:
+    """The producer's output tensor when `q` can read it as it is: q's input quantizer is the
+    producer's output quantizer and the Relu / Clip between them (if any) cannot change a value of
+    that quantizer's grid. Then the writer drops q's own Q/DQ and the Relu / Clip, and the chain
+    runs as integer kernels in onnxruntime at any bit width."""
+    p = q.__dict__.get("fed_by")
+    if p is None or p.oq is None or q.aq is not p.oq:
+        return None
+    act = p.__dict__.get("post_act")
+    if act is not None and q.layer.act_input == act[2]:
+        s, z = np.float32(float(p.oq.scale)), float(p.oq.zero)
+        lo_g, hi_g = s * np.float32(p.oq.qmin - z), s * np.float32(p.oq.qmax - z)
+        if not (act[0] <= lo_g and hi_g <= act[1]):
+            return None
+    elif q.layer.act_input != p.layer.output:
+        return None
+    return p.layer.output

@@ -19,7 +19,8 @@ def quantize(path, wbits, abits, calib):
     lays = layers.find_layers(imp.model)
     qls = qmodel.wrap(gm, imp.model, lays)
     qmodel.calibrate(gm, qls, data.batches(calib, ["x"], 8), wbits, abits, True, 0,
-                     float_outputs=set(imp.outputs), post_act=layers.post_activations(imp.model, lays))
+                     float_outputs=set(imp.outputs), post_act=layers.post_activations(imp.model, lays),
+                     layer_only=layers.read_only_by_layers(imp.model, lays))
     return imp, gm, qls, qdq.write_qdq(imp.model, qmodel.export_records(qls), {"test": True})
 
 
@@ -48,12 +49,21 @@ def test_qdq_structure_and_integer_ranges(exported):
     for w in w_ints:
         assert w.dtype == np.int8 and w.min() >= -4 and w.max() <= 3
     ops = [n.op_type for n in out.graph.node]
-    n_act = sum(q.layer.act_input is not None for q in qls)
+    recs = qmodel.export_records(qls)
     n_out = sum(q.oq is not None for q in qls)
     assert n_out == len(qls) - 1  # every layer but the one producing the graph output
-    assert ops.count("QuantizeLinear") == n_act + n_out and ops.count("Clip") == n_act
+    # a layer reading another's output at the same bits shares its quantizer: no Q/DQ of its own
+    shared = [r for r in recs if r.input_from is not None]
+    n_act = sum(q.layer.act_input is not None for q in qls) - len(shared)
+    assert shared and n_act > 0
+    # outputs read only by 4-bit inputs are quantized at 4 bits (Clip); those feeding an Add stay 8
+    n_out4 = sum(r.o_bits == 4 for r in recs)
+    assert 0 < n_out4 < n_out and {r.o_bits for r in recs if r.o_scale is not None} == {4, 8}
+    assert ops.count("QuantizeLinear") == n_act + n_out and ops.count("Clip") == n_act + n_out4
     n_bias = sum(1 for q in qls if q.layer.bias is not None and q.layer.act_input is not None)
     assert ops.count("DequantizeLinear") == len(qls) + n_act + n_bias + n_out  # weights, inputs, biases, outputs
+    # the ReLU between a conv and the conv reading it is gone: the 4-bit grid is already >= 0
+    assert ops.count("Relu") < sum(n.op_type == "Relu" for n in imp.model.graph.node)
     assert qdq.read_meta(out) == {"test": True}
     # the float model's weights are gone: only integer weights remain for quantized layers
     assert not any(q.layer.weight in inits for q in qls)
@@ -79,31 +89,45 @@ def test_eight_bit_weights_use_reduced_range_by_default(exported):
     assert max(int(np.abs(r.w_int).max()) for r in recs) >= 60  # the range is used, not collapsed
 
 
-def test_depthwise_convs_use_full_range_and_chains_fuse(exported, tmp_path):
-    """MobileNetV2-like at W8A8: depthwise convs get [-128, 127] (their kernel accumulates in 32
-    bits), the rest [-64, 63]; a layer reading another's (ReLU6-clipped) output shares its output
-    quantizer, so onnxruntime drops the Clips and runs every conv as QLinearConv."""
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_depthwise_convs_use_full_range_and_chains_fuse(exported, tmp_path, bits):
+    """MobileNetV2-like: at 8 bits depthwise convs get [-128, 127] (their kernel accumulates in 32
+    bits), the rest [-64, 63]; at every width a layer reading another's (ReLU6-clipped) output shares
+    its output quantizer (at the reader's bits), so onnxruntime runs every conv as QLinearConv with
+    no float Clip between them (at 4 and 3 bits only integer Clips on uint8 remain)."""
     import onnxruntime as ort
     net = nets.build("mobilenetv2")
-    imp, gm, qls, out = quantize(exported("mobilenetv2", 17), 8, 8, nets.inputs(net, 16))
+    imp, gm, qls, out = quantize(exported("mobilenetv2", 17), bits, bits, nets.inputs(net, 16))
     recs = qmodel.export_records(qls)
-    dw = [r for q, r in zip(qls, recs) if qmodel.is_depthwise(q)]
-    other = [r for q, r in zip(qls, recs) if not qmodel.is_depthwise(q)]
-    assert dw and other
-    assert max(int(np.abs(r.w_int).max()) for r in dw) > 64
-    assert all(r.w_int.min() >= -64 and r.w_int.max() <= 63 for r in other)
+    if bits == 8:
+        dw = [r for q, r in zip(qls, recs) if qmodel.is_depthwise(q)]
+        other = [r for q, r in zip(qls, recs) if not qmodel.is_depthwise(q)]
+        assert dw and other
+        assert max(int(np.abs(r.w_int).max()) for r in dw) > 64
+        assert all(r.w_int.min() >= -64 and r.w_int.max() <= 63 for r in other)
+    assert any(r.o_bits == bits and r.o_scale is not None for r in recs)
     post = layers.post_activations(imp.model, [q.layer for q in qls])
     assert post and all(lo == 0.0 and hi == 6.0 for lo, hi, _ in post.values())
     tied = [q for q in qls if q.aq is not None and q.__dict__.get("fed_by") is not None]
+    if bits != 8:  # only outputs read by nothing but quantized layers move to the readers' bits
+        tied = [r for q in qls for r in q.__dict__["readers"]]
     assert tied and all(q.aq is q.__dict__["fed_by"].oq for q in tied)
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(out.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    opt = onnx.load(so.optimized_model_filepath).graph.node
+    ops = [n.op_type for n in opt]
     n_conv = sum(q.layer.op == "Conv" for q in qls)
     # the stem reads the float network input: it stays a float Conv, followed by its ReLU6
-    assert ops.count("Conv") == 1 and ops.count("Clip") <= 1, ops
-    assert ops.count("QLinearConv") == n_conv - 1, ops
+    assert ops.count("Conv") == 1 and ops.count("QLinearConv") == n_conv - 1, ops
+    producer = {o: n.op_type for n in opt for o in n.output}
+    float_clips = [n for n in opt if n.op_type == "Clip" and producer.get(n.input[0]) in ("DequantizeLinear", "Conv")]
+    # ReLU6 stays float only after the stem (float Conv) and, below 8 bits, where its output also
+    # feeds a residual Add (an 8-bit output quantizer then, the reader quantizes again to `bits`)
+    only = layers.read_only_by_layers(imp.model, [q.layer for q in qls])
+    shared_with_float = [t for _, _, t in post.values() if t not in only]
+    assert len(float_clips) <= 1 + (len(shared_with_float) if bits < 8 else 0), \
+        [(n.name, producer.get(n.input[0])) for n in float_clips]
     feeds = nets.inputs(net, 16, seed=3)
     par = validate.sim_parity(["y"], runtime.run(runtime.session(out), feeds), convert.torch_run(gm, feeds, ["x"]))[0]
     assert par.exact
@@ -170,3 +194,21 @@ def test_dead_channel_bias_fits_int32(tmp_path):
     np.testing.assert_allclose(ort_q[:, 2], 5.0, atol=1e-3)
     sim = convert.torch_run(gm, calib, ["x"])
     assert validate.sim_parity(["y"], [ort_q], sim)[0].exact
+
+
+def test_output_quantizer_follows_its_readers_bits(exported):
+    """W4A4: an output read only by quantized layers is quantized once, at 4 bits, shared with its
+    reader. When mixed precision moves the reader to A8 the output quantizer goes back to 8 bits and
+    is shared again; onnxruntime still equals the simulation."""
+    net = nets.build("mobilenetv2")
+    imp, gm, qls, _ = quantize(exported("mobilenetv2", 17), 4, 4, nets.inputs(net, 16))
+    p = next(q for q in qls if q.__dict__["readers"])
+    r = p.__dict__["readers"][0]
+    assert p.oq.bits == 4 and r.aq is p.oq
+    qmodel.set_bits(r, 4, 8)
+    qmodel.tie_inputs(qls)
+    assert p.oq.bits == 8 and r.aq is p.oq
+    out = qdq.write_qdq(imp.model, qmodel.export_records(qls))
+    feeds = nets.inputs(net, 16, seed=3)
+    par = validate.sim_parity(["y"], runtime.run(runtime.session(out), feeds), convert.torch_run(gm, feeds, ["x"]))[0]
+    assert par.exact, par
