@@ -157,17 +157,15 @@ def _layer_nodes(node, q, const, weight_const, name) -> list:
     # weight: integer initializer (int8 container, or INT4/INT2 packed) -> DequantizeLinear(axis)
     w_q = weight_const(f"{lname}.w_int{q.wbits}", q.w_int, q.wbits)
     w_s = const(f"{lname}.w_scale", q.w_scale.astype(np.float32))
-    w_z = weight_const(f"{lname}.w_zero", np.zeros(q.w_scale.shape, np.int8), q.wbits)
-    w_dq = name(f"{lname}.w_dq")
-    out.append(helper.make_node("DequantizeLinear", [w_q, w_s, w_z], [w_dq], name=name(f"{lname}.w_DQ"),
+    w_dq = name(f"{lname}.w_dq")  # symmetric: no zero-point tensor (it defaults to 0)
+    out.append(helper.make_node("DequantizeLinear", [w_q, w_s], [w_dq], name=name(f"{lname}.w_DQ"),
                                 axis=q.layer.axis))
     node.input[1] = w_dq
     if q.bias_int is not None:
         b_q = const(f"{lname}.b_int32", q.bias_int.astype(np.int32))
         b_s = const(f"{lname}.b_scale", q.bias_scale.astype(np.float32))
-        b_z = const(f"{lname}.b_zero", np.zeros(q.bias_scale.shape, np.int32))
         b_dq = name(f"{lname}.b_dq")
-        out.append(helper.make_node("DequantizeLinear", [b_q, b_s, b_z], [b_dq], name=name(f"{lname}.b_DQ"),
+        out.append(helper.make_node("DequantizeLinear", [b_q, b_s], [b_dq], name=name(f"{lname}.b_DQ"),
                                     axis=0))
         node.input[2] = b_dq
     if q.input_from is not None:  # input quantizer shared with the producer's output: read its DQ
