@@ -142,7 +142,7 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
     from packptq_onnx.pipeline import Options, quantize
     from packptq_onnx.reconstruct import ReconOptions
 
-    method = "pack" if row.mixed else row.method.replace("-fullrange", "")
+    method = "pack" if row.mixed else row.method.replace("-fullrange", "").replace("-fine", "")
     o = Options(reduce_range=not row.full_range, wbits=row.wbits, abits=row.abits, method=method, seed=cfg["seed"],
                 calib_samples=cfg["calib_samples"], batch_size=min(cfg["batch_size"], cfg["calib_samples"]),
                 recon=ReconOptions(iters_total=cfg["iters_total"],
@@ -155,10 +155,12 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
             shapes[name] = [None] + list(calib[name].shape[1:])
     if shapes:
         o.input_shapes = shapes
+    if row.max_pack_blocks:
+        o.max_pack_blocks = row.max_pack_blocks
     if row.mixed:
         ab = tuple(sorted({row.abits, 8}))
-        # stem and head at the uniform row's bits: the same budget and treatment as pack-W{w}A{w}
-        o.mixed = MixedOptions(avg_wbits=float(row.wbits), wbits=(2, 3, 4, 8), abits=ab, fixed_bits=row.wbits,
+        # stem and head at the uniform row's weight bits: the same budget and treatment as pack-W{w}A4
+        o.mixed = MixedOptions(avg_wbits=float(row.wbits), wbits=(2, 3, 4, 8), abits=ab, fixed_bits=row.wbits, fixed_abits=row.abits,
                                cache=out_path + ".sensitivity.json")
     rep = quantize(info["model"], info["calib"], out_path, o, log=lambda *_: None)
     parity = rep.get("parity", [])

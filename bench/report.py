@@ -89,7 +89,7 @@ def table(task: Task, res: dict) -> list[str]:
 
 
 COLORS = {"float": "black", "rtn": "tab:gray", "adaround": "tab:blue", "block": "tab:orange", "pack": "tab:red",
-          "pack-mixed": "tab:purple"}
+          "pack-mixed": "tab:purple", "pack-fine": "tab:pink", "pack-mixed-fine": "tab:brown"}
 
 
 def plot_metrics(task: Task, res: dict) -> list[str]:
@@ -176,8 +176,10 @@ def write_results(all_res: dict, a, command: str) -> str:
              "activations for A4). Ours: `rtn`, `adaround`, `block`, `pack` (equal total reconstruction iterations "
              "for the last three; 8-bit weights in the 7-bit range, the pipeline's default), "
              "`pack-mixed-W4/W3`: pack + mixed precision (weights 2/3/4/8 bits, activations "
-             "A{4|3}/8 capped at uniform A4/A3 memory) under the weight bytes of uniform W4 / W3, stem and head "
-             "fixed at W4A4 / W3A3 as in the uniform rows; `*-fullrange-W8A8`: 8-bit weights in [-128, 127].", ""]
+             "A4/A8 capped at uniform A4 memory) under the weight bytes of uniform W4 / W3, stem and head "
+             "fixed at W4A4 / W3A4 as in the uniform rows; `-fine`: packs of at most 3 blocks "
+             "(--max-pack-blocks 3), which gives the allocation more packs to trade between; "
+             "`*-fullrange-W8A8`: 8-bit weights in [-128, 127].", ""]
     for name, res in all_res.items():
         task = TASKS[name]
         lines += [f"## {name}: {task.title}", ""]

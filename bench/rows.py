@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-BITS = ((8, 8), (4, 8), (4, 4), (3, 3))
+BITS = ((8, 8), (4, 8), (4, 4), (3, 4), (3, 3))
 OURS = ("rtn", "adaround", "block", "pack")
 
 
@@ -21,12 +21,14 @@ class Row:
     reduce_range: bool = False  # ort
     mixed: bool = False        # ours: pack + mixed precision at the weight bytes of uniform W{wbits}
     full_range: bool = False   # ours: --full-range-weights (8-bit weights in [-128, 127], as onnxruntime's)
+    max_pack_blocks: int | None = None  # ours: --max-pack-blocks (finer packs give the allocation room)
 
     @property
     def bits(self) -> str:
         if self.kind == "float":
             return "fp32"
-        return f"≤W{self.wbits} budget, A≤{self.abits}" if self.mixed else f"W{self.wbits}A{self.abits}"
+        fine = f", packs ≤{self.max_pack_blocks} blocks" if self.max_pack_blocks else ""
+        return (f"≤W{self.wbits} budget, A≤{self.abits}" if self.mixed else f"W{self.wbits}A{self.abits}") + fine
 
 
 def all_rows() -> list[Row]:
@@ -42,8 +44,10 @@ def all_rows() -> list[Row]:
             rows.append(Row(f"{m}-W{w}A{a}", "ours", m, w, a))
     for m in ("rtn", "pack"):  # 8-bit weights in the full range: exact on CPUs with VNNI, as onnxruntime's rows
         rows.append(Row(f"{m}-fullrange-W8A8", "ours", f"{m}-fullrange", 8, 8, full_range=True))
-    for w in (4, 3):
-        rows.append(Row(f"pack-mixed-W{w}", "ours", "pack-mixed", w, w, mixed=True))
+    for w in (4, 3):  # the weight bytes of uniform W4 / W3, activations at A4 (as pack-W4A4 / pack-W3A4)
+        rows.append(Row(f"pack-mixed-W{w}", "ours", "pack-mixed", w, 4, mixed=True))
+        rows.append(Row(f"pack-mixed-fine-W{w}", "ours", "pack-mixed-fine", w, 4, mixed=True, max_pack_blocks=3))
+        rows.append(Row(f"pack-fine-W{w}A4", "ours", "pack-fine", w, 4, max_pack_blocks=3))
     return rows
 
 
