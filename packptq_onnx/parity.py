@@ -40,7 +40,7 @@ def layer_parity(qdq: onnx.ModelProto, gm, qls, feeds: dict, names: list) -> Lay
     have = {o.name for o in m.graph.output} | set(feeds)
     # a Relu / Clip bypassed by a shared input quantizer is gone: read what the layer reads now
     produced = {o for n in m.graph.node for o in n.output} | set(feeds)
-    reads = {n.name: n.input[0] for n in m.graph.node}
+    reads = {n.name: n.input[0] for n in m.graph.node if n.input}
     source = {q.layer.act_input: reads[q.layer.name] for q in qls
               if q.layer.act_input and q.layer.act_input not in produced and q.layer.name in reads}
     wanted = {source.get(t, t) for q in qls for t in (q.layer.act_input, q.layer.act_input2, q.layer.output) if t}
