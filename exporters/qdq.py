@@ -181,7 +181,7 @@ def _output_nodes(node, q, const, name) -> list:
     lname, y = q.layer.name, node.output[0]
     pre = name(f"{lname}.y_float")
     node.output[0] = pre
-    nodes, dq = _act_qdq(pre, q.o_bits, q.o_scale, q.o_zero, lname, "y", const, name)
+    nodes, _ = _act_qdq(pre, q.o_bits, q.o_scale, q.o_zero, lname, "y", const, name)
     nodes[-1].output[0] = y
     return nodes
 

@@ -92,11 +92,7 @@ def fuse_pad_into_conv(graph) -> int:
             c.attribute.append(helper.make_attribute("pads", new))
             c.input[0] = pad.input[0]
         drop.append(pad)
-    for pad in drop:
-        graph.node.remove(pad)
-    if drop:
-        drop_unused_initializers(graph)
-    return len(drop)
+    return remove_nodes(graph, drop)
 
 
 def _conv_attr(node, name, default):
@@ -113,6 +109,15 @@ def consumers(graph) -> dict[str, list]:
         for name in node.input:
             out.setdefault(name, []).append(node)
     return out
+
+
+def remove_nodes(graph, nodes: list) -> int:
+    """Remove `nodes` (already bypassed) and the initializers only they read; returns how many."""
+    for node in nodes:
+        graph.node.remove(node)
+    if nodes:
+        drop_unused_initializers(graph)
+    return len(nodes)
 
 
 def drop_unused_initializers(graph) -> None:

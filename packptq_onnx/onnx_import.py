@@ -15,7 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import UsageError
-from .folding import consumers, drop_unused_initializers, fold_constants, fuse_pad_into_conv
+from .folding import consumers, fold_constants, fuse_pad_into_conv, remove_nodes
 
 MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 
@@ -260,8 +260,4 @@ def fold_batchnorm(graph) -> int:
         conv.input.extend([wn, bname])
         conv.output[0] = bn.output[0]
         drop.append(bn)
-    for bn in drop:
-        graph.node.remove(bn)
-    if drop:
-        drop_unused_initializers(graph)
-    return len(drop)
+    return remove_nodes(graph, drop)
