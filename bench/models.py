@@ -37,11 +37,10 @@ def _package_dir(name: str) -> str:
 
 
 def build_ocr(out: str) -> None:
-    src = os.path.join(_package_dir("rapidocr_onnxruntime"), "models")
     for name in OCR_MODELS:
         dst = os.path.join(out, name)
         if not os.path.exists(dst):
-            shutil.copyfile(os.path.join(src, name), dst)
+            shutil.copyfile(os.path.join(_package_dir("rapidocr_onnxruntime"), "models", name), dst)
             print(f"copied {dst}")
     keys = os.path.join(out, REC_KEYS)
     if not os.path.exists(keys):

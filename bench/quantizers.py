@@ -147,7 +147,8 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
                 calib_samples=cfg["calib_samples"], batch_size=min(cfg["batch_size"], cfg["calib_samples"]),
                 recon=ReconOptions(iters_total=cfg["iters_total"],
                                    batch_size=min(cfg["batch_size"], cfg["calib_samples"])),
-                resume=True)  # a row killed mid-reconstruction continues from OUT.onnx.ckpt when rerun
+                # a row killed mid-reconstruction continues from OUT.onnx.ckpt when rerun
+                resume=True, device=cfg.get("device", "cpu"))
     shapes = {}
     calib, _ = load_feeds(info["calib"], info["model"], 1)
     for name, dims in model_inputs(info["model"]):
@@ -173,6 +174,7 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
     if "reconstruction" in rep:
         res["recon_iters"] = sum(u["iters"] for u in rep["reconstruction"]["units"])
         res["recon_units"] = len(rep["reconstruction"]["units"])
+        res["recon_losses"] = [(u["name"], u["loss_before"], u["loss_after"]) for u in rep["reconstruction"]["units"]]
     if "mixed_precision" in rep:
         mp = rep["mixed_precision"]
         res["mixed"] = {"budget_bytes": mp["budget_bytes"], "counted_bytes": mp.get("counted_bytes"),

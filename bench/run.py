@@ -49,12 +49,15 @@ from tasks import DATA_SIZES, TASKS, Task  # noqa: E402
 # ---- configuration -----------------------------------------------------------------------------
 def row_config(task: Task, a) -> dict:
     q = 1 if a.quick else 0
-    return {"quick": bool(a.quick), "seed": a.seed,
-            "calib_samples": a.calib_samples or task.calib_samples[q],
-            "iters_total": a.iters_total if a.iters_total is not None else task.iters_total[q],
-            "eval_samples": a.eval_samples or task.eval_samples[q],
-            "latency_runs": a.latency_runs or (20 if a.quick else 50),
-            "batch_size": task.batch_size}
+    cfg = {"quick": bool(a.quick), "seed": a.seed,
+           "calib_samples": a.calib_samples or task.calib_samples[q],
+           "iters_total": a.iters_total if a.iters_total is not None else task.iters_total[q],
+           "eval_samples": a.eval_samples or task.eval_samples[q],
+           "latency_runs": a.latency_runs or (20 if a.quick else 50),
+           "batch_size": task.batch_size}
+    if a.device != "cpu":  # in the configuration tag only when not the default, so CPU caches stay valid
+        cfg["device"] = a.device
+    return cfg
 
 
 def config_tag(task: Task, a) -> str:
@@ -195,6 +198,8 @@ def main(argv=None):
     ap.add_argument("--results", default=HERE, help="folder for RESULTS.md and the PNG plots (default bench/)")
     ap.add_argument("--models-dir", default=None, help="folder of the real ONNX models (default OUT/models)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where our rows calibrate and learn (onnxruntime always evaluates on the CPU)")
     ap.add_argument("--calib-samples", type=int, default=None, help="override the task's calibration samples")
     ap.add_argument("--iters-total", type=int, default=None, help="override the total reconstruction iterations")
     ap.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N samples only")

@@ -153,6 +153,8 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     log(f"{os.path.basename(model_path)}: {len(imp.model.graph.node)} nodes, {len(layers)} quantizable "
         f"layers, opset {imp.opset}" + (f" ({'; '.join(imp.notes)})" if imp.notes else ""))
     qls = qmodel.wrap(gm, imp.model, layers)
+    if opts.device == "cuda":  # full fp32 on the GPU: TF32 would round what the exported model computes exactly
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     gm.to(opts.device)
     p = Prepared(imp, calib, names, gm, qls, faithful, 0.0)
     qmodel.calibrate(gm, qls, p.batches(opts), opts.wbits, opts.abits, opts.reduce_range, opts.seed,

@@ -155,12 +155,16 @@ def capture(gm, batches, wanted: list) -> list[np.ndarray | np.memmap]:
 
 
 class Cache:
-    """Unit inputs/targets: in memory, or memory-mapped on disk above a byte bound."""
+    """Unit inputs/targets: in memory, or memory-mapped on disk above a byte bound; on a GPU, in its
+    memory when they fit (no copy per iteration)."""
 
-    def __init__(self, arrays: list[np.ndarray], bound: int | None, directory: str | None):
+    def __init__(self, arrays: list[np.ndarray], bound: int | None, directory: str | None, device: str = "cpu"):
         total = sum(a.nbytes for a in arrays)
         self.on_disk = bound is not None and total > bound
         self.tmp = None
+        self.resident = None  # on a GPU, held in its memory when they take under half of what is free
+        if str(device).startswith("cuda") and not self.on_disk and total < torch.cuda.mem_get_info()[0] // 2:
+            self.resident = [torch.from_numpy(a).to(device) for a in arrays]
         if self.on_disk:
             self.tmp = tempfile.TemporaryDirectory(prefix="packptq-cache-", dir=directory)
             mm = []
@@ -172,9 +176,13 @@ class Cache:
         self.arrays, self.bytes = arrays, total
 
     def batch(self, idx: np.ndarray, device) -> list[torch.Tensor]:
+        if self.resident is not None:
+            i = torch.from_numpy(idx).to(device)
+            return [t.index_select(0, i) for t in self.resident]
         return [torch.from_numpy(np.ascontiguousarray(a[idx])).to(device) for a in self.arrays]
 
     def close(self):
+        self.resident = None
         if self.tmp is not None:
             self.tmp.cleanup()
 
@@ -204,9 +212,9 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     fp = capture(gm, calib_batches(), in_nodes + [out_node])
     set_quant(qls, True, True)
     qin = capture(gm, calib_batches(), in_nodes)
-    cache = Cache(fp + qin, o.cache_bytes, cache_dir)
+    cache = Cache(fp + qin, o.cache_bytes, cache_dir, device)
     k = len(in_nodes)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     rng = np.random.default_rng(seed)
     ev = np.arange(min(n, o.eval_samples))
 
@@ -237,7 +245,7 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
         for j in range(k):
             x_fp, x_q = arr[j], arr[k + 1 + j]
             if x_q.is_floating_point() and o.drop_prob > 0:
-                keep_q = torch.rand(x_q.shape, generator=gen).to(device) < o.drop_prob
+                keep_q = torch.rand(x_q.shape, generator=gen, device=device) < o.drop_prob
                 x_q = torch.where(keep_q, x_q, x_fp)
             xs.append(x_q)
         rec = recon_loss(sub(*xs), arr[k])

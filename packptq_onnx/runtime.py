@@ -1,6 +1,8 @@
 """onnxruntime access: one place that imports it, picks providers and builds sessions."""
 from __future__ import annotations
 
+import sys
+
 from .errors import UsageError
 
 
@@ -13,12 +15,20 @@ def ort():
     return onnxruntime
 
 
+_warned = []
+
+
 def providers(device: str = "cpu") -> list[str]:
+    """CUDA execution provider for --device cuda when onnxruntime has it (onnxruntime-gpu), else the CPU
+    one: torch still learns on the GPU, onnxruntime validates on the CPU (said once)."""
     avail = ort().get_available_providers()
     if device == "cuda":
-        if "CUDAExecutionProvider" not in avail:
-            raise UsageError("--device cuda needs onnxruntime-gpu: pip install 'packptq-onnx[gpu]'")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in avail:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if not _warned:
+            _warned.append(True)
+            print("note: onnxruntime has no CUDA execution provider (pip install onnxruntime-gpu); "
+                  "onnxruntime runs on the CPU", file=sys.stderr)
     return ["CPUExecutionProvider"]
 
 
