@@ -113,6 +113,8 @@ def allocate(gm, qls, packs, units, batches, mo: MixedOptions, abits_uniform: in
 
     if fixed_bytes + ilp.min_size(size) > budget:  # known before the costly sensitivity measurement
         raise infeasible()
+    # what Ω depends on besides the model and data: the packs' layers and the fixed stem/head bits
+    fingerprint = json.dumps([fingerprint, pack_layers, mo.fixed_bits, mo.fixed_abits])
     table = _cached(mo.cache, fingerprint, opts)
     if table is None:
         table = measure(gm, qls, pack_layers, opts, batches)

@@ -111,7 +111,25 @@ class TinyViT(nn.Module):
         return self.head(self.norm(self.blocks(x)).mean(1))
 
 
-ARCHS = {"resnet": ResNetLike, "mobilenetv2": MobileNetV2Like, "vit": TinyViT}
+class ChainNet(nn.Module):
+    """LCNet-like plain chain: a stem conv, depthwise-separable pairs with hard-swish, no residual."""
+    input_shape = (3, 16, 16)
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [nn.Conv2d(3, 8, 3, 2, 1, bias=False), _bn(8), nn.Hardswish()], 8
+        for cout, stride in ((16, 1), (16, 2), (24, 1)):
+            layers += [nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=False), _bn(c), nn.Hardswish(),
+                       nn.Conv2d(c, cout, 1, bias=False), _bn(cout), nn.Hardswish()]
+            c = cout
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+ARCHS = {"resnet": ResNetLike, "mobilenetv2": MobileNetV2Like, "vit": TinyViT, "chain": ChainNet}
 
 
 def build(arch: str, seed: int = 0) -> nn.Module:

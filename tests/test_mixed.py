@@ -101,6 +101,14 @@ def test_mixed_precision_on_sample(tmp_path, monkeypatch):
     o2 = Options(abits=4, method="rtn", mixed=MixedOptions(avg_wbits=3.5, cache=cache))
     r2 = quantize(MODEL, CALIB, str(tmp_path / "b.onnx"), o2, log=lambda *_: None)
     assert r2["mixed_precision"]["counted_bytes"] < m["counted_bytes"]
+    # other stem/head bits change what Omega measures: the cached table is not reused
+    class Measured(Exception):
+        pass
+
+    monkeypatch.setattr(mixed, "measure", lambda *a, **k: (_ for _ in ()).throw(Measured()))
+    o3 = Options(abits=4, method="rtn", mixed=MixedOptions(avg_wbits=4.5, fixed_bits=4, cache=cache))
+    with pytest.raises(Measured):
+        quantize(MODEL, CALIB, str(tmp_path / "c.onnx"), o3, log=lambda *_: None)
 
 
 def test_cli_infeasible_budget(tmp_path, capsys, monkeypatch):
