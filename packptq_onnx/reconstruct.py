@@ -92,19 +92,37 @@ def _producer_node(gm, model, tensor: str) -> fx.Node:
     raise KeyError(tensor)
 
 
+def _shape_only(gm, model) -> set:
+    """fx nodes whose value depends only on tensor shapes and constants (Shape -> Gather -> Concat ...)."""
+    shape_ops = {module_name(i) for i, n in enumerate(model.graph.node) if n.op_type in ("Shape", "Size")}
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.target in shape_ops:
+            out.add(n)
+        elif n.op in ("call_module", "call_function", "call_method") and n.all_input_nodes and all(
+                a in out or a.op == "get_attr" for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
 def subgraph(gm, model, unit: Unit):
-    """A GraphModule computing the unit's output from the values that enter it (shared modules)."""
+    """A GraphModule computing the unit's output from the values that enter it (shared modules).
+    Shape arithmetic made before the unit (e.g. the batch size read off the network input for a
+    Reshape inside it) is recomputed inside, from the tensor it measures, so it follows the batch."""
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     targets = {module_name(i) for i in unit.nodes}
     first = min(pos[n] for n in nodes if n.op == "call_module" and n.target in targets)
     out = _producer_node(gm, model, unit.output)
+    shape_only = _shape_only(gm, model)
     g, env, inputs = fx.Graph(), {}, []
 
     def arg(n):
         if n not in env:
             if n.op == "get_attr":
                 env[n] = g.get_attr(n.target)
+            elif n in shape_only:
+                env[n] = g.node_copy(n, arg)
             else:
                 env[n] = g.placeholder(f"in{len(inputs)}")
                 inputs.append(n)

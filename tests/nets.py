@@ -126,7 +126,8 @@ class ChainNet(nn.Module):
         self.head = nn.Linear(c, 10)
 
     def forward(self, x):
-        return self.head(self.body(x).mean((2, 3)))
+        bs = x.shape[0]  # read at the start, used at the end (as EfficientNet-PyTorch does): Shape -> Reshape
+        return self.head(self.body(x).mean((2, 3)).reshape(bs, -1))
 
 
 ARCHS = {"resnet": ResNetLike, "mobilenetv2": MobileNetV2Like, "vit": TinyViT, "chain": ChainNet}

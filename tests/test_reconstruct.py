@@ -65,6 +65,21 @@ def test_units_cover_layers_in_order(tmp_path):
     assert len(units) == len(u.stem) + 1 + len(u.head)
 
 
+def test_pack_spanning_shape_arithmetic(tmp_path, exported):
+    """A pack whose Reshape reads the batch size computed from the network input, before the pack:
+    the unit recomputes it, so it follows the reconstruction batch."""
+    import nets
+    net = nets.build("chain")
+    calib = str(tmp_path / "calib.npz")
+    np.savez(calib, **nets.inputs(net, n=48))
+    o = Options(wbits=4, abits=4, method="pack", calib_samples=48, batch_size=16,
+                recon=reconstruct.ReconOptions(iters=20, batch_size=12))
+    rep = quantize(exported("chain"), calib, str(tmp_path / "q.onnx"), o, log=lambda *_: None)
+    units = rep["reconstruction"]["units"]
+    assert units[0]["name"] == "/body/body.0/Conv" and units[-1]["name"] == "/head/Gemm"
+    assert all(u["loss_after"] <= u["loss_before"] for u in units) and rep["parity_layers"]["exact"]
+
+
 def test_resume_gives_identical_result(tmp_path, monkeypatch):
     (tmp_path / "a").mkdir()
     ref, _ = _run("block", tmp_path / "a", iters=40)
