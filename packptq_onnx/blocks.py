@@ -3,7 +3,8 @@
 A cut is a point in the (topologically sorted) graph where exactly one data tensor is live.
 Segments between cuts that hold a join (a node merging data paths that run through different
 quantizable layers: residual Add, Concat of branches, squeeze-excite gate) are blocks; a quantizable layer in a plain chain is a
-one-layer block, except the first segment (stem) and the last one (head) when they hold no join. Shape arithmetic (Shape, Size and what is computed only from them and constants) and
+one-layer block when it sits between two blocks, and stem / head when before the first / after
+the last. Shape arithmetic (Shape, Size and what is computed only from them and constants) and
 side inputs that no quantizable layer produced (e.g. an attention mask) do not count as live.
 """
 from __future__ import annotations
@@ -119,15 +120,8 @@ def find_blocks(model, layers: list[Layer]) -> Units:
 
     kinds = ["residual" if has_join(idx) else "layer" for idx, _ in merged]
     real = [k == "residual" for k in kinds]
-    first = real.index(True) if any(real) else len(real)
-    last = len(real) - 1 - real[::-1].index(True) if any(real) else -1
-    # plain layers before the first join / after the last one: only the first and the last segment are
-    # stem and head (they read the network input / give its output); the rest are one-layer blocks, so a
-    # chain network (LCNet, VGG) is packed and allocated like any other, not left in a long stem
-    if len(real) >= 3:
-        first, last = min(first, 1), max(last, len(real) - 2)
-    else:
-        first, last = 0, len(real) - 1
+    first = real.index(True) if any(real) else 0
+    last = len(real) - 1 - real[::-1].index(True) if any(real) else len(real) - 1
     units = Units(stem=[], blocks=[])
     for pos, ((idx, out), kind) in enumerate(zip(merged, kinds)):
         names = [by_index[i].name for i in sorted(idx) if i in by_index]

@@ -16,10 +16,10 @@ from packptq_onnx.pipeline import Options, analyse, prepare
 # (stem layers, [(kind, layers) per block], head layers), by construction of tests/nets.py
 EXPECTED = {
     "resnet": (1, [("residual", 2), ("residual", 3), ("residual", 2)], 1),
-    # inverted residuals without a skip are plain chains: one-layer blocks; only the classifier is head
-    "mobilenetv2": (1, [("residual", 3)] + [("layer", 1)] * 3 + [("residual", 3)] + [("layer", 1)] * 3, 1),
-    # a network with no join at all: first conv stem, last layer head, every layer between a block
-    "chain": (1, [("layer", 1)] * 6, 1),
+    # inverted residuals without a skip are plain chains: one-layer blocks between blocks, head after
+    "mobilenetv2": (1, [("residual", 3), ("layer", 1), ("layer", 1), ("layer", 1), ("residual", 3)], 4),
+    # a network with no join at all: every layer is a one-layer block, no stem or head
+    "chain": (0, [("layer", 1)] * 8, 0),
     # each transformer layer: attention (qkv, q.k^T, attn.v, proj) and MLP (fc1, fc2), each with its residual
     "vit": (1, [("residual", 4), ("residual", 2)] * 2, 1),
 }

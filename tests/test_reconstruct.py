@@ -76,7 +76,9 @@ def test_pack_spanning_shape_arithmetic(tmp_path, exported):
                 recon=reconstruct.ReconOptions(iters=20, batch_size=12))
     rep = quantize(exported("chain"), calib, str(tmp_path / "q.onnx"), o, log=lambda *_: None)
     units = rep["reconstruction"]["units"]
-    assert units[0]["name"] == "/body/body.0/Conv" and units[-1]["name"] == "/head/Gemm"
+    packs = rep["reconstruction"]["packs"]
+    assert [u["name"] for u in units] == [f"pack{p['id']}" for p in packs]  # a chain: packs only
+    assert packs[-1]["blocks"][-1] == 7  # the last pack ends with the classifier, after the Reshape
     assert all(u["loss_after"] <= u["loss_before"] for u in units) and rep["parity_layers"]["exact"]
 
 
