@@ -105,7 +105,10 @@ def test_mixed_precision_on_sample(tmp_path, monkeypatch):
     class Measured(Exception):
         pass
 
-    monkeypatch.setattr(mixed, "measure", lambda *a, **k: (_ for _ in ()).throw(Measured()))
+    def measured(*a, **k):
+        raise Measured
+
+    monkeypatch.setattr(mixed, "measure", measured)
     o3 = Options(abits=4, method="rtn", mixed=MixedOptions(avg_wbits=4.5, fixed_bits=4, cache=cache))
     with pytest.raises(Measured):
         quantize(MODEL, CALIB, str(tmp_path / "c.onnx"), o3, log=lambda *_: None)
