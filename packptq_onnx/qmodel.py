@@ -6,6 +6,8 @@ onnxruntime fuse Conv/Gemm into QLinear kernels) whenever the input is quantized
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 from torch import nn
@@ -19,6 +21,17 @@ SAMPLE_TOTAL = 1 << 16      # and in all: 80 Lp candidates over 65k values, ~0.1
 
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
+
+
+@dataclass(eq=False)
+class Links:
+    """A layer's neighbours and output statistics, set by calibrate (plain references: a dataclass
+    attribute of a module registers no submodule)."""
+    fed_by: QuantLayer | None = None       # the layer whose output (or its Relu / Clip) this one reads
+    readers: list = field(default_factory=list)  # quantized layers, the only readers of this output
+    post_act: tuple | None = None          # (lo, hi, tensor) of a Relu / Clip right after the layer
+    out_stats: tuple | None = None         # (lo, hi, sample) of the output, to rebuild at other bits
+    out_bits: int | None = None            # calibrated output bits
 
 
 class WeightQuantizer(nn.Module):
@@ -90,6 +103,7 @@ class QuantLayer(nn.Module):
         self.act_stats = None  # (lo, hi, sample) from calibration, to rebuild at other bits
         self.reduce_range = True
         self.initial = {}  # ("w"|"a", bits) -> round-to-nearest parameters, computed once
+        self.links = Links()
 
     @property
     def bias_path(self) -> str | None:
@@ -241,23 +255,22 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
         if ("in2", q.layer.name) in stats:
             q.act_stats2 = summary(("in2", q.layer.name))
         set_bits(q, None, bits(abits, q.layer.name))
-        q.__dict__["out_stats"] = None
+        q.links = Links()
         if ("out", q.layer.name) in stats:
-            q.__dict__["out_stats"], q.__dict__["out_bits"] = summary(("out", q.layer.name)), output_bits
+            q.links.out_stats, q.links.out_bits = summary(("out", q.layer.name)), output_bits
             set_output_bits(q, output_bits)
     producers = {}
-    for q in qls:  # plain attributes below (not submodules): post_act, fed_by, readers
-        q.__dict__["post_act"] = post_act.get(q.layer.name)
-        q.__dict__["readers"] = []
+    for q in qls:
+        q.links.post_act = post_act.get(q.layer.name)
         if q.oq is not None:
             producers[q.layer.output] = q
             if q.layer.name in post_act:
                 producers[post_act[q.layer.name][2]] = q
     for q in qls:
         p = producers.get(q.layer.act_input)
-        q.__dict__["fed_by"] = p
+        q.links.fed_by = p
         if p is not None and q.layer.act_input in layer_only:
-            p.__dict__["readers"].append(q)
+            p.links.readers.append(q)
     tie_inputs(qls)
     set_quant(qls, True, True)
 
@@ -269,7 +282,7 @@ def tie_inputs(qls: list[QuantLayer]) -> None:
     quantizer whose tensor only quantized layers read takes their bits when they agree."""
     match_output_bits(qls)
     for q in qls:
-        p = q.__dict__.get("fed_by")
+        p = q.links.fed_by
         if p is not None and p.oq is not None and q.aq is not None and q.aq.bits == p.oq.bits:
             q.aq = p.oq
             fit_bias(q)  # the bias steps follow the input scale, which just changed
@@ -279,11 +292,11 @@ def match_output_bits(qls: list[QuantLayer]) -> None:
     """An output quantizer read by quantized layers only takes their input bits when they all agree,
     else the calibrated output bits (8 by default)."""
     for p in qls:
-        readers = p.__dict__.get("readers")
+        readers = p.links.readers
         if p.oq is None or not readers:
             continue
         bits = {r.aq.bits if r.aq is not None else None for r in readers}
-        want = bits.pop() if len(bits) == 1 and None not in bits else p.__dict__["out_bits"]
+        want = bits.pop() if len(bits) == 1 and None not in bits else p.links.out_bits
         if p.oq.bits != want:
             set_output_bits(p, want)
 
@@ -292,7 +305,7 @@ def set_output_bits(q: QuantLayer, bits: int) -> None:
     """(Re)build the output quantizer at `bits`, round to nearest, from its calibration statistics."""
     key = ("o", bits)
     if key not in q.initial:
-        lo, hi, sample = q.__dict__["out_stats"]
+        lo, hi, sample = q.links.out_stats
         q.initial[key] = quant.search_act_params(sample, lo, hi, *quant.act_qrange(bits))
     q.oq = ActQuantizer(bits, *q.initial[key]).to(q.weight.device)
 
@@ -373,10 +386,10 @@ def shared_input(q: QuantLayer) -> str | None:
     producer's output quantizer and the Relu / Clip between them (if any) cannot change a value of
     that quantizer's grid. Then the writer drops q's own Q/DQ and the Relu / Clip, and the chain
     runs as integer kernels in onnxruntime at any bit width."""
-    p = q.__dict__.get("fed_by")
+    p = q.links.fed_by
     if p is None or p.oq is None or q.aq is not p.oq:
         return None
-    act = p.__dict__.get("post_act")
+    act = p.links.post_act
     if act is not None and q.layer.act_input == act[2]:
         s, z = np.float32(float(p.oq.scale)), float(p.oq.zero)
         lo_g, hi_g = s * np.float32(p.oq.qmin - z), s * np.float32(p.oq.qmax - z)

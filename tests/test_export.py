@@ -108,10 +108,10 @@ def test_depthwise_convs_use_full_range_and_chains_fuse(exported, tmp_path, bits
     assert any(r.o_bits == bits and r.o_scale is not None for r in recs)
     post = layers.post_activations(imp.model, [q.layer for q in qls])
     assert post and all(lo == 0.0 and hi == 6.0 for lo, hi, _ in post.values())
-    tied = [q for q in qls if q.aq is not None and q.__dict__.get("fed_by") is not None]
+    tied = [q for q in qls if q.aq is not None and q.links.fed_by is not None]
     if bits != 8:  # only outputs read by nothing but quantized layers move to the readers' bits
-        tied = [r for q in qls for r in q.__dict__["readers"]]
-    assert tied and all(q.aq is q.__dict__["fed_by"].oq for q in tied)
+        tied = [r for q in qls for r in q.links.readers]
+    assert tied and all(q.aq is q.links.fed_by.oq for q in tied)
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(out.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -202,8 +202,8 @@ def test_output_quantizer_follows_its_readers_bits(exported):
     is shared again; onnxruntime still equals the simulation."""
     net = nets.build("mobilenetv2")
     imp, gm, qls, _ = quantize(exported("mobilenetv2", 17), 4, 4, nets.inputs(net, 16))
-    p = next(q for q in qls if q.__dict__["readers"])
-    r = p.__dict__["readers"][0]
+    p = next(q for q in qls if q.links.readers)
+    r = p.links.readers[0]
     assert p.oq.bits == 4 and r.aq is p.oq
     qmodel.set_bits(r, 4, 8)
     qmodel.tie_inputs(qls)
