@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from .blocks import SHAPE_OPS
 from .convert import module_name
 from .qmodel import set_quant
 from .progress import bar
@@ -94,7 +95,7 @@ def _producer_node(gm, model, tensor: str) -> fx.Node:
 
 def _shape_only(gm, model) -> set:
     """fx nodes whose value depends only on tensor shapes and constants (Shape -> Gather -> Concat ...)."""
-    shape_ops = {module_name(i) for i, n in enumerate(model.graph.node) if n.op_type in ("Shape", "Size")}
+    shape_ops = {module_name(i) for i, n in enumerate(model.graph.node) if n.op_type in SHAPE_OPS}
     out = set()
     for n in gm.graph.nodes:
         if n.op == "call_module" and n.target in shape_ops:
