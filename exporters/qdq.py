@@ -168,6 +168,8 @@ def _layer_nodes(node, q, const, weight_const, name) -> list:
         out.append(helper.make_node("DequantizeLinear", [b_q, b_s], [b_dq], name=name(f"{lname}.b_DQ"),
                                     axis=0))
         node.input[2] = b_dq
+    elif q.bias_float is not None:
+        node.input[2] = const(f"{lname}.b_corrected", q.bias_float.astype(np.float32))
     if q.input_from is not None:  # input quantizer shared with the producer's output: read its DQ
         node.input[0] = q.input_from
     elif q.abits is not None:

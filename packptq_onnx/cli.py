@@ -104,6 +104,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--no-output-quant", action="store_true",
                    help="quantize layer inputs only (no 8-bit output quantizers; onnxruntime then cannot "
                    "fuse layers into integer kernels)")
+    q.add_argument("--no-bias-correction", action="store_true",
+                   help="keep the float bias (default: subtract the mean output shift that quantizing "
+                   "each weight causes on the calibration data)")
     q.add_argument("--full-range-weights", action="store_true",
                    help="8-bit weights in [-128,127] instead of [-64,63] (not exact on AVX2 CPUs without VNNI)")
     _recon_args(q)
@@ -168,7 +171,7 @@ def cmd_quantize(a) -> int:
                    reduce_range=not a.full_range_weights, image=_image_opts(a), recon=recon,
                    max_pack_blocks=a.max_pack_blocks, resume=a.resume, mixed=_mixed_opts(a),
                    storage=a.storage, output_bits=None if a.no_output_quant else 8, strict=a.strict,
-                   input_shapes=_shapes(a))
+                   input_shapes=_shapes(a), bias_correction=not a.no_bias_correction)
     if a.plot and not opts.mixed.enabled:
         raise UsageError("--plot shows the mixed-precision choice: give --budget or --avg-wbits")
     report = quantize(a.model, a.calib, a.output, opts, a.eval, a.labels, log=print)

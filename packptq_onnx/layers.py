@@ -87,6 +87,7 @@ class LayerQuant:
     a_zero: int | None = None
     bias_int: "np.ndarray | None" = None   # int32
     bias_scale: "np.ndarray | None" = None  # float32, a_scale * w_scale
+    bias_float: "np.ndarray | None" = None  # float32 bias replacing the model's (input not quantized)
     o_scale: float | None = None            # output quantizer (for kernel fusion), if any
     a2_scale: float | None = None           # second input of an activation x activation MatMul
     a2_zero: int | None = None

@@ -43,6 +43,7 @@ class Options:
     strict: bool = False       # an op with no torch converter is an error instead of staying float
     mixed: MixedOptions = field(default_factory=MixedOptions)
     input_shapes: dict = field(default_factory=dict)  # name -> dims (None = dynamic), --input-shape
+    bias_correction: bool = True  # subtract the mean output shift of quantized weights (qmodel)
 
 
 METHODS = ("rtn", "adaround", "block", "pack")
@@ -162,7 +163,7 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
                      output_bits=opts.output_bits,
                      float_outputs=set(imp.outputs) | outputs_before_float_ops(imp.model, layers),
                      post_act=post_activations(imp.model, layers),
-                     layer_only=read_only_by_layers(imp.model, layers))
+                     layer_only=read_only_by_layers(imp.model, layers), bias_correction=opts.bias_correction)
     p.seconds = time.time() - t0
     return p
 
@@ -183,7 +184,8 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
     if opts.mixed.enabled:
         from .mixed import allocate
         fp = (f"{os.path.abspath(model_path)}:{os.path.getsize(model_path)}:{os.path.abspath(calib_path)}:"
-              f"{p.n_samples}:{opts.seed}:W{opts.wbits}A{opts.abits}:{opts.max_pack_blocks}:{opts.output_bits}")
+              f"{p.n_samples}:{opts.seed}:W{opts.wbits}A{opts.abits}:{opts.max_pack_blocks}:{opts.output_bits}:"
+              f"{opts.bias_correction}")
         mixed = allocate(gm, qls, analysis.packs, analysis.units, lambda: p.batches(opts), opts.mixed,
                          opts.abits, fp, log)
     recon = reconstruct_model(p, opts, ckpt, log, analysis) if opts.method != "rtn" else None

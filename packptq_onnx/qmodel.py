@@ -3,6 +3,12 @@
 The wrapper holds the weight in ONNX layout, so the integer tensor we export is exactly the one
 we simulate. Bias is quantized to int32 at scale s_x * s_w (the QDQ convention that lets
 onnxruntime fuse Conv/Gemm into QLinear kernels) whenever the input is quantized.
+
+Bias correction (Nagel et al., "Data-Free Quantization", 2019): quantizing a weight shifts the
+mean of its layer's output by E[(W_q - W) x]. Calibration keeps each biased layer's mean float
+input; the simulation subtracts that shift from the bias whenever the weight is quantized, computed
+from the current weight (so it follows AdaRound's rounding and any change of bits), and the export
+stores the corrected bias.
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ SAMPLE_TOTAL = 1 << 16      # and in all: 80 Lp candidates over 65k values, ~0.1
 
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
+CORRECTABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+               nn.Linear)
 
 
 @dataclass(eq=False)
@@ -104,6 +112,13 @@ class QuantLayer(nn.Module):
         self.reduce_range = True
         self.initial = {}  # ("w"|"a", bits) -> round-to-nearest parameters, computed once
         self.links = Links()
+        self.register_buffer("in_mean", None)  # mean float input over the calibration batch axis
+
+    @property
+    def correctable(self) -> bool:
+        """Bias correction applies: an own bias, and a module whose output is linear in its weight
+        with batch axis 0 (Conv / ConvTranspose channels on axis 1, Linear on the last axis)."""
+        return self.bias_path is not None and isinstance(self.inner, CORRECTABLE)
 
     @property
     def bias_path(self) -> str | None:
@@ -138,12 +153,26 @@ class QuantLayer(nn.Module):
             y = self.inner(*args, **kwargs)
         else:
             params = {self.param_path: w}
-            bs = self.bias_scale()
-            if self.bias_path is not None and bs is not None:
-                b = dict(self.inner.named_parameters())[self.bias_path]
-                params[self.bias_path] = bias_integer(b, bs) * bs
+            if self.bias_path is not None:
+                b, bs = self.corrected_bias(w), self.bias_scale()
+                if bs is not None:  # int32 steps; the correction's gradient passes straight through
+                    b = bias_integer(b, bs) * bs + (b - b.detach())
+                params[self.bias_path] = b
             y = torch.func.functional_call(self.inner, params, tuple(args), kwargs)
         return self._output(y)
+
+    def corrected_bias(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """The float bias less the mean output shift that the quantized weight causes on the
+        calibration data (unchanged while the weight is float or without calibration means)."""
+        b = dict(self.inner.named_parameters())[self.bias_path]
+        if not (self.quant_w and self.wq is not None and self.in_mean is not None):
+            return b
+        w = self.sim_weight() if w is None else w
+        dw = w - (self.weight.T if self.transpose else self.weight)
+        y = torch.func.functional_call(self.inner, {self.param_path: dw, self.bias_path: torch.zeros_like(b)},
+                                       (self.in_mean,))
+        axis = y.dim() - 1 if isinstance(self.inner, nn.Linear) else 1
+        return b - y.mean([d for d in range(y.dim()) if d != axis])
 
     def _output(self, y):
         if self.out_observer is not None:
@@ -191,7 +220,7 @@ def set_quant(qls, weights: bool, acts: bool) -> None:
 @torch.no_grad()
 def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bool, seed: int,
               progress=None, output_bits: int | None = 8, float_outputs=(), post_act=None,
-              layer_only=()) -> None:
+              layer_only=(), bias_correction: bool = True) -> None:
     """RTN initialisation: weight scales by Lp search, activation ranges from float calibration data.
 
     wbits / abits: an int for all layers or a dict layer-name -> bits. output_bits: an output
@@ -201,7 +230,8 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
     quantizer is calibrated on the clipped values, and a layer reading that tensor (or the output
     itself) at the same bits shares the quantizer (see tie_inputs). layer_only: tensors read by
     quantized layers only (layers.read_only_by_layers): an output quantizer writing one of them takes
-    its readers' bits when they agree, so a W4A4 chain is quantized once per tensor, at 4 bits."""
+    its readers' bits when they agree, so a W4A4 chain is quantized once per tensor, at 4 bits.
+    bias_correction: keep each correctable layer's mean input (see QuantLayer.corrected_bias)."""
     post_act = post_act or {}
     def bits(b, name):
         return b[name] if isinstance(b, dict) else b
@@ -220,12 +250,25 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
             stats[key] = (min(lo, float(x.min())), max(hi, float(x.max())), samples)
         return obs
 
+    sums = {}
+
+    def mean_input(q, obs):
+        def f(x):
+            if obs is not None:
+                obs(x)
+            s, n = sums.get(q.layer.name, (0.0, 0))
+            sums[q.layer.name] = (s + x.detach().float().sum(0, keepdim=True), n + x.shape[0])
+        return f
+
     set_quant(qls, False, False)
     for q in qls:
         q.reduce_range, q.initial = reduce_range and not is_depthwise(q), {}
         set_bits(q, bits(wbits, q.layer.name), None)
+        q.in_mean = None
         if q.layer.act_input is not None:
             q.observer = observer(q, q.layer.name)
+        if bias_correction and q.correctable:
+            q.observer = mean_input(q, q.observer)
         if q.layer.act_input2 is not None:
             q.observer2 = observer(q, ("in2", q.layer.name))
         q.oq = None
@@ -250,6 +293,8 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
         return lo, hi, sample
 
     for q in qls:
+        if q.layer.name in sums:
+            q.in_mean = sums[q.layer.name][0] / sums[q.layer.name][1]
         if q.layer.name in stats:
             q.act_stats = summary(q.layer.name)
         if ("in2", q.layer.name) in stats:
@@ -369,14 +414,17 @@ def export_records(qls: list[QuantLayer], packs: dict | None = None):
                              pack=(packs or {}).get(q.layer.name))
         if q.oq is not None:
             rec.o_scale, rec.o_zero, rec.o_bits = float(q.oq.scale), int(q.oq.zero), q.oq.bits
+        bs = q.bias_scale()
         if q.aq is not None:
             rec.abits, rec.a_scale, rec.a_zero = q.aq.bits, float(q.aq.scale), int(q.aq.zero)
             rec.input_from = shared_input(q)
-            bs = q.bias_scale()
-            if q.bias_path is not None and bs is not None:
-                b = dict(q.inner.named_parameters())[q.bias_path]
+        if q.bias_path is not None and q.wq is not None:
+            b = q.corrected_bias()
+            if bs is not None:
                 rec.bias_int = bias_integer(b, bs).to(torch.int32).numpy()
                 rec.bias_scale = bs.float().numpy().copy()
+            elif q.in_mean is not None:  # float bias (input not quantized), corrected
+                rec.bias_float = b.detach().float().numpy().copy()
         out.append(rec)
     return out
 

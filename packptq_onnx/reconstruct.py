@@ -346,7 +346,8 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
     iters = split_iters(units, o)
     fingerprint = json.dumps({"units": [u.name for u in units], "iters": iters, "seed": seed,
                               "layers": [q.layer.name for q in qls],
-                              "bits": [(q.wq.bits if q.wq else None, q.aq.bits if q.aq else None) for q in qls]})
+                              "bits": [(q.wq.bits if q.wq else None, q.aq.bits if q.aq else None) for q in qls],
+                              "bias_correction": [q.in_mean is not None for q in qls]})
     done: list[UnitResult] = []
     if resume and os.path.exists(ckpt):
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)
