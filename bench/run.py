@@ -60,6 +60,18 @@ def row_config(task: Task, a) -> dict:
     return cfg
 
 
+def code_version() -> str:
+    """Hash of the package's sources: a cached row of ours made by other code is run again."""
+    h = hashlib.sha1()
+    for top in ("packptq_onnx", "exporters", "solvers"):
+        for d, _, files in sorted(os.walk(os.path.join(ROOT, top))):
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    with open(os.path.join(d, f), "rb") as fh:
+                        h.update(f.encode() + fh.read())
+    return h.hexdigest()[:12]
+
+
 def config_tag(task: Task, a) -> str:
     cfg = row_config(task, a)
     base = dict(cfg, calib_samples=task.calib_samples[int(a.quick)], iters_total=task.iters_total[int(a.quick)],
@@ -111,6 +123,7 @@ def spawn(kind: str, payload: dict, log_path: str, timeout: float | None) -> dic
         tail = _last_line(log_path)
         why = f"killed by signal {-code}" + (" (out of memory?)" if code == -9 else "") if code < 0 else f"exit {code}"
         res = {"status": "failed", "error": f"{why}: {tail}" if tail else why}
+    res.setdefault("config", payload.get("cfg"))  # failure records too: the code they failed with
     res["wall_seconds"] = wall
     res["process_peak_rss_mb"] = round(rusage.ru_maxrss / 1024, 1) if rusage else None
     save_json(res, result)
@@ -134,7 +147,7 @@ def run_task(task: Task, rows: list[Row], a, log=print) -> dict:
         return {"info": None, "rows": {}, "missing": why}
     cfg = row_config(task, a)
     tag = config_tag(task, a)
-    cfg["tag"] = tag
+    cfg["tag"], cfg["code"] = tag, code_version()
     work = os.path.join(a.out, task.name)
     rdir = os.path.join(work, tag)
     os.makedirs(rdir, exist_ok=True)
@@ -165,10 +178,13 @@ def run_task(task: Task, rows: list[Row], a, log=print) -> dict:
         if os.path.exists(path):
             with open(path) as f:
                 res = json.load(f)
-            if res.get("status") == "ok" or (res.get("status") == "failed" and not a.retry_failed):
+            stale = ROWS[row.name].kind == "ours" and res.get("config", {}).get("code") != cfg["code"]
+            if not stale and (res.get("status") == "ok" or (res.get("status") == "failed" and not a.retry_failed)):
                 results[row.name] = res
                 log(f"[{task.name}] {row.name:<26} cached ({res.get('status')})")
                 continue
+            if stale:
+                log(f"[{task.name}] {row.name:<26} cached by other code: running again")
         log(f"[{task.name}] {row.name:<26} running ...")
         res = spawn("--_row", {"task": task.name, "row": row.name, "out": os.path.abspath(a.out), "cfg": cfg,
                                "result": path}, os.path.join(rdir, f"{row.name}.log"), a.row_timeout)
