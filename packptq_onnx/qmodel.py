@@ -126,6 +126,11 @@ class QuantLayer(nn.Module):
             return None
         return self.param_path[: -len("weight")] + "bias"
 
+    @property
+    def float_bias(self) -> torch.Tensor:
+        """The model's own bias parameter (bias_path must not be None)."""
+        return self.inner.get_parameter(self.bias_path)
+
     def sim_weight(self) -> torch.Tensor:
         w = self.wq(self.weight) if (self.quant_w and self.wq is not None) else self.weight
         return w.T if self.transpose else w
@@ -164,7 +169,7 @@ class QuantLayer(nn.Module):
     def corrected_bias(self, w: torch.Tensor | None = None) -> torch.Tensor:
         """The float bias less the mean output shift that the quantized weight causes on the
         calibration data (unchanged while the weight is float or without calibration means)."""
-        b = dict(self.inner.named_parameters())[self.bias_path]
+        b = self.float_bias
         if not (self.quant_w and self.wq is not None and self.in_mean is not None):
             return b
         w = self.sim_weight() if w is None else w
@@ -385,7 +390,7 @@ def fit_bias(q: QuantLayer) -> None:
     (EfficientNet-Lite0's stem has such channels). Those channels' weights quantize to zero anyway."""
     if q.wq is None or q.aq is None or q.bias_path is None:
         return
-    b = dict(q.inner.named_parameters())[q.bias_path].detach().abs().float()
+    b = q.float_bias.detach().abs().float()
     floor = b / (float(q.aq.scale) * BIAS_HEADROOM)
     q.wq.scale.copy_(torch.maximum(q.wq.scale, floor.to(q.wq.scale)))
 
