@@ -2,10 +2,11 @@
 
 A cut is a point in the (topologically sorted) graph where exactly one data tensor is live.
 Segments between cuts that hold a join (a node merging data paths that run through different
-quantizable layers: residual Add, Concat of branches, squeeze-excite gate) are blocks; a quantizable layer in a plain chain is a
-one-layer block when it sits between two blocks, and stem / head when before the first / after
-the last. Shape arithmetic (Shape, Size and what is computed only from them and constants) and
-side inputs that no quantizable layer produced (e.g. an attention mask) do not count as live.
+quantizable layers: residual Add, Concat of branches, squeeze-excite gate) are residual blocks. A
+plain segment (no join) is the stem when it is the first segment, the head when it is the last,
+and otherwise a one-layer block, or with the segment after it a depthwise-separable block when
+its layer is a depthwise conv. Shape arithmetic (Shape, Size and what is computed only from them
+and constants) and side inputs that no quantizable layer produced (e.g. an attention mask) do not count as live.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ SHAPE_OPS = ("Shape", "Size")
 class Block:
     id: int
     name: str
-    kind: str                 # "residual" (has a join) or "layer" (one quantizable layer)
+    kind: str                 # "residual" (has a join), "layer" (one quantizable layer) or
+                              # "separable" (a depthwise conv and the layer after it)
     nodes: list[int]          # node indices in the normalised graph
     layers: list[str]         # ONNX names of its quantizable layers, graph order
     output: str               # tensor at the cut after the block
@@ -119,17 +121,40 @@ def find_blocks(model, layers: list[Layer]) -> Units:
         return any(i in joins for i in idx)
 
     kinds = ["residual" if has_join(idx) else "layer" for idx, _ in merged]
-    real = [k == "residual" for k in kinds]
-    first = real.index(True) if any(real) else 0
-    last = len(real) - 1 - real[::-1].index(True) if any(real) else len(real) - 1
-    units = Units(stem=[], blocks=[])
-    for pos, ((idx, out), kind) in enumerate(zip(merged, kinds)):
-        names = [by_index[i].name for i in sorted(idx) if i in by_index]
-        if pos < first:
-            units.stem += names
-        elif pos > last:
-            units.head += names
+    # stem: the first segment, head: the last, when plain (the layer reading the network input, the
+    # classifier), as BRECQ / QDrop keep them; every other segment is a block, so a plain chain
+    # (LCNet, MobileNetV1) is reconstructed and packed like residual blocks
+    count = len(merged)
+    lo = 1 if count > 2 and kinds[0] == "layer" else 0
+    hi = count - 1 if count > 2 and kinds[-1] == "layer" else count
+    groups, pos = [], lo
+    while pos < hi:  # a depthwise conv and the layer after it: one depthwise-separable block
+        if (kinds[pos] == "layer" and pos + 1 < hi and kinds[pos + 1] == "layer"
+                and _depthwise(g, merged[pos][0], by_index)):
+            groups.append(([pos, pos + 1], "separable"))
+            pos += 2
         else:
-            bid = len(units.blocks)
-            units.blocks.append(Block(bid, f"block{bid}", kind, sorted(idx), names, out))
+            groups.append(([pos], kinds[pos]))
+            pos += 1
+
+    def names_of(idx):
+        return [by_index[i].name for i in sorted(idx) if i in by_index]
+
+    units = Units(stem=[n for idx, _ in merged[:lo] for n in names_of(idx)], blocks=[],
+                  head=[n for idx, _ in merged[hi:] for n in names_of(idx)])
+    for members, kind in groups:
+        idx = sorted(i for m in members for i in merged[m][0])
+        bid = len(units.blocks)
+        units.blocks.append(Block(bid, f"block{bid}", kind, idx, names_of(idx), merged[members[-1]][1]))
     return units
+
+
+def _depthwise(graph, idx: list[int], by_index: dict) -> bool:
+    """The segment's quantizable layers are one depthwise Conv (one input channel per group)."""
+    convs = [i for i in idx if i in by_index]
+    if len(convs) != 1 or by_index[convs[0]].op != "Conv":
+        return False
+    node = graph.node[convs[0]]
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    w = next((i for i in graph.initializer if i.name == node.input[1]), None)
+    return group > 1 and w is not None and len(w.dims) > 1 and w.dims[1] == 1

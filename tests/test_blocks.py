@@ -16,10 +16,12 @@ from packptq_onnx.pipeline import Options, analyse, prepare
 # (stem layers, [(kind, layers) per block], head layers), by construction of tests/nets.py
 EXPECTED = {
     "resnet": (1, [("residual", 2), ("residual", 3), ("residual", 2)], 1),
-    # inverted residuals without a skip are plain chains: one-layer blocks between blocks, head after
-    "mobilenetv2": (1, [("residual", 3), ("layer", 1), ("layer", 1), ("layer", 1), ("residual", 3)], 4),
-    # a network with no join at all: every layer is a one-layer block, no stem or head
-    "chain": (0, [("layer", 1)] * 8, 0),
+    # an inverted residual without a skip is a plain chain: its expand conv a one-layer block, its
+    # depthwise and project convs a depthwise-separable block; only the classifier is the head
+    "mobilenetv2": (1, [("residual", 3), ("layer", 1), ("separable", 2), ("residual", 3), ("layer", 1),
+                        ("separable", 2)], 1),
+    # a network with no join at all (LCNet-like): stem conv, depthwise-separable pairs, classifier
+    "chain": (1, [("separable", 2)] * 3, 1),
     # each transformer layer: attention (qkv, q.k^T, attn.v, proj) and MLP (fc1, fc2), each with its residual
     "vit": (1, [("residual", 4), ("residual", 2)] * 2, 1),
 }
