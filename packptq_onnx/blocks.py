@@ -6,7 +6,8 @@ quantizable layers: residual Add, Concat of branches, squeeze-excite gate) are r
 plain segment (no join) is the stem when it is the first segment, the head when it is the last,
 and otherwise a one-layer block, or with the segment after it a depthwise-separable block when
 its layer is a depthwise conv. Shape arithmetic (Shape, Size and what is computed only from them
-and constants) and side inputs that no quantizable layer produced (e.g. an attention mask) do not count as live.
+and constants) and side inputs that no quantizable layer produced (e.g. an attention mask) do not
+count as live.
 """
 from __future__ import annotations
 
@@ -127,10 +128,11 @@ def find_blocks(model, layers: list[Layer]) -> Units:
     count = len(merged)
     lo = 1 if count > 2 and kinds[0] == "layer" else 0
     hi = count - 1 if count > 2 and kinds[-1] == "layer" else count
+    dims = {i.name: i.dims for i in g.initializer}
     groups, pos = [], lo
     while pos < hi:  # a depthwise conv and the layer after it: one depthwise-separable block
         if (kinds[pos] == "layer" and pos + 1 < hi and kinds[pos + 1] == "layer"
-                and _depthwise(g, merged[pos][0], by_index)):
+                and _depthwise(g, merged[pos][0], by_index, dims)):
             groups.append(([pos, pos + 1], "separable"))
             pos += 2
         else:
@@ -149,12 +151,12 @@ def find_blocks(model, layers: list[Layer]) -> Units:
     return units
 
 
-def _depthwise(graph, idx: list[int], by_index: dict) -> bool:
-    """The segment's quantizable layers are one depthwise Conv (one input channel per group)."""
+def _depthwise(graph, idx: list[int], by_index: dict, dims: dict) -> bool:
+    """The segment's quantizable layers are one depthwise Conv (one input channel per group).
+    dims: initializer name -> its dims, built once per graph."""
     convs = [i for i in idx if i in by_index]
     if len(convs) != 1 or by_index[convs[0]].op != "Conv":
         return False
-    node = graph.node[convs[0]]
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
-    w = next((i for i in graph.initializer if i.name == node.input[1]), None)
-    return group > 1 and w is not None and len(w.dims) > 1 and w.dims[1] == 1
+    group = next((a.i for a in graph.node[convs[0]].attribute if a.name == "group"), 1)
+    w = dims.get(by_index[convs[0]].weight, ())
+    return group > 1 and len(w) > 1 and w[1] == 1
