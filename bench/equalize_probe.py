@@ -1,0 +1,460 @@
+"""Probe: does scale equalization rescue 4-bit activations? (a measurement, not a pipeline step)
+
+    python bench/equalize_probe.py --model REC.onnx --calib calib.npz --eval eval.npz \
+        [--input-shape x:N,3,48,320] [--alpha 1.0] [--samples 32]
+
+prints: the equalized tensors, the float output difference (the pass is exact), how even the
+channel ranges became, and the cosine / argmax agreement to float of rtn 4-bit activations (float
+weights, then W4) before and after, with two diagnostics that are not exportable as they stand:
+per-channel min-max 4-bit inputs, and a per-channel mid-range shift on top of the equalization.
+README ("Results so far") quotes it on the PP-OCRv4 recognizer.
+
+The pass: low-bit activations share one scale per tensor; a tensor whose channels span very
+different ranges loses its small channels at 4 bits. A positive per-channel factor s divides a
+tensor where it is made (a Mul / Add by per-channel constants, or the output channels of a Conv /
+MatMul / Gemm) and multiplies the input channels of every layer that reads it: directly, or
+through ops that commute with a positive per-channel scale (Relu, pooling, Identity, a channel
+Concat, a Mul by an unscaled gate such as squeeze-excite's). The float function is unchanged; the
+quantizer sees even ranges. s follows SmoothQuant: s_c = r_c^alpha / w_c^(1 - alpha), r_c the
+channel's largest magnitude at the layers' inputs on calibration data, w_c the largest weight that
+reads it relative to its layer's largest (depthwise readers scale each channel on their own).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from packptq_onnx.folding import consumers
+
+POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+TRANSPARENT = ("Relu", "LeakyRelu", "Identity", "Mul", "Concat") + POOLS
+LAYERS = ("Conv", "MatMul", "Gemm")
+FLOOR = 1e-3  # channels below FLOOR x the largest range count as FLOOR (dead channels)
+
+
+@dataclass
+class Site:
+    """One tensor divided where it is made, and the layers that multiply the factor back."""
+    tensor: str
+    axis: int                  # channel axis: 1 (NCHW) or -1 (last)
+    channels: int
+    producers: list            # nodes whose constants are divided; producers[0] makes `tensor`
+    readers: dict = field(default_factory=dict)   # (node name, channel offset) -> node
+    scaled: set = field(default_factory=set)      # tensors that carry the factor
+    factor: np.ndarray | None = None
+
+
+def _attr(node, name, default=None):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+class Graph:
+    """A normalised ONNX graph with the lookups the pass needs; edits collect in `new`."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.g = model.graph
+        self.inits = {i.name: i for i in self.g.initializer}
+        self.made_by = {o: n for n in self.g.node for o in n.output}
+        self.read_by = consumers(self.g)
+        self.outputs = {o.name for o in self.g.output}
+        self.shape = {}
+        for vi in list(self.g.value_info) + list(self.g.input) + list(self.g.output):
+            if vi.type.tensor_type.HasField("shape"):
+                self.shape[vi.name] = [d.dim_value or None for d in vi.type.tensor_type.shape.dim]
+        self.new: dict[str, np.ndarray] = {}
+
+    def const(self, name: str):
+        if name in self.new:
+            return self.new[name]
+        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
+
+    def channels(self, t: str, axis: int):
+        s = self.shape.get(t)
+        return s[axis] if s and len(s) > (axis if axis >= 0 else -axis - 1) else None
+
+    def set(self, node, i: int, arr: np.ndarray) -> None:
+        """Give input i of `node` its own new initializer (the old one may be shared)."""
+        old = node.input[i]
+        if old in self.new and sum(list(n.input).count(old) for n in self.read_by.get(old, [])) == 1:
+            self.new[old] = arr.astype(np.float32)
+            return
+        name = f"{old}_eq" if old else f"{node.name}_eq{i}"
+        while name in self.inits:
+            name += "_"
+        self.new[name] = arr.astype(np.float32)
+        self.inits[name] = None
+        self.read_by.setdefault(name, []).append(node)
+        if i < len(node.input):
+            node.input[i] = name
+        else:
+            node.input.append(name)
+
+    def commit(self) -> None:
+        keep = [i for i in self.g.initializer if i.name not in self.new]
+        del self.g.initializer[:]
+        self.g.initializer.extend(keep)
+        self.g.initializer.extend(numpy_helper.from_array(a, n) for n, a in self.new.items())
+        used = {x for n in self.g.node for x in n.input}
+        keep = [i for i in self.g.initializer if i.name in used or i.name in self.outputs]
+        del self.g.initializer[:]
+        self.g.initializer.extend(keep)
+
+
+def _weight_reader(G: Graph, node, t: str):
+    """The channel axis when `node` is a layer with a constant weight reading `t` as input 0."""
+    if node.op_type not in LAYERS or len(node.input) < 2 or node.input[0] != t or list(node.input).count(t) != 1:
+        return None
+    w = G.const(node.input[1])
+    if w is None:
+        return None
+    if node.op_type == "Conv":
+        return 1 if w.ndim >= 3 else None
+    if w.ndim != 2 or (node.op_type == "Gemm" and _attr(node, "transA", 0)):
+        return None
+    return -1
+
+
+def _per_channel(c: np.ndarray, axis: int, ch: int, rank: int) -> bool:
+    """The constant c broadcasts along the channel axis only (or is a scalar)."""
+    if c.size == 1:
+        return c.ndim <= rank
+    pos = c.ndim - 1 if axis == -1 else c.ndim - rank + 1
+    return pos >= 0 and c.shape[pos] == ch and all(d == 1 for i, d in enumerate(c.shape) if i != pos)
+
+
+def _producer(G: Graph, t: str):
+    """(axis, channels, nodes) when the tensor t can be divided per channel where it is made."""
+    node = G.made_by.get(t)
+    if node is None or t in G.outputs or node.output[0] != t:
+        return None
+    op = node.op_type
+    if op in LAYERS and len(node.input) >= 2 and G.const(node.input[0]) is None:
+        w = G.const(node.input[1])
+        if w is None:
+            return None
+        if op == "Conv":
+            return (1, w.shape[0], [node]) if w.ndim >= 3 else None
+        bias = G.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(1)
+        if w.ndim != 2 or bias is None or bias.ndim > 1 or (op == "Gemm" and _attr(node, "transA", 0)):
+            return None
+        return -1, (w.shape[0] if op == "Gemm" and _attr(node, "transB", 0) else w.shape[1]), [node]
+    if op not in ("Mul", "Add") or len(node.input) != 2:
+        return None
+    ci = [i for i, x in enumerate(node.input) if G.const(x) is not None]
+    rank = len(G.shape.get(t) or [])
+    if len(ci) != 1 or rank < 2:
+        return None
+    c, u = G.const(node.input[ci[0]]), node.input[1 - ci[0]]
+    if op == "Add":  # (u made by a divisible Mul / layer, read only here) + c: both divided
+        inner = _producer(G, u) if len(G.read_by.get(u, [])) == 1 else None
+        if inner is None or inner[2][0].op_type == "Add" or not _per_channel(c, inner[0], inner[1], rank):
+            return None
+        return inner[0], inner[1], [node] + inner[2]
+    for axis in ((1, -1) if rank >= 3 else (-1,)):
+        ch = G.channels(t, axis)
+        if ch and ch > 1 and _per_channel(c, axis, ch, rank):
+            return axis, ch, [node]
+    return None
+
+
+def _explore(G: Graph, site: Site, t: str, offset: int, depth: int = 0) -> bool:
+    """Follow t to the layers that read it; False when some reader cannot take the factor back."""
+    nodes = G.read_by.get(t, [])
+    if not nodes or t in G.outputs or depth > 16:
+        return False
+    site.scaled.add(t)
+    rank = len(G.shape.get(t) or [])
+    for n in nodes:
+        axis = _weight_reader(G, n, t)
+        if axis is not None:
+            if axis != site.axis and not (rank == 2 and {axis, site.axis} == {1, -1}):
+                return False
+            site.readers[(n.name, offset)] = n
+            continue
+        if n.op_type not in TRANSPARENT or list(n.input).count(t) != 1 or not rank:
+            return False
+        if n.op_type in POOLS and site.axis != 1:
+            return False
+        off = offset
+        if n.op_type == "Concat":
+            if _attr(n, "axis") % rank != site.axis % rank:
+                return False
+            for x in n.input[:list(n.input).index(t)]:
+                c = G.channels(x, site.axis)
+                if c is None:
+                    return False
+                off += c
+        elif n.op_type == "Mul":  # x * g keeps x's layout only when g does not broadcast x up
+            g_shape = G.shape.get(n.input[1 - list(n.input).index(t)])
+            if g_shape is None or len(g_shape) > rank or G.shape.get(n.output[0]) != G.shape.get(t):
+                return False
+        if not _explore(G, site, n.output[0], off, depth + 1):
+            return False
+    return True
+
+
+def find_sites(model: onnx.ModelProto) -> list[Site]:
+    """Tensors that can be divided where they are made and whose every reader takes it back."""
+    G = Graph(model)
+    sites = []
+    for node in G.g.node:
+        if not node.output:
+            continue
+        made = _producer(G, node.output[0])
+        if made is None:
+            continue
+        site = Site(node.output[0], *made)
+        if _explore(G, site, site.tensor, 0) and _gates_ok(G, site):
+            sites.append(site)
+    return sites
+
+
+def _gates_ok(G: Graph, site: Site) -> bool:
+    """A Mul on the way must have exactly one scaled input (x * x would carry the factor twice)."""
+    return all(sum(x in site.scaled for x in n.input) == 1
+               for t in site.scaled for n in G.read_by.get(t, []) if n.op_type == "Mul")
+
+
+def _reader_weight(G: Graph, node, ch: int, offset: int, n_site: int):
+    """(|W| per site channel relative to the layer's largest or None for depthwise, multiplier
+    setter): how the reader's weight sees channels offset .. offset + n_site of its input."""
+    w = G.const(node.input[1])
+    if node.op_type == "Conv":
+        groups = _attr(node, "group", 1)
+        cpg, out_pg = w.shape[1], w.shape[0] // groups
+        cin = np.arange(w.shape[0])[:, None] // out_pg * cpg + np.arange(cpg)[None, :]  # (Cout, cpg)
+        depthwise = cpg == 1 and groups > 1
+        mag = np.abs(w).reshape(w.shape[0], cpg, -1).max(-1)
+        per = None
+        if not depthwise:
+            per = np.zeros(n_site)
+            m = (cin >= offset) & (cin < offset + n_site)
+            np.maximum.at(per, cin[m] - offset, mag[m])
+            per = per / max(mag.max(), 1e-12)
+
+        def scale(s):
+            full = np.ones(groups * cpg)
+            full[offset:offset + n_site] = s
+            f = full[cin].reshape(w.shape[:2] + (1,) * (w.ndim - 2))
+            G.set(node, 1, G.const(node.input[1]) * f)
+        return per, scale
+    trans = node.op_type == "Gemm" and _attr(node, "transB", 0)
+    rows = w.T if trans else w  # (in, out)
+    per = np.abs(rows[offset:offset + n_site]).max(1) / max(np.abs(rows).max(), 1e-12)
+
+    def scale(s):
+        cur = G.const(node.input[1])
+        f = np.ones(cur.shape[1] if trans else cur.shape[0])
+        f[offset:offset + n_site] = s
+        G.set(node, 1, cur * (f[None, :] if trans else f[:, None]))
+    return per, scale
+
+
+def _divide(G: Graph, node, s: np.ndarray, axis: int, rank: int) -> None:
+    """Divide what `node` makes by s along the channel axis."""
+    shape = (len(s),) + (1,) * (rank - 2) if axis == 1 else (len(s),)
+    if node.op_type in ("Mul", "Add"):
+        i = next(i for i, x in enumerate(node.input) if G.const(x) is not None)
+        c = G.const(node.input[i])
+        c = c.reshape(c.shape[-len(shape):]) if c.size > 1 else c.reshape(())  # per-channel (_per_channel)
+        G.set(node, i, np.broadcast_to(c, shape) / s.reshape(shape))
+        return
+    w = G.const(node.input[1])
+    if node.op_type == "Conv":
+        G.set(node, 1, w / s.reshape((-1,) + (1,) * (w.ndim - 1)))
+    elif node.op_type == "Gemm" and _attr(node, "transB", 0):
+        G.set(node, 1, w / s[:, None])
+    else:
+        G.set(node, 1, w / s[None, :])
+    if len(node.input) > 2 and node.input[2]:
+        b = G.const(node.input[2])
+        G.set(node, 2, np.broadcast_to(b, s.shape) / s)
+
+
+def ranges(model: onnx.ModelProto, sites: list[Site], feeds: dict, batch: int = 16) -> dict:
+    """Largest magnitude per channel of every reader's input, on the calibration feeds."""
+    from packptq_onnx import runtime
+
+    tensors = sorted({n.input[0] for s in sites for n in s.readers.values()})
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                          for t in tensors if t not in have)
+    sess = runtime.session(m, optimize=False)
+    axis = {n.input[0]: s.axis for s in sites for n in s.readers.values()}
+    out = {}
+    n = len(next(iter(feeds.values())))
+    for i in range(0, n, batch):
+        res = sess.run(tensors, {k: v[i:i + batch] for k, v in feeds.items()})
+        for t, r in zip(tensors, res):
+            a = np.abs(np.moveaxis(r, axis[t], 0)).reshape(r.shape[axis[t]], -1).max(1)
+            out[t] = a if t not in out else np.maximum(out[t], a)
+    return out
+
+
+def equalize(model: onnx.ModelProto, feeds: dict, alpha: float = 0.5) -> list[Site]:
+    """Equalize `model` in place; returns the sites with their factors."""
+    sites = find_sites(model)
+    if not sites:
+        return []
+    r_all = ranges(model, sites, feeds)
+    G = Graph(model)
+    nodes = {n.name: n for n in G.g.node}
+    for site in sites:
+        r = np.zeros(site.channels)
+        weights = []
+        for (name, off), node in site.readers.items():
+            r = np.maximum(r, r_all[node.input[0]][off:off + site.channels])
+        r = np.maximum(r, FLOOR * r.max()) if r.max() > 0 else np.ones_like(r)
+        setters = []
+        for (name, off), _ in site.readers.items():
+            node = nodes[name]
+            per, setter = _reader_weight(G, node, site.channels, off, site.channels)
+            setters.append(setter)
+            if per is not None:
+                weights.append(per)
+        if weights:
+            w = np.maximum(np.max(weights, 0), FLOOR)
+            s = r ** alpha / w ** (1 - alpha)
+        else:
+            s = r.copy()
+        s = s / s.max()
+        s = np.maximum(s, FLOOR)
+        rank = len(G.shape.get(site.tensor) or [2])
+        for p in site.producers:
+            _divide(G, nodes[p.name], s, site.axis, rank)
+        for setter in setters:
+            setter(s)
+        site.factor = s
+    G.commit()
+    return sites
+
+
+# ---- the probe --------------------------------------------------------------------------------
+class ChannelQuant(torch.nn.Module):
+    """Diagnostic 4-bit activation quantizer with per-channel min-max ranges (mode 'minmax'), or
+    one per-tensor range after a per-channel mid-range shift (mode 'shift')."""
+
+    def __init__(self, x, bits: int, mode: str):
+        from packptq_onnx import quant
+        super().__init__()
+        self.qmin, self.qmax = quant.act_qrange(bits)
+        xc = x.movedim(1, 0).reshape(x.shape[1], -1)
+        lo, hi = xc.min(1).values.clamp(max=0), xc.max(1).values.clamp(min=0)
+        view = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        if mode == "minmax":
+            self.m = torch.zeros(view)
+            self.s = ((hi - lo) / (self.qmax - self.qmin)).clamp(min=1e-8).view(view)
+            self.z = torch.round(self.qmin - lo.view(view) / self.s)
+        else:
+            self.m = ((xc.min(1).values + xc.max(1).values) / 2).view(view)
+            xs = (x - self.m).reshape(-1)
+            xs = xs[torch.randint(xs.numel(), (min(xs.numel(), 200_000),), generator=torch.Generator().manual_seed(0))]
+            self.s, self.z = quant.search_act_params(xs, float(xs.min()), float(xs.max()), self.qmin, self.qmax)
+
+    def forward(self, x):
+        from packptq_onnx import quant
+        return quant.fake_quant(x - self.m, self.s, self.z, self.qmin, self.qmax) + self.m
+
+
+def score(path: str, a, modes=()) -> None:
+    """rtn cosine / argmax agreement to float: A4 with float weights, W4A4, then each diagnostic."""
+    from packptq_onnx import convert, data, pipeline, qmodel
+    from packptq_onnx.validate import cosine
+    o = pipeline.Options(wbits=4, abits=4, method="rtn", calib_samples=a.calib_samples, batch_size=16,
+                         input_shapes=a.shapes)
+    p = pipeline.prepare(path, a.calib, o, log=lambda *_: None)
+    ev, _ = data.load(a.eval, p.imp.inputs)
+    ev = data.take(ev, a.samples)
+    qmodel.set_quant(p.qls, False, False)
+    ref = convert.torch_run(p.gm, ev, p.names)[0]
+
+    def show(tag):
+        out = convert.torch_run(p.gm, ev, p.names)[0]
+        agree = (out.argmax(-1) == ref.argmax(-1)).mean()
+        print(f"  {tag:44s} cosine {cosine(out, ref):.4f}  argmax agreement {agree:.4f}", flush=True)
+
+    qmodel.set_quant(p.qls, False, True)
+    show("A4, float weights")
+    qmodel.set_quant(p.qls, True, True)
+    show("W4A4")
+    if not modes:
+        return
+    convs = [q for q in p.qls if isinstance(q.inner, torch.nn.Conv2d) and q.layer.act_input is not None]
+    seen = {}
+    hooks = [q.inner.register_forward_pre_hook((lambda n: lambda m, x: seen.setdefault(n, []).append(x[0]))(q.layer.name))
+             for q in convs]
+    qmodel.set_quant(p.qls, False, False)
+    cal, _ = data.load(a.calib, p.imp.inputs)
+    convert.torch_run(p.gm, data.take(cal, a.samples), p.names)
+    for h in hooks:
+        h.remove()
+    names = {q.layer.name for q in convs}
+    for mode in modes:
+        for q in convs:
+            cq = ChannelQuant(torch.cat(seen[q.layer.name]), 4, mode)
+            q.aq = cq
+            feeder = q.links.fed_by  # an output quantizer shared with this input is replaced too
+            if feeder is not None and feeder.oq is not None and all(r.layer.name in names for r in feeder.links.readers):
+                feeder.oq = cq
+        qmodel.set_quant(p.qls, False, True)
+        show(f"A4, float weights, diagnostic: {mode} at every conv input")
+
+
+def spread(maxima: np.ndarray) -> float:
+    """Largest channel maximum over the median one, among channels that are not dead (all 0)."""
+    live = maxima[maxima > FLOOR * maxima.max()]
+    return float(live.max() / np.median(live)) if live.size else 1.0
+
+
+def main(argv=None) -> None:
+    import argparse
+    import os
+    import tempfile
+
+    from packptq_onnx import data, runtime
+    from packptq_onnx.onnx_import import load, parse_input_shape
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--eval", required=True)
+    ap.add_argument("--input-shape", action="append", default=[])
+    ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--samples", type=int, default=32, help="evaluation samples scored")
+    ap.add_argument("--calib-samples", type=int, default=64)
+    a = ap.parse_args(argv)
+    a.shapes = dict(parse_input_shape(s) for s in a.input_shape)
+    imp = load(a.model, a.shapes)
+    cal, _ = data.load(a.calib, imp.inputs)
+    cal = data.take(cal, a.calib_samples)
+    before = onnx.ModelProto()
+    before.CopyFrom(imp.model)
+    sites = equalize(imp.model, cal, a.alpha)
+    print(f"{len(sites)} tensors equalized, read by {sum(len(s.readers) for s in sites)} layers:")
+    r0, r1 = ranges(before, sites, cal), ranges(imp.model, sites, cal)
+    nodes = {n.name: n for n in imp.model.graph.node}
+    for s in sites:
+        for (name, _), old in s.readers.items():
+            x0, x1 = r0[old.input[0]], r1[nodes[name].input[0]]
+            print(f"  {s.tensor:24s} -> {name:20s} largest / median channel maximum "
+                  f"{spread(x0):7.1f} -> {spread(x1):5.1f}")
+    probe = data.take(cal, 8)
+    y0 = runtime.run(runtime.session(before), probe)
+    y1 = runtime.run(runtime.session(imp.model), probe)
+    print("float output max |difference|:", max(float(np.abs(u - v).max()) for u, v in zip(y0, y1)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "equalized.onnx")
+        onnx.save(imp.model, path)
+        print("original model:")
+        score(a.model, a, modes=("minmax",))
+        print(f"equalized (alpha {a.alpha}):")
+        score(path, a, modes=("shift",))
+
+
+if __name__ == "__main__":
+    main()
