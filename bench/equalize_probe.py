@@ -1,13 +1,14 @@
 """Probe: does scale equalization rescue 4-bit activations? (a measurement, not a pipeline step)
 
     python bench/equalize_probe.py --model REC.onnx --calib calib.npz --eval eval.npz \
-        [--input-shape x:N,3,48,320] [--alpha 1.0] [--samples 32]
+        [--input-shape x:N,3,48,320] [--alpha 1.0] [--shift] [--all-but L1,L2] [--samples 32]
 
 prints: the equalized tensors, the float output difference (the pass is exact), how even the
 channel ranges became, and the cosine / argmax agreement to float of rtn 4-bit activations (float
-weights, then W4) before and after, with two diagnostics that are not exportable as they stand:
-per-channel min-max 4-bit inputs, and a per-channel mid-range shift on top of the equalization.
-README ("Results so far") quotes it on the PP-OCRv4 recognizer.
+weights, then W4) before and after, with a diagnostic that is not exportable as it stands:
+per-channel min-max 4-bit inputs at every conv, or at the depthwise convs only (which could take
+them exactly: each output channel reads one input channel). README ("Results so far") quotes it
+on the PP-OCRv4 recognizer.
 
 The pass: low-bit activations share one scale per tensor; a tensor whose channels span very
 different ranges loses its small channels at 4 bits. A positive per-channel factor s divides a
@@ -18,6 +19,10 @@ Concat, a Mul by an unscaled gate such as squeeze-excite's). The float function 
 quantizer sees even ranges. s follows SmoothQuant: s_c = r_c^alpha / w_c^(1 - alpha), r_c the
 channel's largest magnitude at the layers' inputs on calibration data, w_c the largest weight that
 reads it relative to its layer's largest (depthwise readers scale each channel on their own).
+--shift also centres each channel, x' = (x - m) / s with m the channel's mid-range and s its
+half-width, where that is exact: the factor made by an Add or a layer's bias, carried only through
+Identity, Concat and pooling that ignores padding, into layers without zero padding that have a
+bias to take W m (Conv, Gemm).
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ from onnx import helper, numpy_helper
 from packptq_onnx.folding import consumers
 
 POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+SHIFT_THROUGH = ("Identity", "Concat", "GlobalAveragePool", "GlobalMaxPool")  # f(x - m) = f(x) - m
+# also MaxPool (pads read -inf) and AveragePool unless it counts zero padding
 TRANSPARENT = ("Relu", "LeakyRelu", "Identity", "Mul", "Concat") + POOLS
 LAYERS = ("Conv", "MatMul", "Gemm")
 FLOOR = 1e-3  # channels below FLOOR x the largest range count as FLOOR (dead channels)
@@ -45,7 +52,9 @@ class Site:
     producers: list            # nodes whose constants are divided; producers[0] makes `tensor`
     readers: dict = field(default_factory=dict)   # (node name, channel offset) -> node
     scaled: set = field(default_factory=set)      # tensors that carry the factor
+    shiftable: bool = True     # a per-channel shift can go with the factor exactly (see _explore)
     factor: np.ndarray | None = None
+    shift: np.ndarray | None = None
 
 
 def _attr(node, name, default=None):
@@ -78,7 +87,7 @@ class Graph:
 
     def set(self, node, i: int, arr: np.ndarray) -> None:
         """Give input i of `node` its own new initializer (the old one may be shared)."""
-        old = node.input[i]
+        old = node.input[i] if i < len(node.input) else ""
         if old in self.new and sum(list(n.input).count(old) for n in self.read_by.get(old, [])) == 1:
             self.new[old] = arr.astype(np.float32)
             return
@@ -174,12 +183,16 @@ def _explore(G: Graph, site: Site, t: str, offset: int, depth: int = 0) -> bool:
             if axis != site.axis and not (rank == 2 and {axis, site.axis} == {1, -1}):
                 return False
             site.readers[(n.name, offset)] = n
+            if n.op_type == "MatMul" or any(_attr(n, "pads", [0]) or [0]) or _attr(n, "auto_pad", b"NOTSET") != b"NOTSET":
+                site.shiftable = False  # zero padding would read m, and MatMul has no bias to take it
             continue
         if n.op_type not in TRANSPARENT or list(n.input).count(t) != 1 or not rank:
             return False
         if n.op_type in POOLS and site.axis != 1:
             return False
         off = offset
+        site.shiftable &= n.op_type in SHIFT_THROUGH or n.op_type == "MaxPool" or (
+            n.op_type == "AveragePool" and not (any(_attr(n, "pads", [0])) and _attr(n, "count_include_pad", 0)))
         if n.op_type == "Concat":
             if _attr(n, "axis") % rank != site.axis % rank:
                 return False
@@ -208,6 +221,7 @@ def find_sites(model: onnx.ModelProto) -> list[Site]:
         if made is None:
             continue
         site = Site(node.output[0], *made)
+        site.shiftable = made[2][0].op_type != "Mul"  # Add (its constant) or a layer (its bias)
         if _explore(G, site, site.tensor, 0) and _gates_ok(G, site):
             sites.append(site)
     return sites
@@ -236,32 +250,48 @@ def _reader_weight(G: Graph, node, ch: int, offset: int, n_site: int):
             np.maximum.at(per, cin[m] - offset, mag[m])
             per = per / max(mag.max(), 1e-12)
 
-        def scale(s):
-            full = np.ones(groups * cpg)
+        def scale(s, m=None):
+            full, shift = np.ones(groups * cpg), np.zeros(groups * cpg)
             full[offset:offset + n_site] = s
-            f = full[cin].reshape(w.shape[:2] + (1,) * (w.ndim - 2))
-            G.set(node, 1, G.const(node.input[1]) * f)
+            cur = G.const(node.input[1])
+            if m is not None:  # conv(x' * s + m) = conv_{W s}(x') + sum W m: into the bias
+                shift[offset:offset + n_site] = m
+                add = (cur.reshape(cur.shape[0], cpg, -1).sum(-1) * shift[cin]).sum(1)
+                _add_bias(G, node, 2, cur.shape[0], add)
+            G.set(node, 1, cur * full[cin].reshape(cur.shape[:2] + (1,) * (cur.ndim - 2)))
         return per, scale
     trans = node.op_type == "Gemm" and _attr(node, "transB", 0)
     rows = w.T if trans else w  # (in, out)
     per = np.abs(rows[offset:offset + n_site]).max(1) / max(np.abs(rows).max(), 1e-12)
 
-    def scale(s):
+    def scale(s, m=None):
         cur = G.const(node.input[1])
         f = np.ones(cur.shape[1] if trans else cur.shape[0])
         f[offset:offset + n_site] = s
+        if m is not None:  # Gemm only (_explore): (x' s + m) B = x' (s B) + m B
+            shift = np.zeros_like(f)
+            shift[offset:offset + n_site] = m
+            _add_bias(G, node, 2, cur.shape[0] if trans else cur.shape[1], shift @ (cur.T if trans else cur))
         G.set(node, 1, cur * (f[None, :] if trans else f[:, None]))
     return per, scale
 
 
-def _divide(G: Graph, node, s: np.ndarray, axis: int, rank: int) -> None:
-    """Divide what `node` makes by s along the channel axis."""
+def _add_bias(G: Graph, node, i: int, n: int, add: np.ndarray) -> None:
+    b = G.const(node.input[i]) if len(node.input) > i and node.input[i] else np.zeros(n, np.float32)
+    G.set(node, i, np.broadcast_to(b, (n,)) + add)
+
+
+def _divide(G: Graph, node, s: np.ndarray, axis: int, rank: int, m=None) -> None:
+    """Make `node`'s output (y - m) / s along the channel axis (m: only for the node making the
+    site's tensor, an Add or a layer with a bias)."""
     shape = (len(s),) + (1,) * (rank - 2) if axis == 1 else (len(s),)
+    m = np.zeros_like(s) if m is None else m
     if node.op_type in ("Mul", "Add"):
         i = next(i for i, x in enumerate(node.input) if G.const(x) is not None)
         c = G.const(node.input[i])
         c = c.reshape(c.shape[-len(shape):]) if c.size > 1 else c.reshape(())  # per-channel (_per_channel)
-        G.set(node, i, np.broadcast_to(c, shape) / s.reshape(shape))
+        c = np.broadcast_to(c, shape) - (m.reshape(shape) if node.op_type == "Add" else 0)
+        G.set(node, i, c / s.reshape(shape))
         return
     w = G.const(node.input[1])
     if node.op_type == "Conv":
@@ -270,13 +300,13 @@ def _divide(G: Graph, node, s: np.ndarray, axis: int, rank: int) -> None:
         G.set(node, 1, w / s[:, None])
     else:
         G.set(node, 1, w / s[None, :])
-    if len(node.input) > 2 and node.input[2]:
-        b = G.const(node.input[2])
-        G.set(node, 2, np.broadcast_to(b, s.shape) / s)
+    if (len(node.input) > 2 and node.input[2]) or m.any():
+        b = G.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(len(s), np.float32)
+        G.set(node, 2, (np.broadcast_to(b, s.shape) - m) / s)
 
 
 def ranges(model: onnx.ModelProto, sites: list[Site], feeds: dict, batch: int = 16) -> dict:
-    """Largest magnitude per channel of every reader's input, on the calibration feeds."""
+    """(lowest, highest) per channel of every reader's input, on the calibration feeds."""
     from packptq_onnx import runtime
 
     tensors = sorted({n.input[0] for s in sites for n in s.readers.values()})
@@ -292,13 +322,19 @@ def ranges(model: onnx.ModelProto, sites: list[Site], feeds: dict, batch: int = 
     for i in range(0, n, batch):
         res = sess.run(tensors, {k: v[i:i + batch] for k, v in feeds.items()})
         for t, r in zip(tensors, res):
-            a = np.abs(np.moveaxis(r, axis[t], 0)).reshape(r.shape[axis[t]], -1).max(1)
-            out[t] = a if t not in out else np.maximum(out[t], a)
+            r = np.moveaxis(r, axis[t], 0).reshape(r.shape[axis[t]], -1)
+            lo, hi = r.min(1), r.max(1)
+            out[t] = (lo, hi) if t not in out else (np.minimum(out[t][0], lo), np.maximum(out[t][1], hi))
     return out
 
 
-def equalize(model: onnx.ModelProto, feeds: dict, alpha: float = 0.5) -> list[Site]:
-    """Equalize `model` in place; returns the sites with their factors."""
+def magnitude(lo_hi) -> np.ndarray:
+    return np.maximum(np.abs(lo_hi[0]), np.abs(lo_hi[1]))
+
+
+def equalize(model: onnx.ModelProto, feeds: dict, alpha: float = 0.5, shift: bool = False) -> list[Site]:
+    """Equalize `model` in place; returns the sites with their factors. shift: where it is exact
+    (Site.shiftable), also move each channel's mid-range to 0 and equalize half-widths."""
     sites = find_sites(model)
     if not sites:
         return []
@@ -306,10 +342,13 @@ def equalize(model: onnx.ModelProto, feeds: dict, alpha: float = 0.5) -> list[Si
     G = Graph(model)
     nodes = {n.name: n for n in G.g.node}
     for site in sites:
-        r = np.zeros(site.channels)
+        lo, hi = np.full(site.channels, np.inf), np.full(site.channels, -np.inf)
         weights = []
         for (name, off), node in site.readers.items():
-            r = np.maximum(r, r_all[node.input[0]][off:off + site.channels])
+            lo = np.minimum(lo, r_all[node.input[0]][0][off:off + site.channels])
+            hi = np.maximum(hi, r_all[node.input[0]][1][off:off + site.channels])
+        m = (lo + hi) / 2 if shift and site.shiftable else None
+        r = (hi - lo) / 2 if m is not None else np.maximum(np.abs(lo), np.abs(hi))
         r = np.maximum(r, FLOOR * r.max()) if r.max() > 0 else np.ones_like(r)
         setters = []
         for (name, off), _ in site.readers.items():
@@ -326,44 +365,42 @@ def equalize(model: onnx.ModelProto, feeds: dict, alpha: float = 0.5) -> list[Si
         s = s / s.max()
         s = np.maximum(s, FLOOR)
         rank = len(G.shape.get(site.tensor) or [2])
-        for p in site.producers:
-            _divide(G, nodes[p.name], s, site.axis, rank)
+        for k, p in enumerate(site.producers):
+            _divide(G, nodes[p.name], s, site.axis, rank, m if k == 0 else None)
         for setter in setters:
-            setter(s)
-        site.factor = s
+            setter(s, m)
+        site.factor, site.shift = s, m
     G.commit()
     return sites
 
 
 # ---- the probe --------------------------------------------------------------------------------
 class ChannelQuant(torch.nn.Module):
-    """Diagnostic 4-bit activation quantizer with per-channel min-max ranges (mode 'minmax'), or
-    one per-tensor range after a per-channel mid-range shift (mode 'shift')."""
+    """Diagnostic 4-bit activation quantizer with its own min-max range per channel."""
 
-    def __init__(self, x, bits: int, mode: str):
+    def __init__(self, x, bits: int):
         from packptq_onnx import quant
         super().__init__()
         self.qmin, self.qmax = quant.act_qrange(bits)
         xc = x.movedim(1, 0).reshape(x.shape[1], -1)
         lo, hi = xc.min(1).values.clamp(max=0), xc.max(1).values.clamp(min=0)
         view = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-        if mode == "minmax":
-            self.m = torch.zeros(view)
-            self.s = ((hi - lo) / (self.qmax - self.qmin)).clamp(min=1e-8).view(view)
-            self.z = torch.round(self.qmin - lo.view(view) / self.s)
-        else:
-            self.m = ((xc.min(1).values + xc.max(1).values) / 2).view(view)
-            xs = (x - self.m).reshape(-1)
-            xs = xs[torch.randint(xs.numel(), (min(xs.numel(), 200_000),), generator=torch.Generator().manual_seed(0))]
-            self.s, self.z = quant.search_act_params(xs, float(xs.min()), float(xs.max()), self.qmin, self.qmax)
+        self.s = ((hi - lo) / (self.qmax - self.qmin)).clamp(min=1e-8).view(view)
+        self.z = torch.round(self.qmin - lo.view(view) / self.s)
+
+    @property
+    def scale(self):  # the bias step (QuantLayer.bias_scale): per channel, as a depthwise weight's scale
+        return self.s.reshape(-1, 1, 1, 1) if self.s.dim() else self.s
 
     def forward(self, x):
         from packptq_onnx import quant
-        return quant.fake_quant(x - self.m, self.s, self.z, self.qmin, self.qmax) + self.m
+        return quant.fake_quant(x, self.s, self.z, self.qmin, self.qmax)
 
 
-def score(path: str, a, modes=()) -> None:
-    """rtn cosine / argmax agreement to float: A4 with float weights, W4A4, then each diagnostic."""
+def score(path: str, a, diagnostics=()) -> None:
+    """rtn cosine / argmax agreement to float: A4 with float weights, W4A4, then each diagnostic
+    (which): per-channel min-max inputs (ChannelQuant) to 'all' convs, the 'depthwise' ones, or
+    'all but A,B' (layer names)."""
     from packptq_onnx import convert, data, pipeline, qmodel
     from packptq_onnx.validate import cosine
     o = pipeline.Options(wbits=4, abits=4, method="rtn", calib_samples=a.calib_samples, batch_size=16,
@@ -377,13 +414,13 @@ def score(path: str, a, modes=()) -> None:
     def show(tag):
         out = convert.torch_run(p.gm, ev, p.names)[0]
         agree = (out.argmax(-1) == ref.argmax(-1)).mean()
-        print(f"  {tag:44s} cosine {cosine(out, ref):.4f}  argmax agreement {agree:.4f}", flush=True)
+        print(f"  {tag:58s} cosine {cosine(out, ref):.4f}  argmax agreement {agree:.4f}", flush=True)
 
     qmodel.set_quant(p.qls, False, True)
     show("A4, float weights")
     qmodel.set_quant(p.qls, True, True)
     show("W4A4")
-    if not modes:
+    if not diagnostics:
         return
     convs = [q for q in p.qls if isinstance(q.inner, torch.nn.Conv2d) and q.layer.act_input is not None]
     seen = {}
@@ -394,16 +431,21 @@ def score(path: str, a, modes=()) -> None:
     convert.torch_run(p.gm, data.take(cal, a.samples), p.names)
     for h in hooks:
         h.remove()
-    names = {q.layer.name for q in convs}
-    for mode in modes:
-        for q in convs:
-            cq = ChannelQuant(torch.cat(seen[q.layer.name]), 4, mode)
+    initial = {q.layer.name: (q.aq, q.oq) for q in p.qls}
+    for which in diagnostics:
+        for q in p.qls:
+            q.aq, q.oq = initial[q.layer.name]
+        chosen = [q for q in convs if which == "all" or (which == "depthwise" and qmodel.is_depthwise(q))
+                  or (which.startswith("all but ") and q.layer.name not in which[8:].split(","))]
+        names = {q.layer.name for q in chosen}
+        for q in chosen:
+            cq = ChannelQuant(torch.cat(seen[q.layer.name]), 4)
             q.aq = cq
             feeder = q.links.fed_by  # an output quantizer shared with this input is replaced too
             if feeder is not None and feeder.oq is not None and all(r.layer.name in names for r in feeder.links.readers):
                 feeder.oq = cq
         qmodel.set_quant(p.qls, False, True)
-        show(f"A4, float weights, diagnostic: {mode} at every conv input")
+        show(f"A4, float weights, diagnostic: per-channel min-max at {which} conv inputs")
 
 
 def spread(maxima: np.ndarray) -> float:
@@ -425,6 +467,9 @@ def main(argv=None) -> None:
     ap.add_argument("--eval", required=True)
     ap.add_argument("--input-shape", action="append", default=[])
     ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--shift", action="store_true", help="also centre channels where that is exact")
+    ap.add_argument("--all-but", action="append", default=[], metavar="LAYERS",
+                    help="also: per-channel inputs everywhere but these comma-separated layers")
     ap.add_argument("--samples", type=int, default=32, help="evaluation samples scored")
     ap.add_argument("--calib-samples", type=int, default=64)
     a = ap.parse_args(argv)
@@ -434,9 +479,10 @@ def main(argv=None) -> None:
     cal = data.take(cal, a.calib_samples)
     before = onnx.ModelProto()
     before.CopyFrom(imp.model)
-    sites = equalize(imp.model, cal, a.alpha)
+    sites = equalize(imp.model, cal, a.alpha, a.shift)
     print(f"{len(sites)} tensors equalized, read by {sum(len(s.readers) for s in sites)} layers:")
     r0, r1 = ranges(before, sites, cal), ranges(imp.model, sites, cal)
+    r0, r1 = ({t: magnitude(v) for t, v in r.items()} for r in (r0, r1))
     nodes = {n.name: n for n in imp.model.graph.node}
     for s in sites:
         for (name, _), old in s.readers.items():
@@ -451,9 +497,9 @@ def main(argv=None) -> None:
         path = os.path.join(tmp, "equalized.onnx")
         onnx.save(imp.model, path)
         print("original model:")
-        score(a.model, a, modes=("minmax",))
-        print(f"equalized (alpha {a.alpha}):")
-        score(path, a, modes=("shift",))
+        score(a.model, a, diagnostics=["all"])
+        print(f"equalized (alpha {a.alpha}{', with shifts' if a.shift else ''}):")
+        score(path, a, diagnostics=["depthwise", "all"] + [f"all but {x}" for x in a.all_but])
 
 
 if __name__ == "__main__":

@@ -67,9 +67,30 @@ def test_equalization_is_exact_and_evens_channel_ranges():
     y0, y1 = run(before, x), run(model, x)
     assert np.abs(y1 - y0).max() <= 1e-4 * np.abs(y0).max()
     r0, r1 = eq.ranges(before, sites, {"x": x}), eq.ranges(model, sites, {"x": x})
+    r0, r1 = ({t: eq.magnitude(v) for t, v in r.items()} for r in (r0, r1))
     # the last conv reads t itself in channels 8..15 (1x1 AveragePool); the gate varies per sample
     assert eq.spread(r0["cat"][8:]) > 10 and eq.spread(r1["cat"][8:]) < 1.01
     assert eq.spread(r1["gated"]) < eq.spread(r0["gated"]) / 5
+
+
+def test_shift_goes_only_where_it_is_exact():
+    """The depthwise conv's output reaches an unpadded 1x1 conv through a Concat: shifted to
+    mid-range there. t reaches padded convs and the gate: scaled only."""
+    eq = probe()
+    model = se_net()
+    x = np.random.default_rng(2).normal(size=(16, 3, 6, 6)).astype(np.float32)
+    before = onnx.ModelProto()
+    before.CopyFrom(model)
+    sites = {s.tensor: s for s in eq.equalize(model, {"x": x}, alpha=1.0, shift=True)}
+    assert sites["d"].shift is not None and sites["t"].shift is None and sites["g1"].shift is None
+    y0, y1 = run(before, x), run(model, x)
+    assert np.abs(y1 - y0).max() <= 1e-4 * np.abs(y0).max()
+    lo0, hi0 = eq.ranges(before, list(sites.values()), {"x": x})["cat"]
+    lo1, hi1 = eq.ranges(model, list(sites.values()), {"x": x})["cat"]
+    half0, half1 = ((hi - lo) / 2 for lo, hi in ((lo0, hi0), (lo1, hi1)))
+    assert (np.abs(lo0 + hi0) / half0)[:8].max() > 0.5  # channels off-centre before
+    assert (np.abs(lo1 + hi1) / half1)[:8].max() < 1e-3  # centred after
+    assert half1[:8].max() / half1[:8].min() < 1.001  # half-widths equal
 
 
 def test_a_reader_that_cannot_take_the_factor_back_leaves_the_tensor_alone():
