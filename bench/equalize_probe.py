@@ -389,8 +389,8 @@ class ChannelQuant(torch.nn.Module):
         self.z = torch.round(self.qmin - lo.view(view) / self.s)
 
     @property
-    def scale(self):  # the bias step (QuantLayer.bias_scale): per channel, as a depthwise weight's scale
-        return self.s.reshape(-1, 1, 1, 1) if self.s.dim() else self.s
+    def scale(self):  # read by QuantLayer.bias_scale, which the diagnostics (float weights) never use
+        return self.s.reshape(-1, 1, 1, 1)
 
     def forward(self, x):
         from packptq_onnx import quant
@@ -503,4 +503,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from packptq_onnx.errors import UsageError
+    try:
+        main()
+    except UsageError as exc:
+        raise SystemExit(f"error: {exc}") from None
