@@ -33,7 +33,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from packptq_onnx.folding import consumers
+from packptq_onnx.folding import consumers, drop_unused_initializers
 
 POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
 SHIFT_THROUGH = ("Identity", "Concat", "GlobalAveragePool", "GlobalMaxPool")  # f(x - m) = f(x) - m
@@ -103,14 +103,9 @@ class Graph:
             node.input.append(name)
 
     def commit(self) -> None:
-        keep = [i for i in self.g.initializer if i.name not in self.new]
-        del self.g.initializer[:]
-        self.g.initializer.extend(keep)
+        """Write the new initializers (their names are new: see set) and drop the replaced ones."""
         self.g.initializer.extend(numpy_helper.from_array(a, n) for n, a in self.new.items())
-        used = {x for n in self.g.node for x in n.input}
-        keep = [i for i in self.g.initializer if i.name in used or i.name in self.outputs]
-        del self.g.initializer[:]
-        self.g.initializer.extend(keep)
+        drop_unused_initializers(self.g)
 
 
 def _weight_reader(G: Graph, node, t: str):
@@ -210,9 +205,9 @@ def _explore(G: Graph, site: Site, t: str, offset: int, depth: int = 0) -> bool:
     return True
 
 
-def find_sites(model: onnx.ModelProto) -> list[Site]:
+def find_sites(model: onnx.ModelProto, G: Graph | None = None) -> list[Site]:
     """Tensors that can be divided where they are made and whose every reader takes it back."""
-    G = Graph(model)
+    G = G or Graph(model)
     sites = []
     for node in G.g.node:
         if not node.output:
@@ -233,7 +228,7 @@ def _gates_ok(G: Graph, site: Site) -> bool:
                for t in site.scaled for n in G.read_by.get(t, []) if n.op_type == "Mul")
 
 
-def _reader_weight(G: Graph, node, ch: int, offset: int, n_site: int):
+def _reader_weight(G: Graph, node, offset: int, n_site: int):
     """(|W| per site channel relative to the layer's largest or None for depthwise, multiplier
     setter): how the reader's weight sees channels offset .. offset + n_site of its input."""
     w = G.const(node.input[1])
@@ -335,25 +330,23 @@ def magnitude(lo_hi) -> np.ndarray:
 def equalize(model: onnx.ModelProto, feeds: dict, alpha: float = 0.5, shift: bool = False) -> list[Site]:
     """Equalize `model` in place; returns the sites with their factors. shift: where it is exact
     (Site.shiftable), also move each channel's mid-range to 0 and equalize half-widths."""
-    sites = find_sites(model)
+    G = Graph(model)
+    sites = find_sites(model, G)
     if not sites:
         return []
     r_all = ranges(model, sites, feeds)
-    G = Graph(model)
-    nodes = {n.name: n for n in G.g.node}
     for site in sites:
         lo, hi = np.full(site.channels, np.inf), np.full(site.channels, -np.inf)
         weights = []
-        for (name, off), node in site.readers.items():
+        for (_, off), node in site.readers.items():
             lo = np.minimum(lo, r_all[node.input[0]][0][off:off + site.channels])
             hi = np.maximum(hi, r_all[node.input[0]][1][off:off + site.channels])
         m = (lo + hi) / 2 if shift and site.shiftable else None
         r = (hi - lo) / 2 if m is not None else np.maximum(np.abs(lo), np.abs(hi))
         r = np.maximum(r, FLOOR * r.max()) if r.max() > 0 else np.ones_like(r)
         setters = []
-        for (name, off), _ in site.readers.items():
-            node = nodes[name]
-            per, setter = _reader_weight(G, node, site.channels, off, site.channels)
+        for (_, off), node in site.readers.items():
+            per, setter = _reader_weight(G, node, off, site.channels)
             setters.append(setter)
             if per is not None:
                 weights.append(per)
@@ -366,7 +359,7 @@ def equalize(model: onnx.ModelProto, feeds: dict, alpha: float = 0.5, shift: boo
         s = np.maximum(s, FLOOR)
         rank = len(G.shape.get(site.tensor) or [2])
         for k, p in enumerate(site.producers):
-            _divide(G, nodes[p.name], s, site.axis, rank, m if k == 0 else None)
+            _divide(G, p, s, site.axis, rank, m if k == 0 else None)
         for setter in setters:
             setter(s, m)
         site.factor, site.shift = s, m
@@ -427,8 +420,7 @@ def score(path: str, a, diagnostics=()) -> None:
     hooks = [q.inner.register_forward_pre_hook((lambda n: lambda m, x: seen.setdefault(n, []).append(x[0]))(q.layer.name))
              for q in convs]
     qmodel.set_quant(p.qls, False, False)
-    cal, _ = data.load(a.calib, p.imp.inputs)
-    convert.torch_run(p.gm, data.take(cal, a.samples), p.names)
+    convert.torch_run(p.gm, data.take(p.calib, a.samples), p.names)
     for h in hooks:
         h.remove()
     initial = {q.layer.name: (q.aq, q.oq) for q in p.qls}
@@ -483,10 +475,9 @@ def main(argv=None) -> None:
     print(f"{len(sites)} tensors equalized, read by {sum(len(s.readers) for s in sites)} layers:")
     r0, r1 = ranges(before, sites, cal), ranges(imp.model, sites, cal)
     r0, r1 = ({t: magnitude(v) for t, v in r.items()} for r in (r0, r1))
-    nodes = {n.name: n for n in imp.model.graph.node}
     for s in sites:
-        for (name, _), old in s.readers.items():
-            x0, x1 = r0[old.input[0]], r1[nodes[name].input[0]]
+        for (name, _), node in s.readers.items():
+            x0, x1 = r0[node.input[0]], r1[node.input[0]]
             print(f"  {s.tensor:24s} -> {name:20s} largest / median channel maximum "
                   f"{spread(x0):7.1f} -> {spread(x1):5.1f}")
     probe = data.take(cal, 8)
