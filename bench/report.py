@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from rows import ROWS
+from rows import BITS, OURS, ROWS
 from tasks import TASKS, Task
 
 
@@ -148,6 +148,58 @@ def plot(task: Task, res: dict, path: str) -> str | None:
     return path
 
 
+LOWER_IS_BETTER = ("cer", "kl")
+MIXED_VS_UNIFORM = (("pack-mixed-W4", "pack-W4A4"), ("pack-mixed-fine-W4", "pack-fine-W4A4"),
+                    ("pack-mixed-W3", "pack-W3A4"), ("pack-mixed-fine-W3", "pack-fine-W3A4"))
+
+
+def checks(task: Task, res: dict) -> list[str]:
+    """What the issues claim, read off the rows: at each bit width where all four of ours ran, does
+    pack >= block > adaround > rtn hold (per plotted metric and cosine); does mixed precision beat
+    uniform pack at the same weight bytes; which of ours and onnxruntime's rows is best per bit width."""
+    ok = {n: r for n, r in res["rows"].items() if r.get("status") == "ok"}
+    metrics = plot_metrics(task, res)
+
+    def val(name, m):  # oriented so that larger is better
+        v = ok[name]["cosine"] if m == "cosine" else ok[name].get("scores", {}).get(m)
+        return None if v is None else -v if m in LOWER_IS_BETTER else v
+
+    def shown(name, m):
+        v = val(name, m)
+        return fmt(-v if m in LOWER_IS_BETTER else v)
+
+    out = []
+    for w, a in BITS:
+        names = [f"{m}-W{w}A{a}" for m in OURS]
+        for m in metrics + ["cosine"]:
+            if not all(n in ok and val(n, m) is not None for n in names):
+                continue
+            rtn, ada, blk, pack = (val(n, m) for n in names)
+            holds = pack >= blk > ada > rtn
+            out.append(f"- W{w}A{a}, {m}: " + ", ".join(f"{o} {shown(n, m)}" for o, n in zip(OURS, names))
+                       + f": pack ≥ block > adaround > rtn {'holds' if holds else 'does not hold'}")
+    for mixed, uniform in MIXED_VS_UNIFORM:
+        for m in metrics:
+            if mixed in ok and uniform in ok and val(mixed, m) is not None and val(uniform, m) is not None:
+                d = val(mixed, m) - val(uniform, m)
+                verdict = "beats" if d > 0 else "ties" if d == 0 else "loses to"
+                out.append(f"- {mixed} {verdict} {uniform} on {m}: {shown(mixed, m)} vs {shown(uniform, m)}")
+    for (w, a), m in ((b, m) for b in BITS for m in metrics):
+        best = {}
+        for kind in ("ort", "ours"):
+            cands = [n for n in ok if ROWS[n].kind == kind and not ROWS[n].mixed and not ROWS[n].max_pack_blocks
+                     and (ROWS[n].wbits, ROWS[n].abits) == (w, a) and val(n, m) is not None]
+            if cands:
+                best[kind] = max(cands, key=lambda n: val(n, m))
+        if len(best) == 2:
+            o, u = best["ort"], best["ours"]
+            d = val(u, m) - val(o, m)
+            verdict = "ahead of" if d > 0 else "level with" if d == 0 else "behind"
+            out.append(f"- W{w}A{a}, {m}: best of ours ({u} {shown(u, m)}) is {verdict} "
+                       f"the best onnxruntime row ({o} {shown(o, m)})")
+    return ["Read off the rows:", ""] + out if out else []
+
+
 def write_results(all_res: dict, a, command: str) -> str:
     os.makedirs(a.results, exist_ok=True)
     v = versions()
@@ -203,6 +255,9 @@ def write_results(all_res: dict, a, command: str) -> str:
                  f"{fmt(r['mixed']['packs'])}" for n, r in res["rows"].items() if r.get("mixed")]
         if notes or mixed:
             lines += [""] + notes + mixed
+        found = checks(task, res)
+        if found:
+            lines += [""] + found
         png = plot(task, res, os.path.join(a.results, f"bench_{name}.png"))
         if png:
             lines += ["", f"![{name}]({os.path.relpath(png, a.results)})"]

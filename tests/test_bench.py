@@ -103,3 +103,38 @@ def test_failed_row_is_recorded(tmp_path):
                                "result": str(result)}, str(tmp_path / "r.log"), timeout=120)
     assert res["status"] == "failed" and res["error"].startswith("FileNotFoundError")
     assert "\n" not in res["error"] and json.loads(result.read_text())["status"] == "failed"
+
+
+def test_checks_read_off_the_rows():
+    """RESULTS.md's 'Read off the rows' lines: the method ordering per bit width, mixed vs uniform and
+    ours vs onnxruntime, with CER counted lower-is-better."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        from report import checks
+        from tasks import TASKS
+    finally:
+        sys.path.pop(0)
+
+    def row(line_acc, cer, cosine=0.9):
+        return {"status": "ok", "scores": {"line_acc": line_acc, "cer": cer}, "cosine": cosine}
+
+    rows = {"ort-minmax-u8-W4A4": row(0.30, 0.20), "rtn-W4A4": row(0.10, 0.50, 0.5),
+            "adaround-W4A4": row(0.20, 0.40, 0.6), "block-W4A4": row(0.40, 0.30, 0.7),
+            "pack-W4A4": row(0.40, 0.25, 0.8), "pack-mixed-W4": row(0.45, 0.30),
+            "rtn-W4A8": row(0.5, 0.1), "adaround-W4A8": row(0.5, 0.1), "block-W4A8": row(0.6, 0.1),
+            "pack-W4A8": {"status": "failed", "error": "x"}}
+    lines = checks(TASKS["rec"], {"rows": rows})
+    text = "\n".join(lines)
+    assert "- W4A4, line_acc: rtn 0.1000, adaround 0.2000, block 0.4000, pack 0.4000: " \
+           "pack ≥ block > adaround > rtn holds" in text
+    assert "- W4A4, cer: rtn 0.5000, adaround 0.4000, block 0.3000, pack 0.2500: " \
+           "pack ≥ block > adaround > rtn holds" in text
+    assert "- W4A4, cosine: " in text
+    assert not any(x.startswith("- W4A8") and "pack ≥" in x for x in lines)  # pack-W4A8 failed: no ordering
+    assert "- pack-mixed-W4 beats pack-W4A4 on line_acc: 0.4500 vs 0.4000" in text
+    assert "- pack-mixed-W4 loses to pack-W4A4 on cer: 0.3000 vs 0.2500" in text
+    assert "best of ours (block-W4A4 0.4000) is ahead of the best onnxruntime row (ort-minmax-u8-W4A4 0.3000)" in text
+    assert "- W4A4, cer: best of ours (pack-W4A4 0.2500) is behind" in text
+    rows["adaround-W4A4"] = row(0.05, 0.6)  # below rtn now
+    text = "\n".join(checks(TASKS["rec"], {"rows": rows}))
+    assert "pack 0.4000: pack ≥ block > adaround > rtn does not hold" in text
