@@ -160,13 +160,15 @@ def checks(task: Task, res: dict) -> list[str]:
     ok = {n: r for n, r in res["rows"].items() if r.get("status") == "ok"}
     metrics = plot_metrics(task, res)
 
+    def raw(name, m):
+        return ok[name]["cosine"] if m == "cosine" else ok[name].get("scores", {}).get(m)
+
     def val(name, m):  # oriented so that larger is better
-        v = ok[name]["cosine"] if m == "cosine" else ok[name].get("scores", {}).get(m)
+        v = raw(name, m)
         return None if v is None else -v if m in LOWER_IS_BETTER else v
 
     def shown(name, m):
-        v = val(name, m)
-        return fmt(-v if m in LOWER_IS_BETTER else v)
+        return fmt(raw(name, m))
 
     out = []
     for w, a in BITS:
