@@ -107,7 +107,7 @@ def plot(task: Task, res: dict, path: str) -> str | None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.6), squeeze=False)
-    drawn = False
+    drawn, hollow = False, set()
     for ax, metric in zip(axes[0], metrics):
         series = {}
         for name, r in res["rows"].items():
@@ -121,9 +121,10 @@ def plot(task: Task, res: dict, path: str) -> str | None:
                 ax.plot([pts[0][0]], [pts[0][1]], marker="*", color="black", linestyle="none", label="float")
                 drawn = True
                 continue
-            # the line joins WbAb rows (and mixed); WbA8 rows with b < 8 are hollow markers
+            # the line joins WbAb rows (and mixed); rows with other activation bits are hollow markers
             line = sorted(p for p in pts if p[2].wbits == p[2].abits or p[2].mixed)
             side = [p for p in pts if p not in line]
+            hollow.update(f"W{p[2].wbits}A{p[2].abits}" for p in side)
             mk, col = markers[i % len(markers)], COLORS.get(m)
             h = ax.plot([p[0] for p in line], [p[1] for p in line], marker=mk, color=col, label=m,
                         linestyle="-" if len(line) > 1 else "none", alpha=0.85)[0] if line else None
@@ -135,7 +136,8 @@ def plot(task: Task, res: dict, path: str) -> str | None:
         ax.set_xscale("log")
         ax.set_xlabel("weight bytes (Conv/Gemm/MatMul weights, log scale)")
         ax.set_ylabel(metric)
-        ax.set_title(f"{task.name}: {metric} vs weight bytes (hollow: W4A8)")
+        note = f" (hollow: {', '.join(sorted(hollow))})" if hollow else ""
+        ax.set_title(f"{task.name}: {metric} vs weight bytes{note}")
         ax.grid(True, alpha=0.3)
         if series:
             ax.legend(fontsize=8, ncol=2)
