@@ -107,9 +107,9 @@ def plot(task: Task, res: dict, path: str) -> str | None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.6), squeeze=False)
-    drawn, hollow = False, set()
+    drawn = False
     for ax, metric in zip(axes[0], metrics):
-        series = {}
+        series, hollow = {}, set()
         for name, r in res["rows"].items():
             v = r.get("scores", {}).get(metric) if r.get("status") == "ok" else None
             if isinstance(v, (int, float)) and math.isfinite(v):
