@@ -26,6 +26,15 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW")
 
 
+def _task_args(p: argparse.ArgumentParser) -> None:
+    from .tasks import TASKS
+
+    p.add_argument("--task", choices=TASKS, help="task-level agreement to report (default: guessed from the "
+                   "output shapes, and printed)")
+    p.add_argument("--metric", metavar="MODULE:FUNCTION", help="your metric: called with the float and the "
+                   "quantized outputs (lists of arrays), returns a number; MODULE may be a .py path")
+
+
 def _shape_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:DIMS",
                    help="fix an input's dynamic dims, e.g. x:N,3,48,320 (N: batch, stays dynamic); repeat "
@@ -109,6 +118,7 @@ def parser() -> argparse.ArgumentParser:
                    "each weight causes on the calibration data)")
     q.add_argument("--full-range-weights", action="store_true",
                    help="8-bit weights in [-128,127] instead of [-64,63] (not exact on AVX2 CPUs without VNNI)")
+    _task_args(q)
     _recon_args(q)
     _mixed_args(q)
     _data_args(q)
@@ -121,6 +131,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--labels")
     v.add_argument("--report")
     v.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    _task_args(v)
     _data_args(v)
 
     i = sub.add_parser("inspect", help="describe a model (and its packptq annotations)")
@@ -171,7 +182,8 @@ def cmd_quantize(a) -> int:
                    reduce_range=not a.full_range_weights, image=_image_opts(a), recon=recon,
                    max_pack_blocks=a.max_pack_blocks, resume=a.resume, mixed=_mixed_opts(a),
                    storage=a.storage, output_bits=None if a.no_output_quant else 8, strict=a.strict,
-                   input_shapes=_shapes(a), bias_correction=not a.no_bias_correction)
+                   input_shapes=_shapes(a), bias_correction=not a.no_bias_correction, task=a.task,
+                   metric=a.metric)
     if a.plot and not opts.mixed.enabled:
         raise UsageError("--plot shows the mixed-precision choice: give --budget or --avg-wbits")
     report = quantize(a.model, a.calib, a.output, opts, a.eval, a.labels, log=print)
@@ -196,15 +208,22 @@ def cmd_validate(a) -> int:
     from .exporters.files import save_json
     from .onnx_import import load
 
+    from .shapes import specs
+    from .tasks import load_metric
+
+    metric = load_metric(a.metric) if a.metric else None
     f, q = load(a.float_model), load(a.quant_model)
-    feeds, labels = data.load(a.data, f.inputs, **_image_opts(a))
+    feeds, labels = data.load(a.data, specs(f.original), log=print, **_image_opts(a))
     if a.labels:
         labels = data.load_array(a.labels)
-    metrics = validate.evaluate(f.original, q.original, feeds, labels, a.device)
+    names, ref, got = validate.run_both(f.original, q.original, feeds, a.device)
+    metrics = validate.compare_outputs(names, ref, got, labels)
     print(validate.table(metrics))
+    scores = validate.task_scores(a.task, metric, ref, got, feeds)
+    print(validate.task_line(scores))
     if a.report:
         save_json({"float": a.float_model, "quantized": a.quant_model, "data": a.data,
-                   "validation": validate.as_dicts(metrics)}, a.report)
+                   "validation": validate.as_dicts(metrics), "task": scores}, a.report)
     return 0
 
 

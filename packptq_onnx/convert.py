@@ -101,12 +101,12 @@ def compare(names, ref: list, got: list) -> list[Agreement]:
     return res
 
 
-def prove_faithful(imp: ImportedModel, gm, feeds: dict, rtol: float = 1e-3) -> list[Agreement]:
+def prove_faithful(imp: ImportedModel, gm, feeds: dict, rtol: float = 1e-3, batch_size: int = 64) -> list[Agreement]:
     """torch (normalised graph) vs onnxruntime (the input file as given), same input."""
     names = [i.name for i in imp.inputs]
     sess = runtime.session(imp.original if default_opset(imp.original) else imp.model)
-    ref = runtime.run(sess, feeds)
-    got = torch_run(gm, feeds, names)
+    ref = runtime.run(sess, feeds, batch_size)
+    got = torch_run(gm, feeds, names, batch_size)
     res = compare(imp.outputs, ref, got)
     for r in res:
         if not r.max_abs_diff <= 1e-4 + rtol * max(1.0, r.ref_absmax):

@@ -13,8 +13,9 @@ LABELS_KEY = "labels"
 
 
 def load(path: str, inputs: list[InputSpec], image_size: int | None = None, mean=None, std=None,
-         layout: str = "NCHW") -> tuple[dict, np.ndarray | None]:
-    """Returns ({input name: array}, labels or None), checked against the model's inputs."""
+         layout: str = "NCHW", log=None) -> tuple[dict, np.ndarray | None]:
+    """Returns ({input name: array}, labels or None), checked against the model's inputs.
+    `log` hears which array feeds which input when the names differ."""
     if not os.path.exists(path):
         raise UsageError(f"data not found: {path}")
     labels = None
@@ -37,7 +38,10 @@ def load(path: str, inputs: list[InputSpec], image_size: int | None = None, mean
         if LABELS_KEY in arrays and LABELS_KEY not in names:
             labels = np.asarray(arrays.pop(LABELS_KEY))
         if len(inputs) == 1 and len(arrays) == 1 and inputs[0].name not in arrays:
-            arrays = {inputs[0].name: next(iter(arrays.values()))}
+            key = next(iter(arrays))
+            if log is not None:
+                log(f"note: {os.path.basename(path)}: array '{key}' feeds input '{inputs[0].name}' (names differ)")
+            arrays = {inputs[0].name: arrays[key]}
         missing, extra = names - set(arrays), set(arrays) - names
         if missing or extra:
             raise UsageError(f"{path}: arrays {sorted(arrays)} do not match the model inputs {sorted(names)}"
@@ -105,9 +109,10 @@ def _images(path, spec, image_size, mean, std, layout) -> np.ndarray:
     c = shape[1] if chw else shape[-1]
     if image_size is None:
         hw = shape[2:4] if chw else shape[1:3]
-        if not all(isinstance(d, int) and d > 0 for d in hw):
-            raise UsageError("the model's image size is dynamic: give --image-size")
-        size = (hw[1], hw[0])
+        if all(isinstance(d, int) and d > 0 for d in hw):
+            size = (hw[1], hw[0])
+        else:  # dynamic in the model: the images' own size, when they share one
+            size = _common_size(path, files)
     else:
         size = (image_size, image_size)
     mode = "L" if c == 1 else "RGB"
@@ -124,6 +129,23 @@ def _images(path, spec, image_size, mean, std, layout) -> np.ndarray:
             a = a / np.asarray(std, np.float32)
         out.append(a.transpose(2, 0, 1) if chw else a)
     return np.stack(out)
+
+
+def _common_size(path, files) -> tuple:
+    from PIL import Image
+
+    sizes = {}
+    for f in files:
+        try:
+            with Image.open(os.path.join(path, f)) as img:
+                sizes.setdefault(img.size, f)
+        except Exception as exc:
+            raise UsageError(f"cannot read image {f}: {exc}") from None
+    if len(sizes) > 1:
+        (a, fa), (b, fb) = list(sizes.items())[:2]
+        raise UsageError(f"the model's image size is dynamic and the images differ in size ({fa} is "
+                         f"{a[0]}x{a[1]}, {fb} is {b[0]}x{b[1]}): give --image-size")
+    return next(iter(sizes))
 
 
 def batches(feeds: dict, names: list[str], batch_size: int, device: str = "cpu"):

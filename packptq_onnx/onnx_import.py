@@ -121,11 +121,17 @@ def load(path: str, input_shapes: dict | None = None) -> ImportedModel:
             onnx.checker.check_model(model)
     except Exception as exc:
         raise UsageError(f"{path} fails the ONNX checker: {str(exc).splitlines()[0][:300]}") from None
-    if input_shapes:
-        fixed = copy.deepcopy(model)
-        set_input_shapes(fixed, input_shapes)
-        return ImportedModel(path, model, *normalise(fixed))
-    return ImportedModel(path, model, *normalise(model))
+    return reshaped(ImportedModel(path, model, model, [], []), input_shapes or {})
+
+
+def reshaped(imp: ImportedModel, shapes: dict, source: onnx.ModelProto | None = None) -> ImportedModel:
+    """The file normalised again with these input shapes fixed (name -> dims, None = dynamic);
+    `source` (default: the file as given) is the graph whose shapes are set."""
+    model = source if source is not None else imp.original
+    if shapes:
+        model = copy.deepcopy(model)
+        set_input_shapes(model, shapes)
+    return ImportedModel(imp.path, imp.original, *normalise(model))
 
 
 def _decode_strings(msg) -> None:

@@ -9,11 +9,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from . import __version__, convert, data, qmodel, runtime, validate
+from . import __version__, convert, data, qmodel, runtime, shapes, validate
 from .errors import UsageError
 from .exporters import files, qdq
 from .layers import find_layers, outputs_before_float_ops, post_activations, read_only_by_layers
-from .onnx_import import ImportedModel, check_static, load
+from .onnx_import import ImportedModel, check_static, load, reshaped
 from .parity import layer_parity
 from .mixed import MixedOptions
 from .progress import bar
@@ -44,6 +44,8 @@ class Options:
     mixed: MixedOptions = field(default_factory=MixedOptions)
     input_shapes: dict = field(default_factory=dict)  # name -> dims (None = dynamic), --input-shape
     bias_correction: bool = True  # subtract the mean output shift of quantized weights (qmodel)
+    task: str | None = None    # task metric for --eval (packptq_onnx.tasks); None: guessed
+    metric: str | None = None  # --metric module:function, called with float and quantized outputs
 
 
 METHODS = ("rtn", "adaround", "block", "pack")
@@ -66,6 +68,13 @@ def check_options(o: Options) -> None:
         raise UsageError(f"--storage must be one of {', '.join(qdq.STORAGES)}")
     if o.batch_size < 1 or o.calib_samples < 1:
         raise UsageError("--batch-size and --calib-samples must be positive")
+    if o.task is not None:
+        from .tasks import TASKS
+        if o.task not in TASKS:
+            raise UsageError(f"unknown --task {o.task!r} (available: {', '.join(TASKS)})")
+    if o.metric is not None:
+        from .tasks import load_metric
+        load_metric(o.metric)
     if o.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch sees no CUDA GPU (install a CUDA build of torch)")
 
@@ -120,6 +129,12 @@ class Prepared:
     qls: list
     faithful: list
     seconds: float
+    plan: shapes.ShapePlan = field(default_factory=shapes.ShapePlan)
+
+    @property
+    def run_batch(self) -> int:
+        """Batch size for whole-model runs (torch and onnxruntime): the graph's fixed batch if any."""
+        return self.plan.run_batch or 64
 
     @property
     def n_samples(self) -> int:
@@ -135,9 +150,12 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     torch.manual_seed(opts.seed)
     np.random.seed(opts.seed)
     imp = load(model_path, opts.input_shapes)
-    check_static(imp.inputs)
-    calib, _ = data.load(calib_path, imp.inputs, **opts.image)
+    calib, _ = data.load(calib_path, imp.inputs, log=log, **opts.image)
     calib = data.take(calib, opts.calib_samples)
+    imp, plan = settle_shapes(imp, calib, opts)
+    if plan.describe():
+        log(f"shapes: {plan.describe()}")
+    check_static(imp.inputs)
     names = [i.name for i in imp.inputs]
     if len(calib[names[0]]) < opts.batch_size:
         raise UsageError(f"{calib_path} has {len(calib[names[0]])} samples, fewer than --batch-size "
@@ -146,7 +164,7 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     gm = convert.to_torch(imp, strict=opts.strict)
     if gm.float_nodes:
         log(f"warning: {imp.notes[-1]}")
-    faithful = convert.prove_faithful(imp, gm, data.take(calib, FAITHFUL_SAMPLES))
+    faithful = convert.prove_faithful(imp, gm, data.take(calib, FAITHFUL_SAMPLES), batch_size=plan.run_batch or 64)
     layers = find_layers(imp.model)
     if not layers:
         raise UsageError("the model has no quantizable layer (Conv, ConvTranspose, Gemm, or MatMul "
@@ -157,7 +175,7 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     if opts.device == "cuda":  # full fp32 on the GPU: TF32 would round what the exported model computes exactly
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     gm.to(opts.device)
-    p = Prepared(imp, calib, names, gm, qls, faithful, 0.0)
+    p = Prepared(imp, calib, names, gm, qls, faithful, 0.0, plan)
     qmodel.calibrate(gm, qls, p.batches(opts), opts.wbits, opts.abits, opts.reduce_range, opts.seed,
                      progress=lambda it: bar(it, "calibrate", -(-p.n_samples // opts.batch_size)),
                      output_bits=opts.output_bits,
@@ -166,6 +184,29 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
                      layer_only=read_only_by_layers(imp.model, layers), bias_correction=opts.bias_correction)
     p.seconds = time.time() - t0
     return p
+
+
+def settle_shapes(imp: ImportedModel, calib: dict, opts: Options):
+    """Dynamic dims the calibration data makes definite are fixed at its size; a fixed batch is
+    freed where onnxruntime shows that exact, else every run goes in batches of that size."""
+    plan = shapes.ShapePlan()
+    fixed = dict(opts.input_shapes)
+    fixed.update(shapes.from_data(imp.inputs, calib))
+    plan.from_data = {k: v for k, v in fixed.items() if k not in opts.input_shapes}
+    source = None
+    plan.fixed_batch = shapes.fixed_batch(imp.inputs)
+    if plan.fixed_batch is not None:
+        probe = data.take(calib, 4 * plan.fixed_batch)
+        plan.batch_freed = shapes.batch_is_free(imp.model, plan.fixed_batch, probe, runtime.session)
+        if plan.batch_freed:
+            source = shapes.free_batch(imp.original, plan.fixed_batch)
+            fixed = {k: [None] + list(v[1:]) for k, v in fixed.items()}
+        else:
+            plan.run_batch = plan.fixed_batch
+            opts.batch_size = opts.recon.batch_size = plan.fixed_batch
+    if fixed or source is not None:
+        imp = reshaped(imp, fixed, source)
+    return imp, plan
 
 
 def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
@@ -198,8 +239,8 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
     t2 = time.time()
     probe = data.take(calib, PARITY_SAMPLES)
     parity = validate.sim_parity(imp.outputs, runtime.run(runtime.session(out), probe),
-                                 convert.torch_run(gm, probe, names))
-    per_layer = layer_parity(out, gm, qls, data.take(calib, LAYER_PARITY_SAMPLES), names)
+                                 convert.torch_run(gm, probe, names, batch_size=p.run_batch))
+    per_layer = layer_parity(out, gm, qls, data.take(calib, p.plan.run_batch or LAYER_PARITY_SAMPLES), names)
     meta = {"version": __version__, "packs": pack_meta(analysis, records, mixed),
             "budget": None if mixed is None else mixed["budget_bytes"],
             "layers": [{"node": r.layer.name, "op": r.layer.op, "wbits": r.wbits, "abits": r.abits}
@@ -208,6 +249,7 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
             "parity": {"outputs": {x.output: x.max_abs_diff for x in parity},
                        "layers_max_code_diff": per_layer.max_code_diff}}
     qdq.set_meta(out, meta)
+    shapes.restore_io(out, imp.original)  # the file's dynamic axes (and fixed batch) as declared
     files.save_model(out, out_path)
     if os.path.exists(ckpt):
         os.unlink(ckpt)
@@ -217,6 +259,7 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
         "file_bytes": os.path.getsize(out_path),
         "weight_range": "reduced: 8-bit weights use [-64, 63] (exact on AVX2 CPUs without VNNI), depthwise convs [-128, 127]"
         if opts.reduce_range else "full: 8-bit weights use [-128, 127]",
+        "shapes": {**asdict(p.plan), "summary": p.plan.describe()},
         "import": {"notes": imp.notes, "faithful": [asdict(a) for a in p.faithful],
                    "float_nodes": list(gm.float_nodes)},
         "layers": meta["layers"], "weight_bytes": weight_bytes(records),
@@ -240,7 +283,7 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
         log(f"note: each layer matches onnxruntime within one step, but rounding-tie flips grow through the "
             f"network: {100 * bad[0].over_one:.2f}% of {bad[0].output} values differ by more than one step")
     if eval_path:
-        report["validation"] = evaluate(imp, out, eval_path, labels_path, opts, log)
+        report.update(evaluate(imp, out, eval_path, labels_path, opts, log))
     report["seconds"]["total"] = round(time.time() - t0, 3)
     return report
 
@@ -315,10 +358,42 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def evaluate(imp: ImportedModel, quant_model, eval_path, labels_path, opts: Options, log=print) -> list:
-    feeds, labels = data.load(eval_path, imp.inputs, **opts.image)
+def evaluate(imp: ImportedModel, quant_model, eval_path, labels_path, opts: Options, log=print) -> dict:
+    """Float vs quantized in onnxruntime on the eval data, and again at a second size where the file
+    leaves spatial or sequence dims dynamic (the export must run wherever the float model runs)."""
+    declared = shapes.specs(imp.original)
+    feeds, labels = data.load(eval_path, declared, log=log, **opts.image)
     if labels_path:
         labels = data.load_array(labels_path)
-    metrics = validate.evaluate(imp.original, quant_model, feeds, labels, opts.device)
+    from .tasks import load_metric
+
+    metric = load_metric(opts.metric) if opts.metric else None
+    names, ref, got = validate.run_both(imp.original, quant_model, feeds, opts.device)
+    metrics = validate.compare_outputs(names, ref, got, labels)
     log(validate.table(metrics))
-    return validate.as_dicts(metrics)
+    res = {"validation": validate.as_dicts(metrics),
+           "task": validate.task_scores(opts.task, metric, ref, got, feeds)}
+    log(validate.task_line(res["task"]))
+    other = shapes.second_size(declared, feeds)
+    if other is not None:
+        sizes = {k: list(v.shape[1:]) for k, v in other.items()}
+        entry = {"inputs": sizes}
+        try:
+            ref = runtime.run(runtime.session(imp.original, opts.device), other)
+        except Exception as exc:
+            entry["skipped"] = f"the float model does not run at this size ({str(exc).splitlines()[0][:160]})"
+        else:
+            try:
+                got = runtime.run(runtime.session(quant_model, opts.device), other)
+            except Exception as exc:
+                entry["error"] = f"the exported model fails at this size: {str(exc).splitlines()[0][:200]}"
+                log(f"warning: {entry['error']}")
+            else:
+                m2 = validate.compare_outputs(imp.outputs, ref, got, labels)
+                entry["metrics"] = validate.as_dicts(m2)
+                entry["task"] = validate.task_scores(res["task"]["task"] or None, metric, ref, got, other)
+                entry["task"]["guessed"] = res["task"]["guessed"]
+                log(f"at a second size ({', '.join(f'{k} {v}' for k, v in sizes.items())}):\n"
+                    + validate.table(m2) + "\n" + validate.task_line(entry["task"]))
+        res["validation_second_size"] = entry
+    return res

@@ -62,8 +62,13 @@ def has_int2(model) -> bool:
 
 
 def run(sess, feeds: dict, batch_size: int = 64) -> list:
-    """Run a session over feeds batch by batch; returns one concatenated array per output."""
+    """Run a session over feeds batch by batch; returns one concatenated array per output.
+    A graph that fixes its batch dim is run in batches of that size."""
     import numpy as np
+
+    fixed = [d.shape[0] for d in sess.get_inputs() if d.shape and isinstance(d.shape[0], int) and d.shape[0] > 0]
+    if fixed:
+        batch_size = min(fixed)
 
     n = len(next(iter(feeds.values())))
     outs = None

@@ -45,9 +45,51 @@ def compare_outputs(names, ref: list, got: list, labels=None) -> list[OutputMetr
 
 
 def evaluate(float_model, quant_model, feeds: dict, labels=None, device: str = "cpu", batch_size: int = 64):
+    names, ref, got = run_both(float_model, quant_model, feeds, device, batch_size)
+    return compare_outputs(names, ref, got, labels)
+
+
+def run_both(float_model, quant_model, feeds: dict, device: str = "cpu", batch_size: int = 64):
+    """(output names, float outputs, quantized outputs) from onnxruntime on the same feeds."""
     fs, qs = runtime.session(float_model, device), runtime.session(quant_model, device)
     names = [o.name for o in fs.get_outputs()]
-    return compare_outputs(names, runtime.run(fs, feeds, batch_size), runtime.run(qs, feeds, batch_size), labels)
+    return names, runtime.run(fs, feeds, batch_size), runtime.run(qs, feeds, batch_size)
+
+
+def input_hw(feeds: dict):
+    """Height and width of the first image-like (rank 4, NCHW) input, for detection decoding."""
+    a = next((v for v in feeds.values() if v.ndim == 4), None)
+    return None if a is None else tuple(a.shape[2:4])
+
+
+def task_scores(task: str | None, metric, ref: list, got: list, feeds: dict) -> dict:
+    """Task-level agreement (packptq_onnx.tasks) of output 0: the task given, or guessed from the
+    float outputs (a guess that does not fit the outputs scores nothing); plus a user metric."""
+    from . import tasks
+    from .errors import UsageError
+
+    hw = input_hw(feeds)
+    name = task or tasks.guess(ref, hw)
+    out = {"task": name, "guessed": task is None}
+    if name is not None:
+        try:
+            out.update(tasks.score(name, ref, got, hw))
+        except UsageError:
+            if task is not None:
+                raise
+            out["task"] = None
+    if metric is not None:
+        out["metric"] = metric(ref, got)
+    return out
+
+
+def task_line(scores: dict) -> str:
+    if scores.get("task") is None and "metric" not in scores:
+        return "task: none recognised from the output shapes (give --task or --metric)"
+    parts = [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()
+             if k not in ("task", "guessed")]
+    head = f"task {scores['task']}" + (" (guessed from the output shapes)" if scores["guessed"] else "")
+    return f"{head}: {', '.join(parts)}" if scores.get("task") else f"metric: {scores['metric']:.4f}"
 
 
 @dataclass
