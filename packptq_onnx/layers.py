@@ -141,6 +141,45 @@ def outputs_before_float_ops(model, layers: list[Layer], max_nodes: int = 64) ->
     return out
 
 
+def tail_outputs(model, layers: list[Layer]) -> dict[str, list[str]]:
+    """Layer outputs from which no quantized layer input can be reached -> the graph outputs they
+    feed. This is the decode / post-processing after a network's last layers (box offsets times
+    strides, DFL softmax, score Sigmoid, Concat of boxes in pixels with scores in [0, 1], the
+    Resize / ConvTranspose tail of a segmentation map). An 8-bit output quantizer there makes
+    nothing faster (no integer kernel follows) but rounds what the task reads: the PicoDet-style
+    layout detector of the coverage bench reads output cosine 0.57-0.88 with them (docs/METHOD.md,
+    "Output quantizers")."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    feeds_quant, stack = set(), [t for l in layers for t in (l.act_input, l.act_input2) if t]
+    while stack:  # backward closure: every tensor some quantized input is computed from
+        t = stack.pop()
+        if t in feeds_quant:
+            continue
+        feeds_quant.add(t)
+        node = producer.get(t)
+        if node is not None:
+            stack.extend(i for i in node.input if i and i not in feeds_quant)
+    users: dict[str, list] = {}
+    for node in g.node:
+        for t in node.input:
+            users.setdefault(t, []).append(node)
+    graph_out = [o.name for o in g.output]
+    out = {}
+    for l in layers:
+        if not l.output or l.output in feeds_quant:
+            continue
+        seen, stack = set(), [l.output]
+        while stack:  # forward: which graph outputs it reaches
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            stack.extend(o for n in users.get(t, []) for o in n.output if o)
+        out[l.output] = [o for o in graph_out if o in seen]
+    return out
+
+
 def post_activations(model, layers: list[Layer]) -> dict[str, tuple[float, float, str]]:
     """Layer name -> (lo, hi, tensor) where the layer's output has one consumer, a Relu or a Clip with
     constant bounds, writing `tensor`.

@@ -12,7 +12,7 @@ import torch
 from . import __version__, convert, data, qmodel, runtime, shapes, validate
 from .errors import UsageError
 from .exporters import files, qdq
-from .layers import find_layers, outputs_before_float_ops, post_activations, read_only_by_layers
+from .layers import find_layers, outputs_before_float_ops, post_activations, read_only_by_layers, tail_outputs
 from .onnx_import import ImportedModel, check_static, load, reshaped
 from .parity import layer_parity
 from .mixed import MixedOptions
@@ -130,6 +130,7 @@ class Prepared:
     faithful: list
     seconds: float
     plan: shapes.ShapePlan = field(default_factory=shapes.ShapePlan)
+    output_rules: dict = field(default_factory=dict)  # layer output left float -> the rule why
 
     @property
     def run_batch(self) -> int:
@@ -176,14 +177,43 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     gm.to(opts.device)
     p = Prepared(imp, calib, names, gm, qls, faithful, 0.0, plan)
+    p.output_rules = output_rules(imp.model, layers, opts.output_bits)
     qmodel.calibrate(gm, qls, p.batches(opts), opts.wbits, opts.abits, opts.reduce_range, opts.seed,
                      progress=lambda it: bar(it, "calibrate", -(-p.n_samples // opts.batch_size)),
                      output_bits=opts.output_bits,
-                     float_outputs=set(imp.outputs) | outputs_before_float_ops(imp.model, layers),
+                     float_outputs=set(p.output_rules),
                      post_act=post_activations(imp.model, layers),
                      layer_only=read_only_by_layers(imp.model, layers), bias_correction=opts.bias_correction)
     p.seconds = time.time() - t0
     return p
+
+
+RULES = {"model output": "the layer's output is a model output",
+         "float-sensitive": "reaches LayerNorm / Softmax / GELU / Sqrt / Pow / Where before a quantized input",
+         "tail": "no quantized layer reads it: decode / post-processing up to the model outputs"}
+
+
+def output_rules(model, layers, output_bits) -> dict:
+    """Layer output left without an output quantizer -> (rule, model outputs it feeds)."""
+    graph_out = [o.name for o in model.graph.output]
+    rules = {l.output: ("model output", [l.output]) for l in layers if l.output in graph_out}
+    if output_bits is None:
+        return rules
+    for t in outputs_before_float_ops(model, layers):
+        rules.setdefault(t, ("float-sensitive", []))
+    for t, outs in tail_outputs(model, layers).items():
+        rules.setdefault(t, ("tail", outs))
+    return rules
+
+
+def per_output_rules(model, qls, rules) -> dict:
+    """Per model output: the layers in front of it whose output quantizer a rule skipped."""
+    res = {o.name: [] for o in model.graph.output}
+    for q in qls:
+        rule, outs = rules.get(q.layer.output, ("", []))
+        for o in outs:
+            res[o].append({"layer": q.layer.name, "rule": rule})
+    return res
 
 
 def settle_shapes(imp: ImportedModel, calib: dict, opts: Options):
@@ -260,6 +290,10 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
         "weight_range": "reduced: 8-bit weights use [-64, 63] (exact on AVX2 CPUs without VNNI), depthwise convs [-128, 127]"
         if opts.reduce_range else "full: 8-bit weights use [-128, 127]",
         "shapes": {**asdict(p.plan), "summary": p.plan.describe()},
+        "output_quantizers": {"rules": RULES,
+                              "skipped": {q.layer.name: p.output_rules[q.layer.output][0] for q in qls
+                                          if q.layer.output in p.output_rules},
+                              "per_output": per_output_rules(imp.model, qls, p.output_rules)},
         "import": {"notes": imp.notes, "faithful": [asdict(a) for a in p.faithful],
                    "float_nodes": list(gm.float_nodes)},
         "layers": meta["layers"], "weight_bytes": weight_bytes(records),

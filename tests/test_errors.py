@@ -184,7 +184,7 @@ def test_random_graphs_export_equals_simulation(op, cin, cout, wbits, abits, see
     assert par.exact, par
 
 
-def test_dynamic_dims_other_than_batch_need_input_shape(tmp_path, capsys):
+def test_dynamic_dims_are_taken_from_the_data_and_input_shape_overrides(tmp_path, capsys):
     m = onnx.load(MODEL)
     dims = m.graph.input[0].type.tensor_type.shape.dim
     dims[2].dim_param, dims[3].dim_param = "height", "width"  # a fully convolutional export
@@ -192,15 +192,16 @@ def test_dynamic_dims_other_than_batch_need_input_shape(tmp_path, capsys):
     src = _save(m, tmp_path / "dyn.onnx")
     out = str(tmp_path / "q.onnx")
     base = ["quantize", src, "--calib", CALIB, "-o", out, "--method", "rtn", "--calib-samples", "64"]
-    code, err = _cli(base, capsys)
-    assert code == 2 and "axis 2 (height), axis 3 (width)" in err and "--input-shape image:N,1,?,?" in err
     for bad, says in (("image:N,1,8", "rank 3 given"), ("pixels:N,1,8,8", "no input 'pixels'"),
                       ("image:N,1,x,8", "expected NAME:DIMS")):
         code, err = _cli(base + ["--input-shape", bad], capsys)
         assert code == 2 and says in err, err
-    assert main(base + ["--input-shape", "image:N,1,8,8"]) == 0
+    code, err = _cli(base + ["--input-shape", "image:N,1,9,8"], capsys)  # the override must fit the data
+    assert code == 2 and "axis 2: 8 != 9" in err, err
+    assert main(base) == 0  # no flag: the data's 8x8 is used
+    assert "input 'image' shape Nx1x8x8 taken from the calibration data" in capsys.readouterr().out
     q = onnx.load(out).graph.input[0].type.tensor_type.shape.dim
-    assert [d.dim_value for d in q[1:]] == [1, 8, 8] and not q[0].dim_value  # batch stays dynamic
+    assert [d.dim_param or d.dim_value for d in q] == [q[0].dim_param, 1, "height", "width"] and not q[0].dim_value
     feeds = {"image": np.load(CALIB)["image"][:5]}
     a = runtime.run(runtime.session(out), feeds)[0]
     assert a.shape == (5, 10) and np.isfinite(a).all()

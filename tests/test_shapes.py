@@ -58,6 +58,10 @@ def test_dynamic_hw_taken_from_data_and_kept_in_export(tmp_path, capsys):
     dims = [d.dim_param or d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", 3, "height", "width"]  # the file's symbolic names, not the calibration size
     assert r["validation"][0]["cosine"] > 0.99
+    # the head convs feed only the decode (scale, Sigmoid, Concat): no output quantizer, rule named
+    heads = r["output_quantizers"]["per_output"]["out"]
+    assert [h["rule"] for h in heads] == ["tail", "tail"] and len(r["output_quantizers"]["skipped"]) == 2
+    assert {h["layer"] for h in heads} == set(r["output_quantizers"]["skipped"])
     second = r["validation_second_size"]
     assert second["inputs"] == {"images": [3, 32, 64]}  # 3/4 of 64x96, down to multiples of 32
     assert second["metrics"][0]["cosine"] > 0.99
