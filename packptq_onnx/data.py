@@ -158,3 +158,20 @@ def batches(feeds: dict, names: list[str], batch_size: int, device: str = "cpu")
 
 def take(feeds: dict, n: int) -> dict:
     return {k: v[:n] for k, v in feeds.items()}
+
+
+def sample_axis(shapes: list[tuple], counts: list[int]) -> int:
+    """The axis that holds the samples in per-batch outputs: the first axis whose size equals the
+    batch's sample count in every batch (an RNN's [T, N, C] output has them on axis 1); 0 if none."""
+    rank = len(shapes[0])
+    for axis in range(rank):
+        if all(len(s) == rank and s[axis] == c for s, c in zip(shapes, counts)):
+            return axis
+    return 0
+
+
+def concat_samples(chunks: list, counts: list[int]):
+    """Per-batch outputs joined along their sample axis (see sample_axis)."""
+    if not chunks[0].ndim:
+        return np.stack(chunks)
+    return np.concatenate(chunks, axis=sample_axis([c.shape for c in chunks], counts))

@@ -62,17 +62,18 @@ def has_int2(model) -> bool:
 
 
 def run(sess, feeds: dict, batch_size: int = 64) -> list:
-    """Run a session over feeds batch by batch; returns one concatenated array per output.
-    A graph that fixes its batch dim is run in batches of that size."""
-    import numpy as np
-
+    """Run a session over feeds batch by batch; returns one array per output, batches joined on
+    the output's sample axis. A graph that fixes its batch dim is run in batches of that size."""
     fixed = [d.shape[0] for d in sess.get_inputs() if d.shape and isinstance(d.shape[0], int) and d.shape[0] > 0]
     if fixed:
         batch_size = min(fixed)
 
+    from .data import concat_samples
+
     n = len(next(iter(feeds.values())))
-    outs = None
+    outs, counts = None, []
     for i in range(0, n, batch_size):
         res = sess.run(None, {k: v[i:i + batch_size] for k, v in feeds.items()})
+        counts.append(min(batch_size, n - i))
         outs = [[r] for r in res] if outs is None else [o + [r] for o, r in zip(outs, res)]
-    return [np.concatenate(o) for o in outs]
+    return [concat_samples(o, counts) for o in outs]

@@ -259,6 +259,8 @@ def score(task, float_outs, quant_outs, input_hw=None, batch_axis=0) -> dict[str
     f, q = np.asarray(float_outs[0]), np.asarray(quant_outs[0])
     if f.shape != q.shape:
         raise UsageError(f"task '{task}': output 0 is {tuple(f.shape)} in float, {tuple(q.shape)} quantized")
+    if batch_axis and f.ndim > batch_axis:  # samples first for every scorer
+        f, q, batch_axis = np.moveaxis(f, batch_axis, 0), np.moveaxis(q, batch_axis, 0), 0
     if task.startswith("detect"):
         return _score_detect(task, f, q, input_hw)
     if task == "ocr-ctc":

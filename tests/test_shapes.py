@@ -114,3 +114,35 @@ def test_single_array_under_another_name_is_said(tmp_path, capsys):
     assert main(["quantize", model, "--calib", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "q.onnx"),
                  "--method", "rtn"]) == 0
     assert "calib.npz: array 'x' feeds input 'images' (names differ)" in capsys.readouterr().out
+
+
+class TimeMajorCTC(nn.Module):
+    """A CTC recognizer exported with its batch fixed at 1 and time first: [T, 1, C] (as CRNN exports)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Sequential(nn.Conv2d(1, 16, 3, (2, 1), 1), nn.ReLU(), nn.Conv2d(16, 12, (4, 1)))
+
+    def forward(self, x):
+        f = self.conv(x)                       # [1, 12, 1, W]
+        f = f.reshape(1, 12, f.shape[3])       # a constant batch of 1: not free
+        return torch.softmax(f.permute(2, 0, 1), -1)  # [T, 1, C]
+
+
+def test_time_major_outputs_join_samples_on_their_own_axis(tmp_path):
+    from packptq_onnx import runtime, tasks
+    from packptq_onnx.validate import task_scores
+
+    model = _export(TimeMajorCTC(), tmp_path / "ctc.onnx", (1, 1, 8, 20), None)
+    x = np.random.default_rng(0).standard_normal((6, 1, 8, 20)).astype(np.float32)
+    out = runtime.run(runtime.session(model), {"images": x})[0]
+    assert out.shape == (20, 6, 12)  # six samples side by side on axis 1, not 120 rows on axis 0
+    one = [runtime.session(model).run(None, {"images": x[i:i + 1]})[0][:, 0] for i in range(6)]
+    assert np.allclose(out, np.stack(one, 1))
+    noisy = out.copy()
+    noisy[:, 2] = noisy[:, 2, ::-1]  # sample 2 reads differently, the others the same
+    got = task_scores("ocr-ctc", None, [out], [noisy], {"images": x})
+    want = np.mean([a == b for a, b in zip(tasks.ctc_greedy(out.transpose(1, 0, 2)),
+                                            tasks.ctc_greedy(noisy.transpose(1, 0, 2)))])
+    assert got["task_agreement"] == want == 5 / 6
