@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import o2t, runtime
+from . import data, folding, o2t, runtime
 from .errors import UsageError
 from .onnx_import import ImportedModel, default_opset
 from .validate import cosine
@@ -41,6 +41,7 @@ def to_torch(imp: ImportedModel, strict: bool = False) -> torch.fx.GraphModule:
     from . import ortnode
 
     m = copy.deepcopy(imp.model)
+    folding.explicit_auto_pad(m)  # onnx2torch lacks SAME padding; the export keeps auto_pad
     for i, node in enumerate(m.graph.node):
         node.name = module_name(i)
     opsets = {o.domain or "": o.version for o in m.opset_import}
@@ -75,14 +76,15 @@ def to_torch(imp: ImportedModel, strict: bool = False) -> torch.fx.GraphModule:
 @torch.no_grad()
 def torch_run(gm, feeds: dict, names: list[str], batch_size: int = 64, device: str = "cpu") -> list:
     n = len(feeds[names[0]])
-    outs = None
+    outs, counts = None, []
     for i in range(0, n, batch_size):
+        counts.append(min(batch_size, n - i))
         args = [torch.from_numpy(np.ascontiguousarray(feeds[k][i:i + batch_size])).to(device) for k in names]
         res = gm(*args)
         res = list(res) if isinstance(res, (list, tuple)) else [res]
         res = [r.detach().float().cpu().numpy() for r in res]
         outs = [[r] for r in res] if outs is None else [o + [r] for o, r in zip(outs, res)]
-    return [np.concatenate(o) for o in outs]
+    return [data.concat_samples(o, counts) for o in outs]
 
 
 @dataclass

@@ -126,3 +126,45 @@ def drop_unused_initializers(graph) -> None:
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+
+
+SAME_PAD_OPS = ("Conv", "MaxPool", "AveragePool", "LpPool")
+
+
+def explicit_auto_pad(model: onnx.ModelProto) -> int:
+    """auto_pad SAME_UPPER / SAME_LOWER (Keras / TF exports) rewritten as explicit pads where the
+    node's input size is known, in place; returns how many. onnx2torch does not implement SAME;
+    the conversion uses this on its own copy at the settled input size, while the exported graph
+    keeps auto_pad so that it still pads right at every other size. ONNX Conv spec: out = ceil(in /
+    stride), total = max((out - 1) * stride + (k - 1) * dilation + 1 - in, 0), the odd extra at the
+    end for SAME_UPPER and at the start for SAME_LOWER."""
+    g = model.graph
+    dims = {vi.name: [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+            for vi in list(g.input) + list(g.value_info)}
+    inits = {i.name: list(i.dims) for i in g.initializer}
+    done = 0
+    for node in g.node:
+        mode = _conv_attr(node, "auto_pad", b"NOTSET")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if node.op_type not in SAME_PAD_OPS or mode not in ("SAME_UPPER", "SAME_LOWER"):
+            continue
+        shape = dims.get(node.input[0], [])
+        kernel = list(_conv_attr(node, "kernel_shape", []))
+        if not kernel and node.op_type == "Conv" and node.input[1] in inits:
+            kernel = inits[node.input[1]][2:]
+        spatial = shape[2:]
+        if not kernel or len(spatial) != len(kernel) or not all(spatial):
+            continue
+        strides = list(_conv_attr(node, "strides", [])) or [1] * len(kernel)
+        dil = list(_conv_attr(node, "dilations", [])) or [1] * len(kernel)
+        begin, end = [], []
+        for size, k, s, d in zip(spatial, kernel, strides, dil):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small = total // 2
+            begin.append(small if mode == "SAME_UPPER" else total - small)
+            end.append(total - begin[-1])
+        keep = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
+        del node.attribute[:]
+        node.attribute.extend(keep + [helper.make_attribute("pads", begin + end)])
+        done += 1
+    return done

@@ -121,3 +121,37 @@ def test_layer_normalization_17(tmp_path, axis):  # transformers' LayerNorm (sta
     node = helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], axis=axis, epsilon=1e-12)
     _check(tmp_path, node, X3, 17, [("s", R.rand(*shape).astype(np.float32) + 0.5),
                                      ("b", R.randn(*shape).astype(np.float32))], atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER"])
+@pytest.mark.parametrize("op,stride,kernel", [("Conv", 2, 3), ("Conv", 1, 4), ("Conv", 3, 2),
+                                              ("MaxPool", 2, 3), ("AveragePool", 1, 3)])
+def test_same_auto_pad(tmp_path, mode, op, stride, kernel):
+    """Keras / TF exports pad with auto_pad=SAME_*: odd sizes (5 x 6), strides 1-3, odd extra first or last."""
+    w = R.randn(4, 3, kernel, kernel).astype(np.float32)
+    node = helper.make_node(op, ["x", "w"] if op == "Conv" else ["x"], ["y"], auto_pad=mode,
+                            strides=[stride, stride], **({} if op == "Conv" else {"kernel_shape": [kernel, kernel]}))
+    _check(tmp_path, node, X4, 13, [("w", w)] if op == "Conv" else [])
+
+
+def test_same_auto_pad_export_keeps_it_and_runs_at_other_sizes(tmp_path):
+    """Converted with explicit pads at the calibration size; the export keeps auto_pad, so it pads
+    right at sizes where the explicit pads would differ (stride 2: 9 vs 10 columns)."""
+    from packptq_onnx.cli import main
+
+    w = R.randn(6, 3, 3, 3).astype(np.float32) * 0.3
+    node = helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER", strides=[2, 2])
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "h", "w"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, "oh", "ow"])],
+                          initializer=[numpy_helper.from_array(w, "w")])
+    model = str(tmp_path / "same.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), model)
+    np.savez(tmp_path / "c.npz", x=R.randn(32, 3, 9, 9).astype(np.float32))
+    out = str(tmp_path / "q.onnx")
+    assert main(["quantize", model, "--calib", str(tmp_path / "c.npz"), "-o", out, "--method", "rtn"]) == 0
+    conv = next(n for n in onnx.load(out).graph.node if n.op_type == "Conv")
+    assert helper.get_attribute_value(next(a for a in conv.attribute if a.name == "auto_pad")) == b"SAME_UPPER"
+    x = R.randn(2, 3, 10, 10).astype(np.float32)
+    ref = runtime.run(runtime.session(model), {"x": x})[0]
+    got = runtime.run(runtime.session(out), {"x": x})[0]
+    assert ref.shape == got.shape == (2, 6, 5, 5) and np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.99
