@@ -6,6 +6,7 @@ import json
 import sys
 import traceback
 
+from . import targets
 from .errors import UsageError
 from .mixed import MixedOptions
 from .reconstruct import ReconOptions
@@ -116,8 +117,12 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--no-bias-correction", action="store_true",
                    help="keep the float bias (default: subtract the mean output shift that quantizing "
                    "each weight causes on the calibration data)")
+    q.add_argument("--target", default="any",
+                   help="where the model will run, which sets the 8-bit weight range its integer kernels compute "
+                   "exactly: any / x86-avx2 (default: [-64,63]), x86-vnni / arm64 / gpu ([-128,127]), or 'this' "
+                   "(the CPU running packptq)")
     q.add_argument("--full-range-weights", action="store_true",
-                   help="8-bit weights in [-128,127] instead of [-64,63] (not exact on AVX2 CPUs without VNNI)")
+                   help="8-bit weights in [-128,127] whatever the target (not exact on AVX2 CPUs without VNNI)")
     _task_args(q)
     _recon_args(q)
     _mixed_args(q)
@@ -179,7 +184,8 @@ def cmd_quantize(a) -> int:
                          drop_prob=a.drop_prob)
     opts = Options(wbits=a.wbits, abits=a.abits, method=a.method, seed=a.seed, device=a.device,
                    batch_size=a.batch_size, calib_samples=a.calib_samples,
-                   reduce_range=not a.full_range_weights, image=_image_opts(a), recon=recon,
+                   reduce_range=targets.reduce_range(a.target) and not a.full_range_weights,
+                   target=targets.this_machine() if a.target == "this" else a.target, image=_image_opts(a), recon=recon,
                    max_pack_blocks=a.max_pack_blocks, resume=a.resume, mixed=_mixed_opts(a),
                    storage=a.storage, output_bits=None if a.no_output_quant else 8, strict=a.strict,
                    input_shapes=_shapes(a), bias_correction=not a.no_bias_correction, task=a.task,

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from . import __version__, convert, data, qmodel, runtime, shapes, validate
+from . import __version__, convert, data, qmodel, runtime, shapes, targets, validate
 from .errors import UsageError
 from .exporters import files, qdq
 from .layers import find_layers, outputs_before_float_ops, post_activations, read_only_by_layers, tail_outputs
@@ -34,6 +34,7 @@ class Options:
     batch_size: int = 32
     calib_samples: int = 1024
     reduce_range: bool = True   # 7-bit range for 8-bit weights: exact on AVX2 CPUs without VNNI
+    target: str = "any"        # --target the range was chosen for (packptq_onnx.targets)
     image: dict = field(default_factory=dict)  # image_size, mean, std, layout for image folders
     recon: ReconOptions = field(default_factory=ReconOptions)
     max_pack_blocks: int | None = None
@@ -287,8 +288,7 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
         "tool": {"name": "packptq-onnx", "version": __version__},
         "input": model_path, "output": out_path, "options": asdict(opts),
         "file_bytes": os.path.getsize(out_path),
-        "weight_range": "reduced: 8-bit weights use [-64, 63] (exact on AVX2 CPUs without VNNI), depthwise convs [-128, 127]"
-        if opts.reduce_range else "full: 8-bit weights use [-128, 127]",
+        "weight_range": targets.describe(opts.reduce_range, opts.target),
         "shapes": {**asdict(p.plan), "summary": p.plan.describe()},
         "output_quantizers": {"rules": RULES,
                               "skipped": {q.layer.name: p.output_rules[q.layer.output][0] for q in qls

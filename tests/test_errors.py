@@ -1,5 +1,6 @@
 """Bad input and faults: exit 2 with one line naming the cause, never a traceback; inputs untouched."""
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -205,3 +206,21 @@ def test_dynamic_dims_are_taken_from_the_data_and_input_shape_overrides(tmp_path
     feeds = {"image": np.load(CALIB)["image"][:5]}
     a = runtime.run(runtime.session(out), feeds)[0]
     assert a.shape == (5, 10) and np.isfinite(a).all()
+
+
+def test_target_sets_the_eight_bit_weight_range(tmp_path, capsys):
+    """any (default): 8-bit weights in [-64, 63]; a target whose kernels add into 32 bits: [-128, 127]."""
+    from packptq_onnx import targets
+
+    base = ["quantize", MODEL, "--calib", CALIB, "--method", "rtn", "--calib-samples", "64"]
+    widest = {}
+    for target in ("any", "x86-vnni"):
+        out, rep = str(tmp_path / f"{target}.onnx"), str(tmp_path / f"{target}.json")
+        assert main(base + ["-o", out, "--report", rep, "--target", target]) == 0
+        ints = [numpy_helper.to_array(i) for i in onnx.load(out).graph.initializer if i.data_type == TensorProto.INT8]
+        widest[target] = max(int(np.abs(a.astype(np.int32)).max()) for a in ints)
+        assert json.load(open(rep))["weight_range"].startswith(("reduced" if target == "any" else "full") + " for target")
+    assert widest["any"] <= 64 < widest["x86-vnni"]
+    code, err = _cli(base + ["-o", str(tmp_path / "x.onnx"), "--target", "sparc"], capsys)
+    assert code == 2 and "unknown --target 'sparc'" in err and not os.path.exists(tmp_path / "x.onnx")
+    assert targets.this_machine() in targets.TARGETS
