@@ -1,7 +1,9 @@
-"""Calibration / evaluation data: .npz (one array per input name), .npy, or a folder of images."""
+"""Calibration / evaluation data: .npz (one array per input name), .npy, a folder of .npz files (samples
+of several shapes, grouped by shape), or a folder of images."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,6 +21,9 @@ def load(path: str, inputs: list[InputSpec], image_size: int | None = None, mean
     if not os.path.exists(path):
         raise UsageError(f"data not found: {path}")
     labels = None
+    if os.path.isdir(path) and npz_files(path):
+        groups = load_groups(path, inputs, log)
+        return groups[0].feeds, groups[0].labels
     if os.path.isdir(path):
         if len(inputs) != 1:
             raise UsageError("an image folder can only feed a one-input model; use an .npz")
@@ -29,24 +34,7 @@ def load(path: str, inputs: list[InputSpec], image_size: int | None = None, mean
                              f"{[i.name for i in inputs]}: use an .npz with one array per input")
         arrays = {inputs[0].name: load_array(path)}
     else:
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except Exception as exc:
-            raise UsageError(f"cannot read {path} as .npz: {str(exc).splitlines()[0][:200]}") from None
-        names = {i.name for i in inputs}
-        if LABELS_KEY in arrays and LABELS_KEY not in names:
-            labels = np.asarray(arrays.pop(LABELS_KEY))
-        if len(inputs) == 1 and len(arrays) == 1 and inputs[0].name not in arrays:
-            key = next(iter(arrays))
-            if log is not None:
-                log(f"note: {os.path.basename(path)}: array '{key}' feeds input '{inputs[0].name}' (names differ)")
-            arrays = {inputs[0].name: arrays[key]}
-        missing, extra = names - set(arrays), set(arrays) - names
-        if missing or extra:
-            raise UsageError(f"{path}: arrays {sorted(arrays)} do not match the model inputs {sorted(names)}"
-                             + (f" (missing {sorted(missing)})" if missing else "")
-                             + (f" (unexpected {sorted(extra)})" if extra else ""))
+        arrays, labels = _npz(path, inputs, log)
     feeds = {i.name: check(arrays[i.name], i, path) for i in inputs}
     counts = {k: len(v) for k, v in feeds.items()}
     if len(set(counts.values())) != 1:
@@ -54,6 +42,75 @@ def load(path: str, inputs: list[InputSpec], image_size: int | None = None, mean
     if labels is not None and len(labels) != next(iter(counts.values())):
         raise UsageError(f"{path}: {len(labels)} labels for {next(iter(counts.values()))} samples")
     return feeds, labels
+
+
+def _npz(path: str, inputs: list[InputSpec], log=None) -> tuple[dict, np.ndarray | None]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:
+        raise UsageError(f"cannot read {path} as .npz: {str(exc).splitlines()[0][:200]}") from None
+    names, labels = {i.name for i in inputs}, None
+    if LABELS_KEY in arrays and LABELS_KEY not in names:
+        labels = np.asarray(arrays.pop(LABELS_KEY))
+    if len(inputs) == 1 and len(arrays) == 1 and inputs[0].name not in arrays:
+        key = next(iter(arrays))
+        if log is not None:
+            log(f"note: {os.path.basename(path)}: array '{key}' feeds input '{inputs[0].name}' (names differ)")
+        arrays = {inputs[0].name: arrays[key]}
+    missing, extra = names - set(arrays), set(arrays) - names
+    if missing or extra:
+        raise UsageError(f"{path}: arrays {sorted(arrays)} do not match the model inputs {sorted(names)}"
+                         + (f" (missing {sorted(missing)})" if missing else "")
+                         + (f" (unexpected {sorted(extra)})" if extra else ""))
+    return arrays, labels
+
+
+def npz_files(path: str) -> list[str]:
+    return sorted(f for f in os.listdir(path) if f.endswith(".npz"))
+
+
+@dataclass
+class Group:
+    """Samples of one shape from a folder of .npz files."""
+    shape: str                 # e.g. "3x64x96" (per input, samples axis left out)
+    files: list
+    feeds: dict
+    labels: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return len(next(iter(self.feeds.values())))
+
+
+def load_groups(path: str, inputs: list[InputSpec], log=None) -> list[Group]:
+    """A folder of .npz files (each one shape) -> groups of equal shape, most samples first.
+    A plain .npz or .npy is one group."""
+    if not (os.path.isdir(path) and npz_files(path)):
+        feeds, labels = load(path, inputs, log=log)
+        return [Group(_shape_key(feeds), [os.path.basename(path)], feeds, labels)]
+    groups: dict[str, Group] = {}
+    for f in npz_files(path):
+        arrays, labels = _npz(os.path.join(path, f), inputs, log)
+        feeds = {i.name: check(arrays[i.name], i, os.path.join(path, f)) for i in inputs}
+        key = _shape_key(feeds)
+        g = groups.setdefault(key, Group(key, [], {k: [] for k in feeds}, None))
+        g.files.append(f)
+        for k, v in feeds.items():
+            g.feeds[k].append(v)
+        if labels is not None:
+            g.labels = labels if g.labels is None else np.concatenate([g.labels, labels])
+    for g in groups.values():
+        g.feeds = {k: np.concatenate(v) for k, v in g.feeds.items()}
+    out = sorted(groups.values(), key=lambda g: -g.n)
+    if len(out) > 1 and log is not None:
+        log(f"note: {os.path.basename(os.path.normpath(path))}: samples in {len(out)} shapes: "
+            + ", ".join(f"{g.shape} ({g.n} samples, {len(g.files)} files)" for g in out))
+    return out
+
+
+def _shape_key(feeds: dict) -> str:
+    return "; ".join("x".join(map(str, v.shape[1:])) for v in feeds.values())
 
 
 def load_array(path: str) -> np.ndarray:

@@ -180,6 +180,29 @@ def tail_outputs(model, layers: list[Layer]) -> dict[str, list[str]]:
     return out
 
 
+MOVES = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Split", "Slice", "Gather")
+
+
+def decode_layers(model, layers: list[Layer]) -> dict[str, str]:
+    """Layers that are decode arithmetic, not network: fed by a Softmax (through data movement only)
+    and with no quantized layer after them, e.g. YOLOv8's DFL conv, whose fixed weights 0..15
+    turn each box side's softmax into an expected distance. Quantized, its weights round (15 / 63
+    per step in the 7-bit range) and every box moves. They are left float: name -> reason."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    tails = tail_outputs(model, layers)
+    out = {}
+    for l in layers:
+        if not l.has_weight or l.act_input is None or l.output not in tails:
+            continue
+        node = producer.get(l.act_input)
+        while node is not None and node.op_type in MOVES:
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type == "Softmax":
+            out[l.name] = f"decode: reads a Softmax ({node.name}) and feeds only the model outputs"
+    return out
+
+
 def post_activations(model, layers: list[Layer]) -> dict[str, tuple[float, float, str]]:
     """Layer name -> (lo, hi, tensor) where the layer's output has one consumer, a Relu or a Clip with
     constant bounds, writing `tensor`.

@@ -12,7 +12,8 @@ import torch
 from . import __version__, convert, data, qmodel, runtime, shapes, targets, validate
 from .errors import UsageError
 from .exporters import files, qdq
-from .layers import find_layers, outputs_before_float_ops, post_activations, read_only_by_layers, tail_outputs
+from .layers import (decode_layers, find_layers, outputs_before_float_ops, post_activations, read_only_by_layers,
+                     tail_outputs)
 from .onnx_import import ImportedModel, check_static, load, reshaped
 from .parity import layer_parity
 from .mixed import MixedOptions
@@ -132,6 +133,8 @@ class Prepared:
     seconds: float
     plan: shapes.ShapePlan = field(default_factory=shapes.ShapePlan)
     output_rules: dict = field(default_factory=dict)  # layer output left float -> the rule why
+    decode: dict = field(default_factory=dict)  # layer left float entirely -> why (layers.decode_layers)
+    shape_groups: list = field(default_factory=list)  # calibration samples of other shapes (other_shapes)
 
     @property
     def run_batch(self) -> int:
@@ -145,6 +148,14 @@ class Prepared:
     def batches(self, opts: Options):
         return data.batches(self.calib, self.names, opts.batch_size, opts.device)
 
+    def calib_batches(self, opts: Options):
+        """Batches for the activation statistics: the main shape, then every other shape the torch
+        graph runs faithfully (a batch holds one shape)."""
+        yield from self.batches(opts)
+        for g in self.shape_groups:
+            if g["calibrated"]:
+                yield from data.batches(g["feeds"], self.names, opts.batch_size, opts.device)
+
 
 def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepared:
     check_options(opts)
@@ -152,8 +163,11 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     torch.manual_seed(opts.seed)
     np.random.seed(opts.seed)
     imp = load(model_path, opts.input_shapes)
-    calib, _ = data.load(calib_path, imp.inputs, log=log, **opts.image)
-    calib = data.take(calib, opts.calib_samples)
+    if os.path.isdir(calib_path) and data.npz_files(calib_path):
+        groups = data.load_groups(calib_path, imp.inputs, log=log)
+    else:
+        groups = [data.Group("", [], data.load(calib_path, imp.inputs, log=log, **opts.image)[0])]
+    calib = data.take(groups[0].feeds, opts.calib_samples)
     imp, plan = settle_shapes(imp, calib, opts)
     if plan.describe():
         log(f"shapes: {plan.describe()}")
@@ -168,18 +182,23 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
         log(f"warning: {imp.notes[-1]}")
     faithful = convert.prove_faithful(imp, gm, data.take(calib, FAITHFUL_SAMPLES), batch_size=plan.run_batch or 64)
     layers = find_layers(imp.model)
+    decode = decode_layers(imp.model, layers)
+    layers = [l for l in layers if l.name not in decode]
     if not layers:
         raise UsageError("the model has no quantizable layer (Conv, ConvTranspose, Gemm, or MatMul "
                          "with a constant weight)")
     log(f"{os.path.basename(model_path)}: {len(imp.model.graph.node)} nodes, {len(layers)} quantizable "
         f"layers, opset {imp.opset}" + (f" ({'; '.join(imp.notes)})" if imp.notes else ""))
+    for name, why in decode.items():
+        log(f"note: layer {name} stays float ({why})")
     qls = qmodel.wrap(gm, imp.model, layers)
     if opts.device == "cuda":  # full fp32 on the GPU: TF32 would round what the exported model computes exactly
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     gm.to(opts.device)
-    p = Prepared(imp, calib, names, gm, qls, faithful, 0.0, plan)
+    p = Prepared(imp, calib, names, gm, qls, faithful, 0.0, plan, decode=decode)
+    p.shape_groups = other_shapes(imp, gm, groups[1:], opts, log)
     p.output_rules = output_rules(imp.model, layers, opts.output_bits)
-    qmodel.calibrate(gm, qls, p.batches(opts), opts.wbits, opts.abits, opts.reduce_range, opts.seed,
+    qmodel.calibrate(gm, qls, p.calib_batches(opts), opts.wbits, opts.abits, opts.reduce_range, opts.seed,
                      progress=lambda it: bar(it, "calibrate", -(-p.n_samples // opts.batch_size)),
                      output_bits=opts.output_bits,
                      float_outputs=set(p.output_rules),
@@ -215,6 +234,38 @@ def per_output_rules(model, qls, rules) -> dict:
         for o in outs:
             res[o].append({"layer": q.layer.name, "rule": rule})
     return res
+
+
+def other_shapes(imp: ImportedModel, gm, groups: list, opts: Options, log=print) -> list[dict]:
+    """Calibration samples in shapes other than the main one (a folder of .npz files). The float
+    model must run them (else a one-line error); their batches join the activation statistics
+    where the torch graph, converted at the main shape, runs them faithfully, else they are only
+    checked in onnxruntime (the graph may have folded shape arithmetic)."""
+    out = []
+    for g in groups:
+        feeds = data.take(g.feeds, opts.calib_samples)
+        probe = data.take(feeds, max(2, imp_batch(imp)))
+        try:
+            ref = runtime.run(runtime.session(imp.original), probe)
+        except Exception as exc:
+            raise UsageError(f"calibration samples of shape {g.shape} ({', '.join(g.files[:3])}): the model "
+                             f"cannot take them ({str(exc).splitlines()[0][:160]})") from None
+        try:
+            got = convert.torch_run(gm, probe, [i.name for i in imp.inputs], batch_size=len(probe[imp.inputs[0].name]))
+            ok = all(a.shape == b.shape and validate.cosine(a.astype(np.float64), b.astype(np.float64)) > 0.9999
+                     for a, b in zip(ref, got))
+        except Exception:
+            ok = False
+        log(f"note: calibration shape {g.shape} ({len(next(iter(feeds.values())))} samples): "
+            + ("in the activation statistics" if ok else "runs in onnxruntime; not in the statistics (the "
+               "converted graph is fixed at the main shape)"))
+        out.append({"shape": g.shape, "files": g.files, "samples": len(next(iter(feeds.values()))),
+                    "calibrated": ok, "feeds": feeds})
+    return out
+
+
+def imp_batch(imp: ImportedModel) -> int:
+    return shapes.fixed_batch(shapes.specs(imp.original)) or 2
 
 
 def settle_shapes(imp: ImportedModel, calib: dict, opts: Options):
@@ -289,11 +340,13 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
         "input": model_path, "output": out_path, "options": asdict(opts),
         "file_bytes": os.path.getsize(out_path),
         "weight_range": targets.describe(opts.reduce_range, opts.target),
-        "shapes": {**asdict(p.plan), "summary": p.plan.describe()},
+        "shapes": {**asdict(p.plan), "summary": p.plan.describe(),
+                   "other_calibration_shapes": [{k: v for k, v in g.items() if k != "feeds"} for g in p.shape_groups]},
         "output_quantizers": {"rules": RULES,
                               "skipped": {q.layer.name: p.output_rules[q.layer.output][0] for q in qls
                                           if q.layer.output in p.output_rules},
-                              "per_output": per_output_rules(imp.model, qls, p.output_rules)},
+                              "per_output": per_output_rules(imp.model, qls, p.output_rules),
+                              "float_layers": p.decode},
         "import": {"notes": imp.notes, "faithful": [asdict(a) for a in p.faithful],
                    "float_nodes": list(gm.float_nodes)},
         "layers": meta["layers"], "weight_bytes": weight_bytes(records),
@@ -396,7 +449,10 @@ def evaluate(imp: ImportedModel, quant_model, eval_path, labels_path, opts: Opti
     """Float vs quantized in onnxruntime on the eval data, and again at a second size where the file
     leaves spatial or sequence dims dynamic (the export must run wherever the float model runs)."""
     declared = shapes.specs(imp.original)
-    feeds, labels = data.load(eval_path, declared, log=log, **opts.image)
+    groups = data.load_groups(eval_path, declared, log=log) if os.path.isdir(eval_path) and \
+        data.npz_files(eval_path) else []
+    feeds, labels = (groups[0].feeds, groups[0].labels) if groups else \
+        data.load(eval_path, declared, log=log, **opts.image)
     if labels_path:
         labels = data.load_array(labels_path)
     from .tasks import load_metric
@@ -408,6 +464,15 @@ def evaluate(imp: ImportedModel, quant_model, eval_path, labels_path, opts: Opti
     res = {"validation": validate.as_dicts(metrics),
            "task": validate.task_scores(opts.task, metric, ref, got, feeds)}
     log(validate.task_line(res["task"]))
+    if len(groups) > 1:
+        res["validation_other_shapes"] = []
+        for g in groups[1:]:
+            _, ref, got = validate.run_both(imp.original, quant_model, g.feeds, opts.device)
+            m = validate.compare_outputs(imp.outputs, ref, got, g.labels)
+            t = validate.task_scores(res["task"]["task"] or None, metric, ref, got, g.feeds)
+            res["validation_other_shapes"].append({"shape": g.shape, "files": g.files,
+                                                   "metrics": validate.as_dicts(m), "task": t})
+            log(f"eval samples of shape {g.shape}:\n" + validate.table(m) + "\n" + validate.task_line(t))
     other = shapes.second_size(declared, feeds)
     if other is not None:
         sizes = {k: list(v.shape[1:]) for k, v in other.items()}

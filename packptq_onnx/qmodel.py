@@ -262,6 +262,8 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
             if obs is not None:
                 obs(x)
             s, n = sums.get(q.layer.name, (0.0, 0))
+            if torch.is_tensor(s) and s.shape[1:] != x.shape[1:]:
+                return  # calibration samples of another shape: the mean input is taken at the first
             sums[q.layer.name] = (s + x.detach().float().sum(0, keepdim=True), n + x.shape[0])
         return f
 

@@ -31,6 +31,20 @@ class ConcatHead(nn.Module):
         return torch.cat([box, cls], 1).transpose(1, 2)
 
 
+class ConvNet(nn.Module):
+    """Fully convolutional, with a skip joined after a stride-2 branch is upsampled: odd sizes fail."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Conv2d(3, 8, 3, 1, 1), nn.Conv2d(3, 8, 3, 2, 1)
+        self.c = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        up = nn.functional.interpolate(torch.relu(self.b(x)), scale_factor=2.0, mode="nearest")
+        return self.c(torch.relu(self.a(x)) + up)
+
+
 def _export(net, path, shape, dynamic):
     torch.onnx.export(net, torch.randn(*shape), path, input_names=["images"], output_names=["out"],
                       dynamic_axes=dynamic, opset_version=17, dynamo=False)
@@ -146,3 +160,83 @@ def test_time_major_outputs_join_samples_on_their_own_axis(tmp_path):
     want = np.mean([a == b for a, b in zip(tasks.ctc_greedy(out.transpose(1, 0, 2)),
                                             tasks.ctc_greedy(noisy.transpose(1, 0, 2)))])
     assert got["task_agreement"] == want == 5 / 6
+
+
+def test_calibration_folder_of_two_shapes(tmp_path, capsys):
+    """A folder of .npz files in two image sizes: the larger group sets the shape, the other joins the
+    activation statistics where the converted graph runs it faithfully (this fully convolutional
+    net does), and the export runs at both sizes."""
+    model = _export(ConvNet(), tmp_path / "fcn.onnx", (1, 3, 32, 32),
+                    {"images": {0: "batch", 2: "height", 3: "width"}, "out": {0: "batch", 2: "h", 3: "w"}})
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    np.savez(folder / "a.npz", images=_photos(24, 64, 96, 0))
+    np.savez(folder / "b.npz", images=_photos(8, 96, 64, 1))
+    np.savez(folder / "c.npz", images=_photos(8, 64, 96, 2))
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    assert main(["quantize", model, "--calib", str(folder), "-o", str(out), "--report", str(rep),
+                 "--method", "rtn", "--eval", str(folder)]) == 0
+    log = capsys.readouterr().out
+    assert "samples in 2 shapes: 3x64x96 (32 samples, 2 files), 3x96x64 (8 samples, 1 files)" in log
+    assert "calibration shape 3x96x64 (8 samples): in the activation statistics" in log
+    r = json.loads(rep.read_text())
+    assert r["shapes"]["from_data"] == {"images": [None, 3, 64, 96]}
+    assert [g["calibrated"] for g in r["shapes"]["other_calibration_shapes"]] == [True]
+    [other] = r["validation_other_shapes"]  # --eval with a folder validates every shape in it
+    assert other["shape"] == "3x96x64" and other["metrics"][0]["cosine"] > 0.99
+    sess_f, sess_q = ort.InferenceSession(model), ort.InferenceSession(str(out))
+    for h, w in ((64, 96), (96, 64)):
+        x = _photos(4, h, w, 3)
+        a, b = sess_f.run(None, {"images": x})[0], sess_q.run(None, {"images": x})[0]
+        assert a.shape == b.shape and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+
+
+def test_calibration_shape_the_model_cannot_take_is_one_line(tmp_path, capsys):
+    model = _export(ConvNet(), tmp_path / "fcn.onnx", (1, 3, 32, 32),
+                    {"images": {0: "batch", 2: "height", 3: "width"}, "out": {0: "batch", 2: "h", 3: "w"}})
+    out = tmp_path / "q.onnx"
+    for name, bad, says in (("odd", np.zeros((4, 3, 31, 31), np.float32), "the model cannot take them"),
+                            ("five", np.zeros((4, 5, 32, 32), np.float32), "axis 1: 5 != 3")):
+        folder = tmp_path / name
+        folder.mkdir()
+        np.savez(folder / "a.npz", images=_photos(32, 32, 32, 0))
+        np.savez(folder / "b.npz", images=bad)
+        code = main(["quantize", model, "--calib", str(folder), "-o", str(out), "--method", "rtn"])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and "b.npz" in err and says in err, err
+        assert not out.exists()
+
+
+class DFLHead(nn.Module):
+    """YOLOv8's head: box sides as softmax distributions over 16 bins, read out by a fixed 1x1 conv
+    with weights 0..15 (DFL), concatenated with Sigmoid class scores: [N, 4 + 3, A]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.box, self.cls = nn.Conv2d(16, 64, 1), nn.Conv2d(16, 3, 1)
+        self.dfl = nn.Conv2d(16, 1, 1, bias=False)
+        self.dfl.weight.data[:] = torch.arange(16.0).view(1, 16, 1, 1)
+
+    def forward(self, x):
+        f = self.trunk(x)
+        n, a = f.shape[0], f.shape[2] * f.shape[3]
+        dist = self.box(f).reshape(n, 4, 16, a).transpose(2, 1).softmax(1)  # [N, 16, 4, A]
+        box = self.dfl(dist).reshape(n, 4, a) * 4.0
+        return torch.cat([box, torch.sigmoid(self.cls(f)).reshape(n, 3, a)], 1)
+
+
+def test_dfl_readout_stays_float(tmp_path, capsys):
+    model = _export(DFLHead(), tmp_path / "v8.onnx", (1, 3, 32, 32), {"images": {0: "batch"}})
+    np.savez(tmp_path / "calib.npz", images=_photos(32, 32, 32, 0))
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    assert main(["quantize", model, "--calib", str(tmp_path / "calib.npz"), "-o", str(out),
+                 "--report", str(rep), "--method", "rtn"]) == 0
+    assert "stays float (decode: reads a Softmax" in capsys.readouterr().out
+    r = json.loads(rep.read_text())
+    [dfl] = r["output_quantizers"]["float_layers"]
+    assert dfl not in {layer["node"] for layer in r["layers"]}
+    conv = next(n for n in onnx.load(out).graph.node if n.name == dfl)
+    w = next(i for i in onnx.load(out).graph.initializer if i.name == conv.input[1])
+    assert np.array_equal(onnx.numpy_helper.to_array(w).ravel(), np.arange(16.0))  # its weights as they were
