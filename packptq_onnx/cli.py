@@ -121,6 +121,9 @@ def parser() -> argparse.ArgumentParser:
                    help="where the model will run, which sets the 8-bit weight range its integer kernels compute "
                    "exactly: any / x86-avx2 (default: [-64,63]), x86-vnni / arm64 / gpu ([-128,127]), or 'this' "
                    "(the CPU running packptq)")
+    q.add_argument("--guard", type=float, default=0.002, metavar="NSR",
+                   help="an 8-bit activation quantizer predicted (first order) to cost an output more than this "
+                   "share of its energy on its own stays float (default 0.002; 0: off)")
     q.add_argument("--full-range-weights", action="store_true",
                    help="8-bit weights in [-128,127] whatever the target (not exact on AVX2 CPUs without VNNI)")
     _task_args(q)
@@ -189,7 +192,7 @@ def cmd_quantize(a) -> int:
                    max_pack_blocks=a.max_pack_blocks, resume=a.resume, mixed=_mixed_opts(a),
                    storage=a.storage, output_bits=None if a.no_output_quant else 8, strict=a.strict,
                    input_shapes=_shapes(a), bias_correction=not a.no_bias_correction, task=a.task,
-                   metric=a.metric)
+                   metric=a.metric, guard=a.guard)
     if a.plot and not opts.mixed.enabled:
         raise UsageError("--plot shows the mixed-precision choice: give --budget or --avg-wbits")
     report = quantize(a.model, a.calib, a.output, opts, a.eval, a.labels, log=print)

@@ -47,6 +47,7 @@ class Options:
     input_shapes: dict = field(default_factory=dict)  # name -> dims (None = dynamic), --input-shape
     bias_correction: bool = True  # subtract the mean output shift of quantized weights (qmodel)
     task: str | None = None    # task metric for --eval (packptq_onnx.tasks); None: guessed
+    guard: float = 0.002       # 8-bit activation quantizers predicted to cost more output NSR stay float
     metric: str | None = None  # --metric module:function, called with float and quantized outputs
 
 
@@ -135,6 +136,7 @@ class Prepared:
     output_rules: dict = field(default_factory=dict)  # layer output left float -> the rule why
     decode: dict = field(default_factory=dict)  # layer left float entirely -> why (layers.decode_layers)
     shape_groups: list = field(default_factory=list)  # calibration samples of other shapes (other_shapes)
+    kept_float: list = field(default_factory=list)  # activation quantizers the guard removed
 
     @property
     def run_batch(self) -> int:
@@ -204,8 +206,32 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
                      float_outputs=set(p.output_rules),
                      post_act=post_activations(imp.model, layers),
                      layer_only=read_only_by_layers(imp.model, layers), bias_correction=opts.bias_correction)
+    if opts.guard:
+        p.kept_float = guard_activations(p, opts, log)
     p.seconds = time.time() - t0
     return p
+
+
+GUARD_SAMPLES = 2
+
+
+def guard_activations(p: Prepared, opts: Options, log=print) -> list[dict]:
+    """8-bit activation quantizers whose predicted output error alone exceeds opts.guard stay float
+    (packptq_onnx.guard); returns what was left float, for the report."""
+    from . import guard
+
+    t0 = time.time()
+    feeds = data.take(p.calib, GUARD_SAMPLES)
+    est = guard.estimate(p.gm, p.qls, data.batches(feeds, p.names, p.plan.run_batch or GUARD_SAMPLES, opts.device),
+                         opts.seed)
+    keys = guard.choose(est, opts.guard)
+    guard.keep_float(p.qls, keys)
+    kept = [{"layer": n, "part": part, "predicted_nsr": round(est[(n, part)], 6)} for n, part in keys]
+    if kept:
+        log(f"note: {len(kept)} of {len(est)} 8-bit activation quantizers stay float: alone each would cost "
+            f"more than {opts.guard:g} of the outputs' energy ({', '.join(k['layer'] + ' ' + k['part'] for k in kept[:4])}"
+            f"{', ...' if len(kept) > 4 else ''}; {time.time() - t0:.0f} s)")
+    return kept
 
 
 RULES = {"model output": "the layer's output is a model output",
@@ -346,7 +372,8 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
                               "skipped": {q.layer.name: p.output_rules[q.layer.output][0] for q in qls
                                           if q.layer.output in p.output_rules},
                               "per_output": per_output_rules(imp.model, qls, p.output_rules),
-                              "float_layers": p.decode},
+                              "float_layers": p.decode,
+                              "kept_float": p.kept_float},
         "import": {"notes": imp.notes, "faithful": [asdict(a) for a in p.faithful],
                    "float_nodes": list(gm.float_nodes)},
         "layers": meta["layers"], "weight_bytes": weight_bytes(records),

@@ -1,0 +1,104 @@
+"""8-bit activations that the model cannot take: found by a first-order estimate, left float.
+
+Per-tensor 8-bit activations lose some models: a BN-folded conv whose output spreads its channels
+from 0.1 to 126 (one outlier channel) and feeds a depthwise conv leaves most channels a handful
+of steps. On the PicoDet-style layout detector of bench/COVERAGE.md one such quantizer alone
+takes a score map's cosine to 0.87, all of them to 0.61, and 8 bits is the most an integer
+kernel takes. Measuring each quantizer alone costs one forward pass per quantizer; instead, with
+the model float, the noise d_t = Q(x_t) - x_t of every quantizer is carried to the outputs by
+the Jacobian in one backward pass per random output probe v: E[(v . J_t d_t)^2] = ||J_t d_t||^2.
+On that detector the ten worst of 199 quantizers come out the same as when measured one at a time.
+
+Each output is scored per channel along its shortest non-batch axis, each channel scaled to unit
+energy, so box coordinates in pixels cannot hide class scores in [0, 1] (YOLOv8's [N, 4 + nc, A]);
+one probe covers all outputs, so a quantizer's predicted noise-to-signal ratio is the sum of its
+ratios on each output. Quantizers whose own ratio exceeds the threshold stay float, the worst
+first, at most MAX_SHARE of them.
+docs/METHOD.md, "Output quantizers".
+"""
+from __future__ import annotations
+
+import torch
+
+PROBES = 4
+MAX_SHARE = 0.25
+
+
+def _channel_axis(o: torch.Tensor, batch_axis: int = 0) -> int | None:
+    dims = [(s, a) for a, s in enumerate(o.shape) if a != batch_axis and s > 1]
+    return min(dims)[1] if dims else None
+
+
+def _weights(o: torch.Tensor) -> torch.Tensor:
+    """1 / (per-channel norm * sqrt(channels)): every channel of the output weighs the same."""
+    o = o.detach().double()
+    axis = _channel_axis(o)
+    if axis is None:
+        return torch.full_like(o, 1.0 / float(o.norm().clamp_min(1e-30)))
+    dims = [d for d in range(o.dim()) if d != axis]
+    norm = o.pow(2).sum(dims, keepdim=True).sqrt().clamp_min(1e-30 * float(o.abs().max()) + 1e-30)
+    return (1.0 / (norm * o.shape[axis] ** 0.5)).expand_as(o)
+
+
+def estimate(gm, qls, batches, seed: int = 0, bits: int = 8) -> dict:
+    """{(layer name, "input" | "output"): predicted output noise-to-signal ratio} for every `bits`-bit
+    activation quantizer (inputs of weighted layers, outputs); the model runs float meanwhile."""
+    sites, hooks, state = {}, [], [(q, q.quant_w, q.quant_a) for q in qls]
+    for q in qls:
+        q.quant_w = q.quant_a = False
+
+        def pre(mod, args, q=q):
+            if q.aq is not None and q.wq is not None and q.aq.bits == bits and args[0].requires_grad:
+                args[0].retain_grad()
+                sites[(q.layer.name, "input")] = (args[0], (q.aq(args[0]) - args[0]).detach())
+
+        def post(mod, args, out, q=q):
+            if q.oq is not None and q.oq.bits == bits and torch.is_tensor(out) and out.requires_grad:
+                out.retain_grad()
+                sites[(q.layer.name, "output")] = (out, (q.oq(out) - out).detach())
+        hooks += [q.register_forward_pre_hook(pre), q.register_forward_hook(post)]
+    gen = torch.Generator().manual_seed(seed)
+    total: dict = {}
+    try:
+        for args in batches:
+            args = [a.detach().float().requires_grad_() if a.is_floating_point() else a for a in args]
+            outs = gm(*args)
+            outs = [o for o in (outs if isinstance(outs, (list, tuple)) else [outs])
+                    if torch.is_tensor(o) and o.is_floating_point() and o.requires_grad]
+            weights = [_weights(o).float() for o in outs]
+            for k in range(PROBES):
+                probe = sum((torch.randn(o.shape, generator=gen) * w * o).sum() for o, w in zip(outs, weights))
+                for x, _ in sites.values():
+                    x.grad = None
+                probe.backward(retain_graph=k < PROBES - 1)
+                for key, (x, d) in sites.items():
+                    if x.grad is not None:
+                        total[key] = total.get(key, 0.0) + float((x.grad.double() * d.double()).sum() ** 2) / PROBES
+            sites.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+        for q, w, a in state:
+            q.quant_w, q.quant_a = w, a
+    return total
+
+
+def choose(est: dict, threshold: float) -> list:
+    """Quantizers to leave float: own predicted ratio over the threshold, worst first, capped."""
+    over = sorted((k for k, v in est.items() if v > threshold), key=lambda k: -est[k])
+    return over[:int(MAX_SHARE * len(est))]
+
+
+def keep_float(qls, keys) -> None:
+    """Remove these quantizers, and every quantizer object shared with them (a tied producer
+    output), so that no later re-bitting brings them back."""
+    by = {q.layer.name: q for q in qls}
+    gone = set()
+    for name, part in keys:
+        q = by[name]
+        gone.add(id(q.aq if part == "input" else q.oq))
+    for q in qls:
+        if q.aq is not None and id(q.aq) in gone:
+            q.aq, q.act_stats = None, None
+        if q.oq is not None and id(q.oq) in gone:
+            q.oq, q.links.out_stats = None, None

@@ -1,0 +1,85 @@
+"""The 8-bit activation guard: a first-order estimate of each quantizer's cost, checked against
+measuring each quantizer alone, and the quantizers it leaves float on a net built to need it."""
+import json
+
+import numpy as np
+import torch
+from torch import nn
+
+from packptq_onnx import convert, data, guard
+from packptq_onnx.cli import main
+from packptq_onnx.pipeline import Options, prepare
+
+
+class OutlierNet(nn.Module):
+    """A 1x1 conv whose channel 0 is 300x the others feeds a depthwise conv that scales each channel
+    back to one size (as a BN-folded MobileNet / PicoDet block does): per tensor, 8 bits leave the
+    small channels a few steps."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 16, 3, 1, 1)
+        self.pw = nn.Conv2d(16, 16, 1)
+        self.dw = nn.Conv2d(16, 16, 3, 1, 1, groups=16)
+        self.head = nn.Conv2d(16, 4, 1)
+        with torch.no_grad():
+            self.pw.weight[0] *= 300.0
+            self.pw.bias[0] *= 300.0
+            self.dw.weight[0] /= 300.0
+
+    def forward(self, x):
+        return self.head(torch.relu(self.dw(torch.relu(self.pw(torch.relu(self.a(x)))))))
+
+
+def _model(tmp_path):
+    path = str(tmp_path / "outlier.onnx")
+    torch.onnx.export(OutlierNet(), torch.randn(1, 3, 16, 16), path, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=g.standard_normal((32, 3, 16, 16)).astype(np.float32))
+    np.savez(tmp_path / "eval.npz", x=g.standard_normal((16, 3, 16, 16)).astype(np.float32))
+    return path
+
+
+def test_first_order_estimate_ranks_like_measuring_each_quantizer_alone(tmp_path):
+    path = _model(tmp_path)
+    p = prepare(path, str(tmp_path / "calib.npz"), Options(method="rtn", calib_samples=32, guard=0.0),
+                log=lambda *_: None)
+    feeds = data.take(p.calib, 8)
+    est = guard.estimate(p.gm, p.qls, data.batches(feeds, p.names, 8))
+    saved = {q.layer.name: (q.aq, q.oq) for q in p.qls}
+
+    def run(site):  # weights float; only `site` quantized (None: nothing)
+        for q in p.qls:
+            q.quant_w, q.quant_a = False, site is not None
+            aq, oq = saved[q.layer.name]
+            q.aq = aq if site == (q.layer.name, "input") else None
+            q.oq = oq if site == (q.layer.name, "output") else None
+        with torch.no_grad():
+            return convert.torch_run(p.gm, feeds, p.names)[0].astype(np.float64)
+
+    ref = run(None)
+    exact = {k: float(((run(k) - ref) ** 2).sum() / (ref ** 2).sum()) for k in est}
+    worst = max(exact, key=exact.get)
+    # the outlier tensor: the pointwise conv's output quantizer, shared through the ReLU with the
+    # depthwise conv's input
+    assert max(est, key=est.get) == worst and worst[0].startswith(("/pw", "/dw"))
+    ranked = sorted(est, key=est.get)
+    assert [k for k in sorted(exact, key=exact.get)][-2:] == ranked[-2:]
+
+
+def test_guard_leaves_the_outlier_tensor_float(tmp_path, capsys):
+    path = _model(tmp_path)
+    cos = {}
+    for g in ("0", "0.002"):
+        rep = tmp_path / f"r{g}.json"
+        assert main(["quantize", path, "--calib", str(tmp_path / "calib.npz"), "-o", str(tmp_path / f"q{g}.onnx"),
+                     "--method", "rtn", "--guard", g, "--eval", str(tmp_path / "eval.npz"), "--report", str(rep)]) == 0
+        r = json.loads(rep.read_text())
+        cos[g] = r["validation"][0]["cosine"]
+        kept = r["output_quantizers"]["kept_float"]
+        assert (kept == []) == (g == "0")
+    assert any(k["layer"].startswith(("/pw", "/dw")) for k in kept)
+    assert "8-bit activation quantizers stay float" in capsys.readouterr().out
+    assert cos["0.002"] > 0.999 > cos["0"]
