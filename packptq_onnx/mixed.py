@@ -1,4 +1,4 @@
-"""Pack-wise mixed precision (METHOD.md step 3): measured sensitivity per pack and bit option,
+"""Pack-wise mixed precision (docs/METHOD.md, step 3): measured sensitivity per pack and bit option,
 then the exact integer program in solvers/ilp.py under a weight-byte budget.
 
 Omega_p(w, a) = mean over calibration samples of the output loss (KL for classifiers, MSE

@@ -1,4 +1,4 @@
-"""Adaptive packing (METHOD.md step 2): consecutive blocks grouped by their importance scores.
+"""Adaptive packing (docs/METHOD.md, step 2): consecutive blocks grouped by their importance scores.
 
 Scan from the last block to the first: in the unassigned range [0, e], t_min = argmin S_t
 (first occurrence); blocks t_min..e form a pack; e = t_min - 1. An optional cap splits a pack

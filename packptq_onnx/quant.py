@@ -3,7 +3,7 @@
 q = clamp(round_half_even(x / s) + z, qmin, qmax);  x~ = (q - z) * s.
 Weights: symmetric (z = 0), per output channel, signed b-bit range in an int8 container.
 Activations: asymmetric uint8 container, clamped to [0, 2^b - 1], per tensor.
-Ranges start from an Lp (p = 2.4) search over 80 shrinking candidates (METHOD.md).
+Ranges start from an Lp (p = 2.4) search over 80 shrinking candidates (docs/METHOD.md, "Quantizers").
 """
 from __future__ import annotations
 

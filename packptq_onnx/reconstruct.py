@@ -1,4 +1,4 @@
-"""Reconstruction (METHOD.md step 4): AdaRound + LSQ + QDrop, unit by unit, one engine.
+"""Reconstruction (docs/METHOD.md, step 4): AdaRound + LSQ + QDrop, unit by unit, one engine.
 
 A unit is a contiguous piece of the fx graph: one layer (adaround), one block (block) or one
 pack (pack); stem and head layers are units of their own in block/pack modes. For each unit:

@@ -1,4 +1,4 @@
-"""Hessian-guided importance of each block (METHOD.md step 1).
+"""Hessian-guided importance of each block (docs/METHOD.md, step 1).
 
 For block t: quantize only block t, run the calibration set.
   L_t    = mean over samples of KL(p_fp || p_q,t) (classifier outputs) or MSE (other outputs)

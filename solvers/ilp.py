@@ -1,4 +1,4 @@
-"""Exact bit allocation (METHOD.md step 3) as a 0-1 integer program in PuLP.
+"""Exact bit allocation (docs/METHOD.md, step 3) as a 0-1 integer program in PuLP.
 
 minimise  sum_p sum_k x_pk * cost[p][k]
 s.t.      sum_p sum_k x_pk * size[p][k] <= budget        (weight bytes)
