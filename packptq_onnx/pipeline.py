@@ -228,9 +228,9 @@ def guard_activations(p: Prepared, opts: Options, log=print) -> list[dict]:
     guard.keep_float(p.qls, keys)
     kept = [{"layer": n, "part": part, "predicted_nsr": round(est[(n, part)], 6)} for n, part in keys]
     if kept:
+        names = ", ".join(f"{k['layer']} {k['part']}" for k in kept[:4]) + (", ..." if len(kept) > 4 else "")
         log(f"note: {len(kept)} of {len(est)} 8-bit activation quantizers stay float: alone each would cost "
-            f"more than {opts.guard:g} of the outputs' energy ({', '.join(k['layer'] + ' ' + k['part'] for k in kept[:4])}"
-            f"{', ...' if len(kept) > 4 else ''}; {time.time() - t0:.0f} s)")
+            f"more than {opts.guard:g} of the outputs' energy ({names}; {time.time() - t0:.0f} s)")
     return kept
 
 

@@ -1,0 +1,108 @@
+"""bench/COVERAGE.md from a coverage run: one row per real model and quantizer row, no shape flags.
+
+    python bench/coverage_models.py --out DIR --n-calib 64 --n-eval 128 \
+        && python bench/coverage_check.py --dir DIR && python bench/coverage_report.py --dir DIR
+
+Reads DIR/coverage_models.json (what each model is) and DIR/coverage_results.json (the rows of
+bench/coverage_check.py). Per model: kind, source wheel, opset, the inputs' dynamic axes as the
+file declares them, and how the shapes were settled; per row: lowest output cosine to float, task
+agreement (packptq's --task), the same at a second size where axes are dynamic, the rules that left
+quantizers float, wall time and peak RSS of the row's process. A failed row gives its error line.
+"""
+import argparse
+import json
+import os
+
+ROWS = (("rtn-W8A8", "ours rtn W8A8"), ("ort-W8A8", "onnxruntime W8A8"), ("pack-W4A8", "ours pack W4A8 (quick)"))
+
+
+def dynamic(entry) -> str:
+    out = []
+    for i in entry["inputs"]:
+        shape = i["shape"] or []
+        axes = [str(k) for k, d in enumerate(shape) if not isinstance(d, int) or d <= 0]
+        fixed = " (batch fixed at 1)" if shape and shape[0] == 1 else ""
+        out.append(f"{i['name']}: " + (",".join(axes) if axes else "none") + fixed)
+    return "; ".join(out)
+
+
+def task(t) -> str:
+    if not t or t.get("task") is None:
+        return "-"
+    extra = ""
+    if "recall" in t:
+        extra = f" (recall {t['recall']:.3f}, precision {t['precision']:.3f})"
+    elif "cer" in t:
+        extra = f" (CER {t['cer']:.4f})"
+    return f"{t['task']} {t['task_agreement']:.3f}{extra}"
+
+
+def rules(r) -> str:
+    oq = r.get("output_quantizers") or {}
+    kinds = {}
+    for rule in (oq.get("skipped") or {}).values():
+        kinds[rule] = kinds.get(rule, 0) + 1
+    parts = [f"{k} x{v}" for k, v in kinds.items()]
+    if oq.get("float_layers"):
+        parts.append(f"decode layer float x{len(oq['float_layers'])}")
+    if oq.get("kept_float"):
+        parts.append(f"guard: {len(oq['kept_float'])} activations float")
+    return ", ".join(parts) or "-"
+
+
+def cell(r, with_second=False) -> list:
+    if r is None:
+        return ["not run"] + ["-"] * (4 if with_second else 2)
+    if r["rc"] != 0:
+        return [f"FAILED: {(r.get('error') or '').replace('|', '/')[:140]}"] + ["-"] * (4 if with_second else 2)
+    head = [f"{r['cosine']:.4f}", task(r.get("task"))]
+    if with_second:
+        s = r.get("second")
+        if s is None:
+            sec = "no dynamic axes"
+        elif "cosine" in s:
+            sizes = ", ".join("x".join(map(str, v)) for v in s["inputs"].values())
+            sec = f"{sizes}: {s['cosine']:.4f}, {task(s.get('task'))}"
+        else:
+            sec = s.get("note") or "-"
+        head += [sec, rules(r)]
+    return head + [f"{r['seconds']:.0f} s, {r['peak_rss_mb']:.0f} MB"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "COVERAGE.md"))
+    a = ap.parse_args()
+    with open(os.path.join(a.dir, "coverage_models.json")) as f:
+        models = json.load(f)
+    path = os.path.join(a.dir, "coverage_results.json")
+    results = json.load(open(path)) if os.path.exists(path) else {}
+    lines = ["# Coverage: real models from PyPI wheels, no shape flags", "",
+             "Command: `python bench/coverage_models.py --out DIR --n-calib 64 --n-eval 128 && "
+             "python bench/coverage_check.py --dir DIR && python bench/coverage_report.py --dir DIR` "
+             "(2 CPU cores). Calibration and evaluation sets are disjoint, built from what wheels ship "
+             "(bench/coverage_models.py says how, per model). Task agreement compares the quantized model "
+             "with the float one (packptq_onnx/tasks.py).", "",
+             "## Models", "",
+             "| model | kind | from | opset | dynamic axes | calib / eval samples | shapes (ours rtn W8A8) |",
+             "|---|---|---|---|---|---|---|"]
+    for e in models:
+        r = results.get(e["name"], {}).get("rtn-W8A8") or {}
+        lines.append(f"| {e['name']} | {e['kind']} | {e['package']} {e['version']} | {e['opset']} | {dynamic(e)} | "
+                     f"{e['inputs'][0]['data_shape'][0] if e['inputs'][0]['data_shape'] else '?'} / "
+                     f"{e.get('n_eval', '?')} | {r.get('shapes') or ('as declared' if r.get('rc') == 0 else '-')} |")
+    head = ["model", "min output cosine", "task agreement", "second size", "left float", "time, peak RSS"]
+    for key, title in ROWS:
+        second = key == "rtn-W8A8"
+        cols = head if second else [head[0], head[1], head[2], head[5]]
+        lines += ["", f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for e in models:
+            lines.append("| " + " | ".join([e["name"]] + cell(results.get(e["name"], {}).get(key), second)) + " |")
+    with open(a.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Which quantizers lose the task? Quantize one layer's weights, input or output alone (torch simulation,
+RTN at the given bits) and score the model against float with the task metric and the output cosine.
+
+    python research/one_at_a_time.py MODEL.onnx --calib C.npz --eval E.npz --task segment [--bits 8] [--top 12]
+
+A probe, not a pipeline step: it reads the same calibration the product uses (pipeline.prepare) and
+prints the worst quantizers first. The rule changes it motivated are measured in bench/COVERAGE.md.
+"""
+import argparse
+
+import numpy as np
+import torch
+
+from packptq_onnx import convert, data, shapes, tasks
+from packptq_onnx.pipeline import Options, prepare
+from packptq_onnx.validate import cosine, input_hw
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--eval", required=True)
+    ap.add_argument("--task", choices=tasks.TASKS)
+    ap.add_argument("--bits", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--top", type=int, default=12)
+    a = ap.parse_args()
+    p = prepare(a.model, a.calib, Options(wbits=a.bits, abits=a.bits, method="rtn", calib_samples=32))
+    feeds, _ = data.load(a.eval, shapes.specs(p.imp.original))
+    feeds = data.take(feeds, a.samples)
+    qls, hw = p.qls, input_hw(feeds)
+    saved = [(q.wq, q.aq, q.aq2, q.oq) for q in qls]
+
+    def run(active=None):  # active: (layer index, part) quantized alone; None: nothing; "all": everything
+        for i, q in enumerate(qls):
+            on = active == "all" or (active is not None and active[0] == i)
+            part = active[1] if on and active != "all" else "all"
+            q.wq, q.aq, q.aq2, q.oq = saved[i]
+            if on and part != "all":
+                q.wq = saved[i][0] if part == "weight" else None
+                q.aq = saved[i][1] if part == "input" else None
+                q.aq2 = saved[i][2] if part == "input" else None
+                q.oq = saved[i][3] if part == "output" else None
+            q.quant_w = q.quant_a = on
+        with torch.no_grad():
+            return convert.torch_run(p.gm, feeds, p.names, batch_size=p.run_batch)
+
+    def score(ref, got):
+        s = tasks.score(a.task, ref, got, hw)["task_agreement"] if a.task else float("nan")
+        return s, min(cosine(r, g) for r, g in zip(ref, got))
+
+    ref = run(None)
+    print(f"all quantized: task {score(ref, run('all'))[0]:.4f}, cosine {score(ref, run('all'))[1]:.5f}")
+    rows = []
+    for i, q in enumerate(qls):
+        for part, present in (("weight", saved[i][0]), ("input", saved[i][1]), ("output", saved[i][3])):
+            if present is not None:
+                rows.append((*score(ref, run((i, part))), q.layer.name, q.layer.op, part))
+    for s, c, name, op, part in sorted(rows, key=lambda r: (r[0] if a.task else r[1], r[1]))[:a.top]:
+        print(f"{name:<28}{op:<14}{part:<8} task {s:.4f}  cosine {c:.5f}")
+    run("all")
+    np.seterr(all="ignore")
+
+
+if __name__ == "__main__":
+    main()
