@@ -40,6 +40,15 @@ def _weights(o: torch.Tensor) -> torch.Tensor:
     return (1.0 / (norm * o.shape[axis] ** 0.5)).expand_as(o)
 
 
+def _tracked(x: torch.Tensor) -> torch.Tensor:
+    """x with its gradient kept; a tensor no gradient reaches (after an embedding of integer
+    inputs) becomes a leaf, so every quantizer downstream of it is measured too."""
+    if x.requires_grad:
+        x.retain_grad()
+        return x
+    return x.detach().requires_grad_()
+
+
 def estimate(gm, qls, batches, seed: int = 0, bits: int = 8) -> dict:
     """{(layer name, "input" | "output"): predicted output noise-to-signal ratio} for every `bits`-bit
     activation quantizer (inputs of weighted layers, outputs); the model runs float meanwhile."""
@@ -48,14 +57,16 @@ def estimate(gm, qls, batches, seed: int = 0, bits: int = 8) -> dict:
         q.quant_w = q.quant_a = False
 
         def pre(mod, args, q=q):
-            if q.aq is not None and q.wq is not None and q.aq.bits == bits and args[0].requires_grad:
-                args[0].retain_grad()
-                sites[(q.layer.name, "input")] = (args[0], (q.aq(args[0]) - args[0]).detach())
+            if q.aq is not None and q.wq is not None and q.aq.bits == bits:
+                x = _tracked(args[0])
+                sites[(q.layer.name, "input")] = (x, (q.aq(x) - x).detach())
+                return (x, *args[1:])
 
         def post(mod, args, out, q=q):
-            if q.oq is not None and q.oq.bits == bits and torch.is_tensor(out) and out.requires_grad:
-                out.retain_grad()
+            if q.oq is not None and q.oq.bits == bits and torch.is_tensor(out):
+                out = _tracked(out)
                 sites[(q.layer.name, "output")] = (out, (q.oq(out) - out).detach())
+                return out
         hooks += [q.register_forward_pre_hook(pre), q.register_forward_hook(post)]
     gen = torch.Generator().manual_seed(seed)
     total: dict = {}
@@ -65,6 +76,9 @@ def estimate(gm, qls, batches, seed: int = 0, bits: int = 8) -> dict:
             outs = gm(*args)
             outs = [o for o in (outs if isinstance(outs, (list, tuple)) else [outs])
                     if torch.is_tensor(o) and o.is_floating_point() and o.requires_grad]
+            if not outs:
+                sites.clear()
+                continue
             weights = [_weights(o).float() for o in outs]
             for k in range(PROBES):
                 probe = sum((torch.randn(o.shape, generator=gen) * w * o).sum() for o, w in zip(outs, weights))

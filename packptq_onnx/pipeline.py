@@ -222,7 +222,7 @@ def guard_activations(p: Prepared, opts: Options, log=print) -> list[dict]:
 
     t0 = time.time()
     feeds = data.take(p.calib, GUARD_SAMPLES)
-    est = guard.estimate(p.gm, p.qls, data.batches(feeds, p.names, p.plan.run_batch or GUARD_SAMPLES, opts.device),
+    est = guard.estimate(p.gm, p.qls, data.batches(feeds, p.names, p.plan.run_batch or 1, opts.device),
                          opts.seed)
     keys = guard.choose(est, opts.guard)
     guard.keep_float(p.qls, keys)

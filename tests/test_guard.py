@@ -83,3 +83,26 @@ def test_guard_leaves_the_outlier_tensor_float(tmp_path, capsys):
     assert any(k["layer"].startswith(("/pw", "/dw")) for k in kept)
     assert "8-bit activation quantizers stay float" in capsys.readouterr().out
     assert cos["0.002"] > 0.999 > cos["0"]
+
+
+class TokenNet(nn.Module):
+    """Integer tokens through an embedding: no gradient reaches the first quantized input."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.a, self.b = nn.Embedding(50, 16), nn.Linear(16, 32), nn.Linear(32, 5)
+
+    def forward(self, ids):
+        return self.b(torch.relu(self.a(self.emb(ids)))).mean(1)
+
+
+def test_guard_measures_models_with_integer_inputs(tmp_path):
+    path = str(tmp_path / "tok.onnx")
+    torch.onnx.export(TokenNet(), torch.zeros(1, 12, dtype=torch.long), path, input_names=["ids"],
+                      output_names=["y"], dynamic_axes={"ids": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    np.savez(tmp_path / "calib.npz", ids=np.random.default_rng(0).integers(0, 50, (32, 12)))
+    p = prepare(path, str(tmp_path / "calib.npz"), Options(method="rtn", calib_samples=32, guard=0.0),
+                log=lambda *_: None)
+    est = guard.estimate(p.gm, p.qls, data.batches(data.take(p.calib, 4), p.names, 4))
+    assert {part for _, part in est} >= {"input"} and all(v > 0 for v in est.values())
