@@ -69,6 +69,30 @@ def cell(r, with_second=False) -> list:
     return head + [f"{r['seconds']:.0f} s, {r['peak_rss_mb']:.0f} MB"]
 
 
+def verdicts(models, results) -> list[str]:
+    """Per model: the issue's bar (W8A8 cosine >= 0.99, task agreement >= 0.95) and ours vs
+    onnxruntime on the task metric where both have one, else on cosine."""
+    out = []
+    for e in models:
+        ours, ort = (results.get(e["name"], {}).get(k) for k in ("rtn-W8A8", "ort-W8A8"))
+        if not ours or ours["rc"] != 0:
+            out.append(f"{e['name']}: ours does not go through ({(ours or {}).get('error', 'not run')})")
+            continue
+        t = (ours.get("task") or {}).get("task_agreement")
+        bar = ours["cosine"] >= 0.99 and (t is None or t >= 0.95)
+        text = (f"{e['name']}: W8A8 cosine {ours['cosine']:.4f}" + (f", task {t:.3f}" if t is not None else "")
+                + (" meets" if bar else " misses") + " the bar (0.99 / 0.95)")
+        if ort and ort["rc"] == 0:
+            u = (ort.get("task") or {}).get("task_agreement")
+            a, b, what = (t, u, "task") if t is not None and u is not None else (ours["cosine"], ort["cosine"], "cosine")
+            word = "ahead of" if a > b else "level with" if a == b else "behind"
+            text += f"; {word} onnxruntime on {what} ({a:.4f} vs {b:.4f})"
+        elif ort:
+            text += "; onnxruntime's quantize_static fails on it"
+        out.append(text)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", required=True)
@@ -90,8 +114,8 @@ def main():
     for e in models:
         r = results.get(e["name"], {}).get("rtn-W8A8") or {}
         lines.append(f"| {e['name']} | {e['kind']} | {e['package']} {e['version']} | {e['opset']} | {dynamic(e)} | "
-                     f"{e['inputs'][0]['data_shape'][0] if e['inputs'][0]['data_shape'] else '?'} / "
-                     f"{e.get('n_eval', '?')} | {r.get('shapes') or ('as declared' if r.get('rc') == 0 else '-')} |")
+                     f"{e.get('n_calib', '?')} / {e.get('n_eval', '?')} | "
+                     f"{r.get('shapes') or ('as declared' if r.get('rc') == 0 else '-')} |")
     head = ["model", "min output cosine", "task agreement", "second size", "left float", "time, peak RSS"]
     for key, title in ROWS:
         second = key == "rtn-W8A8"
@@ -99,6 +123,7 @@ def main():
         lines += ["", f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for e in models:
             lines.append("| " + " | ".join([e["name"]] + cell(results.get(e["name"], {}).get(key), second)) + " |")
+    lines += ["", "## Read off the rows", ""] + [f"- {line}" for line in verdicts(models, results)]
     with open(a.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("wrote", a.out)
