@@ -81,7 +81,8 @@ def estimate(gm, qls, batches, seed: int = 0, bits: int = 8) -> dict:
                 continue
             weights = [_weights(o).float() for o in outs]
             for k in range(PROBES):
-                probe = sum((torch.randn(o.shape, generator=gen) * w * o).sum() for o, w in zip(outs, weights))
+                probe = sum((torch.randn(o.shape, generator=gen).to(o.device) * w * o).sum()
+                            for o, w in zip(outs, weights))
                 for x, _ in sites.values():
                     x.grad = None
                 probe.backward(retain_graph=k < PROBES - 1)
