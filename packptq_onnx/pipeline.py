@@ -198,7 +198,7 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     gm.to(opts.device)
     p = Prepared(imp, calib, names, gm, qls, faithful, 0.0, plan, decode=decode)
-    p.shape_groups = other_shapes(imp, gm, groups[1:], opts, log)
+    p.shape_groups = other_shapes(imp, gm, groups[1:], opts, plan.run_batch or 2, log)
     p.output_rules = output_rules(imp.model, layers, opts.output_bits)
     qmodel.calibrate(gm, qls, p.calib_batches(opts), opts.wbits, opts.abits, opts.reduce_range, opts.seed,
                      progress=lambda it: bar(it, "calibrate", -(-p.n_samples // opts.batch_size)),
@@ -262,7 +262,7 @@ def per_output_rules(model, qls, rules) -> dict:
     return res
 
 
-def other_shapes(imp: ImportedModel, gm, groups: list, opts: Options, log=print) -> list[dict]:
+def other_shapes(imp: ImportedModel, gm, groups: list, opts: Options, run_batch: int, log=print) -> list[dict]:
     """Calibration samples in shapes other than the main one (a folder of .npz files). The float
     model must run them (else a one-line error); their batches join the activation statistics
     where the torch graph, converted at the main shape, runs them faithfully, else they are only
@@ -270,14 +270,14 @@ def other_shapes(imp: ImportedModel, gm, groups: list, opts: Options, log=print)
     out = []
     for g in groups:
         feeds = data.take(g.feeds, opts.calib_samples)
-        probe = data.take(feeds, max(2, imp_batch(imp)))
+        probe = data.take(feeds, run_batch)
         try:
             ref = runtime.run(runtime.session(imp.original), probe)
         except Exception as exc:
             raise UsageError(f"calibration samples of shape {g.shape} ({', '.join(g.files[:3])}): the model "
                              f"cannot take them ({str(exc).splitlines()[0][:160]})") from None
         try:
-            got = convert.torch_run(gm, probe, [i.name for i in imp.inputs], batch_size=len(probe[imp.inputs[0].name]))
+            got = convert.torch_run(gm, probe, [i.name for i in imp.inputs], batch_size=run_batch, device=opts.device)
             ok = all(a.shape == b.shape and validate.cosine(a.astype(np.float64), b.astype(np.float64)) > 0.9999
                      for a, b in zip(ref, got))
         except Exception:
@@ -288,10 +288,6 @@ def other_shapes(imp: ImportedModel, gm, groups: list, opts: Options, log=print)
         out.append({"shape": g.shape, "files": g.files, "samples": len(next(iter(feeds.values()))),
                     "calibrated": ok, "feeds": feeds})
     return out
-
-
-def imp_batch(imp: ImportedModel) -> int:
-    return shapes.fixed_batch(shapes.specs(imp.original)) or 2
 
 
 def settle_shapes(imp: ImportedModel, calib: dict, opts: Options):
