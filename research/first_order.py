@@ -27,7 +27,7 @@ def main():
     batches = data.batches(data.take(p.calib, a.samples), p.names, p.plan.run_batch or 1)
     est = estimate(p.gm, p.qls, batches)
     for (name, part), v in sorted(est.items(), key=lambda kv: -kv[1])[:a.top]:
-        print(f"{name:<28}{part:<8} predicted NSR {v:.5f}  (cosine ~ {1 - v / 2:.4f})")
+        print(f"{name:<28}{part:<8} predicted NSR {v:.3e}  (cosine ~ {1 - v / 2:.4f})")
     print(f"sum over {len(est)} quantizers: {sum(est.values()):.4f}")
 
 
