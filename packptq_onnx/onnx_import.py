@@ -163,6 +163,10 @@ def normalise(model: onnx.ModelProto):
     if n_const:
         notes.append(f"{n_const} Constant (or Identity-of-initializer) nodes moved to initializers")
     opset = default_opset(m)
+    if m.graph.node and not any(n.domain in ("", "ai.onnx") for n in m.graph.node):
+        ops = sorted({f"{n.domain}:{n.op_type}" for n in m.graph.node})
+        raise UsageError(f"the model has no standard ONNX operators, only {', '.join(ops[:4])}"
+                         f"{', ...' if len(ops) > 4 else ''}: no Conv / ConvTranspose / Gemm / MatMul to quantize")
     if opset < MIN_OPSET:
         try:
             m = onnx.version_converter.convert_version(m, MIN_OPSET)

@@ -80,6 +80,21 @@ def test_no_quantizable_layer(tmp_path, capsys):
     assert code == 2 and "no quantizable layer" in err
 
 
+def test_classical_ml_model_is_a_clear_error(tmp_path, capsys):
+    """A scikit-learn style model (ai.onnx.ml operators only, no default-domain opset) used to fail with
+    "cannot upgrade opset 1 to 13"."""
+    node = helper.make_node("Normalizer", ["x"], ["y"], domain="ai.onnx.ml", norm="L2")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("ai.onnx.ml", 1)])
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.ones((40, 4), np.float32))
+    code, err = _cli(["quantize", _save(m, tmp_path / "m.onnx"), "--calib", str(calib), "-o",
+                      str(tmp_path / "o.onnx")], capsys)
+    assert code == 2 and "only ai.onnx.ml:Normalizer" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()
+
+
 def test_fewer_samples_than_batch(tmp_path, capsys):
     calib = tmp_path / "c.npz"
     np.savez(calib, image=np.zeros((5, 1, 8, 8), np.float32))
