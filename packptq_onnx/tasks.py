@@ -83,8 +83,11 @@ def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
 
 
+LOGIT_TOL = 1e-3  # float32 Sigmoid writes 1.0000001: a probability map, not logits
+
+
 def _is_logit(x) -> bool:
-    return bool(x.size) and (x.min() < 0 or x.max() > 1)
+    return bool(x.size) and (x.min() < -LOGIT_TOL or x.max() > 1 + LOGIT_TOL)
 
 
 def _bad_shape(task, want, arr):

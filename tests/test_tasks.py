@@ -207,6 +207,11 @@ def test_segment_binary_iou():
     assert tasks.score("segment", [f], [q])["task_agreement"] == pytest.approx(36 / (64 + 64 - 32 + 4))
     logit = lambda p: np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6)))
     assert tasks.score("segment", [logit(f)], [logit(q)])["task_agreement"] == pytest.approx(36 / 100)
+    # float32 Sigmoid writes 1.0000001: still a probability map (a sigmoid on top made every pixel
+    # 0.5 or more, so PP-OCRv4's detector scored mask IoU 1.0 against any quantized model)
+    f[0, 0, 0, 0] = q[0, 0, 0, 0] = np.float32(1.0000001)
+    assert tasks.score("segment", [f.astype(np.float32)], [q.astype(np.float32)])["task_agreement"] == \
+        pytest.approx(37 / 100)  # (0, 0) now shared too
 
 
 def test_segment_multiclass_iou():
