@@ -321,7 +321,10 @@ def _pack_table(info: dict) -> str:
 
 
 def main(argv=None) -> int:
-    a = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    a = parser().parse_args([x for x in argv if x != "--debug"])
+    a.debug = debug
     try:
         return {"quantize": cmd_quantize, "validate": cmd_validate, "inspect": cmd_inspect}[a.cmd](a)
     except UsageError as exc:

@@ -239,3 +239,13 @@ def test_target_sets_the_eight_bit_weight_range(tmp_path, capsys):
     code, err = _cli(base + ["-o", str(tmp_path / "x.onnx"), "--target", "sparc"], capsys)
     assert code == 2 and "unknown --target 'sparc'" in err and not os.path.exists(tmp_path / "x.onnx")
     assert targets.this_machine() in targets.TARGETS
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_debug_flag_anywhere_on_the_line(tmp_path, capsys, where):
+    """`packptq --debug quantize ...` and `packptq quantize ... --debug` both show the traceback."""
+    args = ["quantize", str(tmp_path / "missing.onnx"), "--calib", CALIB, "-o", str(tmp_path / "o.onnx")]
+    code = main(["--debug", *args] if where == "first" else [*args, "--debug"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" in err and "packptq: error:" in err
+    assert main(args) == 2 and "Traceback" not in capsys.readouterr().err
