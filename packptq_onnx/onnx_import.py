@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -156,6 +157,13 @@ def _repeated(field) -> bool:
     return flag if isinstance(flag, bool) else field.label == field.LABEL_REPEATED
 
 
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+                 "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "QGemm",
+                 "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
+                 "QLinearGlobalAveragePool", "QLinearAveragePool", "QAttention", "MatMulIntegerToFloat",
+                 "MatMulNBits"}
+
+
 def normalise(model: onnx.ModelProto):
     m = copy.deepcopy(model)
     notes = []
@@ -163,6 +171,10 @@ def normalise(model: onnx.ModelProto):
     if n_const:
         notes.append(f"{n_const} Constant (or Identity-of-initializer) nodes moved to initializers")
     opset = default_opset(m)
+    done = Counter(n.op_type for n in m.graph.node if n.op_type in QUANTIZED_OPS)
+    if done:
+        raise UsageError("the model is already quantized (" + ", ".join(f"{k} x{v}" for k, v in done.most_common(4))
+                         + (", ..." if len(done) > 4 else "") + "): give packptq the float model")
     if m.graph.node and not any(n.domain in ("", "ai.onnx") for n in m.graph.node):
         ops = sorted({f"{n.domain}:{n.op_type}" for n in m.graph.node})
         raise UsageError(f"the model has no standard ONNX operators, only {', '.join(ops[:4])}"

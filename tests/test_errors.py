@@ -249,3 +249,22 @@ def test_debug_flag_anywhere_on_the_line(tmp_path, capsys, where):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" in err and "packptq: error:" in err
     assert main(args) == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_already_quantized_model_is_named(tmp_path, capsys):
+    """A model onnxruntime's quantize_dynamic wrote (MatMulInteger) used to fail in the torch
+    conversion with "module name can't contain '.'"."""
+    w = numpy_helper.from_array(R.randint(-8, 8, (4, 3)).astype(np.int8), "w")
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("MatMulInteger", ["xq", "w", "xz"], ["yi"]),
+             helper.make_node("Cast", ["yi"], ["y"], to=TensorProto.FLOAT)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], initializer=[w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.ones((40, 4), np.float32))
+    code, err = _cli(["quantize", _save(m, tmp_path / "m.onnx"), "--calib", str(calib), "-o",
+                      str(tmp_path / "o.onnx")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "already quantized (DynamicQuantizeLinear x1, MatMulInteger x1)" in err
+    assert not (tmp_path / "o.onnx").exists()
