@@ -164,6 +164,14 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
                  "MatMulNBits"}
 
 
+def check_float(model: onnx.ModelProto) -> None:
+    """A model to quantize must not be quantized already (validate and inspect read such files)."""
+    done = Counter(n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS)
+    if done:
+        raise UsageError("the model is already quantized (" + ", ".join(f"{k} x{v}" for k, v in done.most_common(4))
+                         + (", ..." if len(done) > 4 else "") + "): give packptq the float model")
+
+
 def normalise(model: onnx.ModelProto):
     m = copy.deepcopy(model)
     notes = []
@@ -171,10 +179,6 @@ def normalise(model: onnx.ModelProto):
     if n_const:
         notes.append(f"{n_const} Constant (or Identity-of-initializer) nodes moved to initializers")
     opset = default_opset(m)
-    done = Counter(n.op_type for n in m.graph.node if n.op_type in QUANTIZED_OPS)
-    if done:
-        raise UsageError("the model is already quantized (" + ", ".join(f"{k} x{v}" for k, v in done.most_common(4))
-                         + (", ..." if len(done) > 4 else "") + "): give packptq the float model")
     if m.graph.node and not any(n.domain in ("", "ai.onnx") for n in m.graph.node):
         ops = sorted({f"{n.domain}:{n.op_type}" for n in m.graph.node})
         raise UsageError(f"the model has no standard ONNX operators, only {', '.join(ops[:4])}"

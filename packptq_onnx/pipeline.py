@@ -14,7 +14,7 @@ from .errors import UsageError
 from .exporters import files, qdq
 from .layers import (decode_layers, find_layers, outputs_before_float_ops, post_activations, read_only_by_layers,
                      tail_outputs)
-from .onnx_import import ImportedModel, check_static, load, reshaped
+from .onnx_import import ImportedModel, check_float, check_static, load, reshaped
 from .parity import layer_parity
 from .mixed import MixedOptions
 from .progress import bar
@@ -165,6 +165,7 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     torch.manual_seed(opts.seed)
     np.random.seed(opts.seed)
     imp = load(model_path, opts.input_shapes)
+    check_float(imp.original)
     if os.path.isdir(calib_path) and data.npz_files(calib_path):
         groups = data.load_groups(calib_path, imp.inputs, log=log)
     else:
