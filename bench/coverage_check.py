@@ -159,6 +159,9 @@ def main():
             if os.path.exists(log := os.path.join(DIR, f"{e['name']}_{row}.log")):
                 os.unlink(log)
             res = ort(e, a.timeout) if row == "ort-W8A8" else ours(e, row, a.timeout)
+            if os.path.exists(path):  # add to what is on disk: another run may have added rows
+                with open(path) as f:
+                    results = json.load(f)
             results.setdefault(e["name"], {})[row] = res
             tmp = path + ".tmp"
             with open(tmp, "w") as f:
