@@ -14,7 +14,7 @@ energy, so box coordinates in pixels cannot hide class scores in [0, 1] (YOLOv8'
 one probe covers all outputs, so a quantizer's predicted noise-to-signal ratio is the sum of its
 ratios on each output. Quantizers whose own ratio exceeds the threshold stay float, the worst
 first, at most MAX_SHARE of them.
-docs/METHOD.md, "Output quantizers".
+docs/METHOD.md, "Guard for 8-bit activations".
 """
 from __future__ import annotations
 

@@ -6,13 +6,11 @@ relative to that channel's energy; and the output quantizer's own per-channel er
 
 A probe for the rule in layers / qmodel that keeps such inputs float (docs/METHOD.md, "Output quantizers").
 """
-import argparse
-
 import numpy as np
 import torch
+from probe import parser, prepare_rtn
 
 from packptq_onnx import data
-from packptq_onnx.pipeline import Options, prepare
 
 
 def per_channel_db(ref, got, axis):
@@ -24,14 +22,8 @@ def per_channel_db(ref, got, axis):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--calib", required=True)
-    ap.add_argument("--bits", type=int, default=8)
-    ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--top", type=int, default=20)
-    a = ap.parse_args()
-    p = prepare(a.model, a.calib, Options(wbits=a.bits, abits=a.bits, method="rtn", calib_samples=32))
+    a = parser(__doc__, samples=4, top=20).parse_args()
+    p = prepare_rtn(a)
     rows = []
     hooks = []
     for q in p.qls:

@@ -8,22 +8,15 @@ the Jacobian J_t, and ||J_t d_t||^2 is estimated with random output probes v (E[
 Prints, per quantizer, the predicted output noise-to-signal ratio as packptq_onnx.guard computes it
 (the pipeline's --guard reads the same numbers); compare with research/one_at_a_time.py, which measures the same thing exactly.
 """
-import argparse
+from probe import parser, prepare_rtn
 
 from packptq_onnx import data
 from packptq_onnx.guard import estimate
-from packptq_onnx.pipeline import Options, prepare
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--calib", required=True)
-    ap.add_argument("--bits", type=int, default=8)
-    ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--top", type=int, default=20)
-    a = ap.parse_args()
-    p = prepare(a.model, a.calib, Options(wbits=a.bits, abits=a.bits, method="rtn", calib_samples=32, guard=0.0))
+    a = parser(__doc__, samples=4, top=20).parse_args()
+    p = prepare_rtn(a, guard=0.0)
     batches = data.batches(data.take(p.calib, a.samples), p.names, p.plan.run_batch or 1)
     est = estimate(p.gm, p.qls, batches)
     for (name, part), v in sorted(est.items(), key=lambda kv: -kv[1])[:a.top]:

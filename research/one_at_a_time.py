@@ -6,27 +6,20 @@ RTN at the given bits) and score the model against float with the task metric an
 A probe, not a pipeline step: it reads the same calibration the product uses (pipeline.prepare) and
 prints the worst quantizers first. The rule changes it motivated are measured in bench/COVERAGE.md.
 """
-import argparse
-
 import numpy as np
 import torch
+from probe import parser, prepare_rtn
 
 from packptq_onnx import convert, data, shapes, tasks
-from packptq_onnx.pipeline import Options, prepare
 from packptq_onnx.validate import cosine, input_hw
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--calib", required=True)
+    ap = parser(__doc__, samples=8, top=12)
     ap.add_argument("--eval", required=True)
     ap.add_argument("--task", choices=tasks.TASKS)
-    ap.add_argument("--bits", type=int, default=8)
-    ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--top", type=int, default=12)
     a = ap.parse_args()
-    p = prepare(a.model, a.calib, Options(wbits=a.bits, abits=a.bits, method="rtn", calib_samples=32))
+    p = prepare_rtn(a)
     feeds, _ = data.load(a.eval, shapes.specs(p.imp.original))
     feeds = data.take(feeds, a.samples)
     qls, hw = p.qls, input_hw(feeds)
