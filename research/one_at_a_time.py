@@ -39,8 +39,9 @@ def main():
         with torch.no_grad():
             return convert.torch_run(p.gm, feeds, p.names, batch_size=p.run_batch)
 
-    def score(ref, got):
-        s = tasks.score(a.task, ref, got, hw)["task_agreement"] if a.task else float("nan")
+    def score(ref, got):  # samples on their own axis: a CTC recognizer's [T, N, C] has them on axis 1
+        axis = data.sample_axis([ref[0].shape], [len(next(iter(feeds.values())))])
+        s = tasks.score(a.task, ref, got, hw, batch_axis=axis)["task_agreement"] if a.task else float("nan")
         return s, min(cosine(r, g) for r, g in zip(ref, got))
 
     ref = run(None)
