@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import fx
 
 from . import data, folding, o2t, runtime
 from .errors import UsageError
@@ -32,23 +34,27 @@ def _key(op: str, domain: str, version: int):
     return OperationDescription(domain=domain, operation_type=op, version=version)
 
 
-def to_torch(imp: ImportedModel, strict: bool = False) -> torch.fx.GraphModule:
-    """Convert; ops with no converter run through onnxruntime (float) unless `strict`.
+def to_torch(imp: ImportedModel, strict: bool = False, force: dict | None = None) -> torch.fx.GraphModule:
+    """Convert; ops with no converter, nodes whose converter refuses them, and nodes in `force`
+    (name -> reason: they failed when run) run through onnxruntime (float) unless `strict`.
 
     The names of such nodes are in `gm.float_nodes` and in imp.notes."""
     from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY
 
     from . import ortnode
 
+    force = dict(force or {})
     m = copy.deepcopy(imp.model)
     folding.explicit_auto_pad(m)  # onnx2torch lacks SAME padding; the export keeps auto_pad
     for i, node in enumerate(m.graph.node):
         node.name = module_name(i)
     opsets = {o.domain or "": o.version for o in m.opset_import}
-    missing, float_nodes = {}, []
+    missing, float_nodes, refused = {}, [], {}
+    keys, original = set(), {module_name(i): n.name for i, n in enumerate(imp.model.graph.node)}
     for node in imp.model.graph.node:
         domain = node.domain or ""
         key = _key(node.op_type, domain, opsets.get(domain, 1))
+        keys.add(key)
         if key not in _CONVERTER_REGISTRY or key in _FALLBACK:
             missing[key] = f"{node.op_type} (domain '{domain}', opset {opsets.get(domain, '?')})"
             float_nodes.append(node.name)
@@ -58,9 +64,25 @@ def to_torch(imp: ImportedModel, strict: bool = False) -> torch.fx.GraphModule:
     for key in missing:
         _CONVERTER_REGISTRY[key] = ortnode.converter(opsets)
         _FALLBACK.add(key)
-    if float_nodes:
-        imp.notes.append(f"{len(float_nodes)} node(s) with no torch converter stay float and run in "
-                         f"onnxruntime: {', '.join(sorted(set(missing.values())))}")
+    fallback = ortnode.converter(opsets)
+
+    def guarded(orig):
+        def conv(node, graph):
+            if node.name in force:
+                refused[node.name] = f"{node.operation_type} ({force[node.name]})"
+                return fallback(node, graph)
+            try:
+                return orig(node, graph)
+            except Exception as exc:  # the converter refuses this node's attributes or inputs
+                if strict:
+                    raise
+                refused[node.name] = f"{node.operation_type} ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
+                return fallback(node, graph)
+        return conv
+
+    saved = {k: _CONVERTER_REGISTRY[k] for k in keys}
+    for k, conv in saved.items():
+        _CONVERTER_REGISTRY[k] = guarded(conv)
     try:
         gm = o2t.convert(m)
     except NotImplementedError as exc:
@@ -69,8 +91,82 @@ def to_torch(imp: ImportedModel, strict: bool = False) -> torch.fx.GraphModule:
         msg = str(exc).splitlines()[0] if str(exc) else ""
         raise UsageError(f"cannot convert the model to torch ({type(exc).__name__}: {msg}); "
                          "check the model with onnx.checker or run with --debug") from exc
+    finally:
+        _CONVERTER_REGISTRY.update(saved)
+    if float_nodes:
+        imp.notes.append(f"{len(float_nodes)} node(s) with no torch converter stay float and run in "
+                         f"onnxruntime: {', '.join(sorted(set(missing.values())))}")
+    if refused:
+        imp.notes.append(f"{len(refused)} node(s) whose conversion fails stay float and run in onnxruntime: "
+                         + "; ".join(sorted(set(refused.values()))))
+        float_nodes += [original[k] for k in sorted(refused)]
+    _graph_outputs(gm, m)
     gm.float_nodes = float_nodes
     return gm.eval()
+
+
+def _graph_outputs(gm, model) -> None:
+    """One fx output per ONNX graph output, in order. onnx2torch returns the whole tuple of a
+    multi-output node (an LSTM's Y_h, a fallback op's second output) and merges duplicates."""
+    producer = {o: (i, k, len(n.output)) for i, n in enumerate(model.graph.node) for k, o in enumerate(n.output)}
+    mods = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    vals = []
+    with gm.graph.inserting_before(out_node):
+        for o in model.graph.output:
+            if o.name not in producer or module_name(producer[o.name][0]) not in mods:
+                return  # an output that no node makes (an input passed through): leave as converted
+            i, k, n_out = producer[o.name]
+            node = mods[module_name(i)]
+            vals.append(gm.graph.call_function(operator.getitem, (node, k)) if n_out > 1 else node)
+    out_node.args = (vals[0] if len(vals) == 1 else tuple(vals),)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+class _FirstFailure(fx.Interpreter):
+    def run_node(self, n):
+        try:
+            return super().run_node(n)
+        except Exception as exc:
+            if n.op == "call_module" and n.target.startswith("n"):
+                raise _NodeFailed(n.target, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
+            raise
+
+
+class _NodeFailed(Exception):
+    def __init__(self, node: str, reason: str):
+        super().__init__(reason)
+        self.node, self.reason = node, reason
+
+
+@torch.no_grad()
+def failing_node(gm, feeds: dict, names: list[str], batch_size: int) -> tuple[str, str] | None:
+    """(node, reason) of the first converted node that raises on a batch of `feeds`, else None."""
+    args = [torch.from_numpy(np.ascontiguousarray(feeds[k][:batch_size])) for k in names]
+    try:
+        _FirstFailure(gm).run(*args)
+    except _NodeFailed as exc:
+        return exc.node, exc.reason
+    except Exception:  # not a node of ours: left to the faithfulness check to report
+        return None
+    return None
+
+
+def to_torch_running(imp: ImportedModel, feeds: dict, batch_size: int, strict: bool = False):
+    """to_torch, then nodes whose torch module fails on real data run in onnxruntime instead."""
+    n_notes = len(imp.notes)
+    gm, force = to_torch(imp, strict), {}
+    for _ in range(len(imp.model.graph.node)):
+        bad = failing_node(gm, feeds, [i.name for i in imp.inputs], batch_size)
+        if bad is None or bad[0] in force:
+            return gm
+        if strict:
+            raise UsageError(f"node {bad[0]} fails in torch ({bad[1]}); without --strict it runs in onnxruntime")
+        force[bad[0]] = bad[1]
+        del imp.notes[n_notes:]
+        gm = to_torch(imp, strict, force)
+    return gm
 
 
 @torch.no_grad()

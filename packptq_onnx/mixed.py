@@ -17,7 +17,7 @@ import torch
 
 from . import qmodel
 from .errors import UsageError
-from .sensitivity import per_sample_loss
+from .sensitivity import batch_size, loss_sum
 from .solvers import ilp
 
 
@@ -54,7 +54,7 @@ def measure(gm, qls, pack_layers: list[list[str]], opts: list[tuple[int, int]], 
     qmodel.set_quant(qls, False, False)
     data = list(batches())
     ref = [[t.detach() for t in _outputs(gm(*args))] for args in data]
-    n = sum(len(r[0]) for r in ref)
+    n = sum(batch_size(args) for args in data)
     table = []
     try:
         for names in pack_layers:
@@ -65,7 +65,7 @@ def measure(gm, qls, pack_layers: list[list[str]], opts: list[tuple[int, int]], 
                     qmodel.set_bits(q, w, a)
                     q.quant_w = q.quant_a = True
                 qmodel.match_output_bits(qls)  # outputs read by the pack at its input bits
-                tot = sum(float(per_sample_loss(_outputs(gm(*args)), r).sum()) for args, r in zip(data, ref))
+                tot = sum(float(loss_sum(_outputs(gm(*args)), r, batch_size(args))) for args, r in zip(data, ref))
                 row.append(tot / n)
                 for q in own:
                     q.quant_w = q.quant_a = False

@@ -279,6 +279,14 @@ def _plain_resize(node):
         raise NotImplementedError("Resize coordinate mode 'half_pixel_symmetric' is not supported")
 
 
+def _recurrent(node, graph):
+    from . import rnn
+
+    r = node.input_values[2]
+    hidden = graph.initializers[r].to_torch().shape[-1] if r in graph.initializers else None
+    return _result(rnn.module_for(node, hidden), node)
+
+
 def install() -> None:
     """Fill onnx2torch's registry; idempotent."""
     # onnx2torch's Slice indexes with a list; torch warns on every call (same result today)
@@ -303,6 +311,9 @@ def install() -> None:
         _register("Flatten", v, _flatten, replace=True)
     for v in (11, 14):
         _register("CumSum", v, _cumsum, replace=True)
+    for op, versions in (("LSTM", (7, 14, 22)), ("GRU", (7, 14, 22)), ("RNN", (7, 14, 22))):
+        for v in versions:
+            _register(op, v, _recurrent)
     # newer versions that only add element types
     for op in ("Conv", "ConvTranspose"):
         _alias(op, 22, 11)

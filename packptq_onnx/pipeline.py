@@ -180,10 +180,12 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
         raise UsageError(f"{calib_path} has {len(calib[names[0]])} samples, fewer than --batch-size "
                          f"{opts.batch_size}: give more calibration samples or a smaller --batch-size")
     check_memory(imp, calib, opts)
-    gm = convert.to_torch(imp, strict=opts.strict)
-    if gm.float_nodes:
-        log(f"warning: {imp.notes[-1]}")
-    faithful = convert.prove_faithful(imp, gm, data.take(calib, FAITHFUL_SAMPLES), batch_size=plan.run_batch or 64)
+    probe = data.take(calib, FAITHFUL_SAMPLES)
+    n_notes = len(imp.notes)
+    gm = convert.to_torch_running(imp, probe, plan.run_batch or 2, strict=opts.strict)
+    for note in imp.notes[n_notes:]:
+        log(f"warning: {note}")
+    faithful = convert.prove_faithful(imp, gm, probe, batch_size=plan.run_batch or 64)
     layers = find_layers(imp.model)
     decode = decode_layers(imp.model, layers)
     layers = [l for l in layers if l.name not in decode]
@@ -324,7 +326,7 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
     ckpt = out_path + ".ckpt"
     analysis, mixed = None, None
     if opts.mixed.enabled or opts.method == "pack":
-        analysis = analyse(p, opts, opts.max_pack_blocks)
+        analysis = analyse(p, opts, opts.max_pack_blocks, log)
         log(f"{len(analysis.units.blocks)} blocks in {len(analysis.packs)} packs: "
             + " ".join("[" + ",".join(str(b) for b in pk.blocks) + "]" for pk in analysis.packs))
     if opts.mixed.enabled:
@@ -407,7 +409,7 @@ class Analysis:
     seconds: float
 
 
-def analyse(p: Prepared, opts: Options, max_pack_blocks: int | None = None) -> Analysis:
+def analyse(p: Prepared, opts: Options, max_pack_blocks: int | None = None, log=print) -> Analysis:
     """Blocks, their Hessian-guided scores at the calibrated bits, and packs."""
     from . import blocks, packing, sensitivity
 
@@ -416,7 +418,7 @@ def analyse(p: Prepared, opts: Options, max_pack_blocks: int | None = None) -> A
     if not units.blocks:
         raise UsageError("no blocks found: the model has no quantizable layer between stem and head")
     scores = sensitivity.score_blocks(p.gm, p.qls, units, p.imp.model, lambda: p.batches(opts), p.n_samples,
-                                      progress=lambda it: bar(it, "score blocks", len(units.blocks)))
+                                      progress=lambda it: bar(it, "score blocks", len(units.blocks)), log=log)
     packs = packing.make_packs([s.score for s in scores], [s.sensitivity for s in scores], max_pack_blocks)
     return Analysis(units, scores, packs, time.time() - t0)
 

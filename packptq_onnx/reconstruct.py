@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -21,7 +20,9 @@ from torch import fx
 from .blocks import SHAPE_OPS
 from .convert import module_name
 from .qmodel import set_quant
-from .progress import bar
+from .unitcache import Cache, capture, layouts
+from .estimate import node_seconds, unit_seconds
+from .progress import bar, fmt_seconds
 
 
 @dataclass
@@ -56,6 +57,7 @@ class UnitResult:
     loss_after: float
     seconds: float
     kept_rtn: bool = False      # learning made the unit worse on calibration data: RTN state kept
+    no_gradient: bool = False   # its output does not depend differentiably on what it learns
 
 
 def make_units(method: str, units_struct, packs, layers) -> list[Unit]:
@@ -144,68 +146,6 @@ def subgraph(gm, model, unit: Unit):
     return sub, [n for n in inputs if env[n].name in names], out
 
 
-class _Capture(fx.Interpreter):
-    def __init__(self, gm, wanted):
-        super().__init__(gm)
-        self.wanted, self.got = set(wanted), {}
-
-    def run_node(self, n):
-        res = super().run_node(n)
-        if n in self.wanted:
-            self.got[n] = res.detach()
-            if len(self.got) == len(self.wanted):
-                raise StopIteration
-        return res
-
-
-@torch.no_grad()
-def capture(gm, batches, wanted: list) -> list[np.ndarray | np.memmap]:
-    """Values of `wanted` fx nodes over all calibration batches, as arrays (samples first)."""
-    chunks = {n: [] for n in wanted}
-    for args in batches:
-        c = _Capture(gm, wanted)
-        try:
-            c.run(*args)
-        except StopIteration:
-            pass
-        for n in wanted:
-            chunks[n].append(c.got[n].cpu().numpy())
-    return [np.concatenate(chunks[n]) for n in wanted]
-
-
-class Cache:
-    """Unit inputs/targets: in memory, or memory-mapped on disk above a byte bound; on a GPU, in its
-    memory when they fit (no copy per iteration)."""
-
-    def __init__(self, arrays: list[np.ndarray], bound: int | None, directory: str | None, device: str = "cpu"):
-        total = sum(a.nbytes for a in arrays)
-        self.on_disk = bound is not None and total > bound
-        self.tmp = None
-        self.resident = None  # on a GPU, held in its memory when they take under half of what is free
-        if str(device).startswith("cuda") and not self.on_disk and total < torch.cuda.mem_get_info()[0] // 2:
-            self.resident = [torch.from_numpy(a).to(device) for a in arrays]
-        if self.on_disk:
-            self.tmp = tempfile.TemporaryDirectory(prefix="packptq-cache-", dir=directory)
-            mm = []
-            for i, a in enumerate(arrays):
-                m = np.lib.format.open_memmap(os.path.join(self.tmp.name, f"{i}.npy"), "w+", a.dtype, a.shape)
-                m[:] = a
-                mm.append(m)
-            arrays = mm
-        self.arrays, self.bytes = arrays, total
-
-    def batch(self, idx: np.ndarray, device) -> list[torch.Tensor]:
-        if self.resident is not None:
-            i = torch.from_numpy(idx).to(device)
-            return [t.index_select(0, i) for t in self.resident]
-        return [torch.from_numpy(np.ascontiguousarray(a[idx])).to(device) for a in self.arrays]
-
-    def close(self):
-        self.resident = None
-        if self.tmp is not None:
-            self.tmp.cleanup()
-
-
 def recon_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error summed over channels (axis 1 for NC..., last axis for tokens), averaged over the rest."""
     d = (pred - target).pow(2)
@@ -227,23 +167,42 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     t0 = time.time()
     sub, in_nodes, out_node = subgraph(gm, model, unit)
     own = [q for q in qls if q.layer.name in set(unit.layers)]
+    wanted = in_nodes + [out_node]
     set_quant(qls, False, False)
-    fp = capture(gm, calib_batches(), in_nodes + [out_node])
+    lays = layouts(gm, next(iter(calib_batches())), wanted)
+    fp = capture(gm, calib_batches(), wanted, lays)
     set_quant(qls, True, True)
-    qin = capture(gm, calib_batches(), in_nodes)
-    cache = Cache(fp + qin, o.cache_bytes, cache_dir, device)
+    qin = capture(gm, calib_batches(), in_nodes, lays and lays[:-1])
+    if lays is not None and (fp is None or qin is None):  # a value that is not the same in every batch
+        lays = None
+        set_quant(qls, False, False)
+        fp = capture(gm, calib_batches(), wanted, None)
+        set_quant(qls, True, True)
+        qin = capture(gm, calib_batches(), in_nodes, None)
+    cache = Cache(fp + qin, lays and lays + lays[:-1], o.cache_bytes, cache_dir, device)
     k = len(in_nodes)
     gen = torch.Generator(device=device).manual_seed(seed)
     rng = np.random.default_rng(seed)
-    ev = np.arange(min(n, o.eval_samples))
+    items = cache.n_items
+    if cache.per_batch:  # whole calibration batches, as they ran
+        ev_batches = [np.array([i]) for i in range(min(items, max(1, -(-o.eval_samples * items // n))))]
+
+        def draw():
+            return np.array([rng.integers(items)])
+    else:
+        ev = np.arange(min(items, o.eval_samples))
+        ev_batches = [ev[i:i + o.batch_size] for i in range(0, len(ev), o.batch_size)]
+
+        def draw():
+            return np.sort(rng.choice(items, size=min(o.batch_size, items), replace=False))
 
     def evaluate():
         with torch.no_grad():
             tot = 0.0
-            for i in range(0, len(ev), o.batch_size):
-                arr = cache.batch(ev[i:i + o.batch_size], device)
-                tot += float(recon_loss(sub(*arr[k + 1:]), arr[k])) * len(ev[i:i + o.batch_size])
-            return tot / len(ev)
+            for idx in ev_batches:
+                arr = cache.batch(idx, device)
+                tot += float(recon_loss(sub(*arr[k + 1:]), arr[k])) * len(idx)
+            return tot / sum(len(i) for i in ev_batches)
 
     before = evaluate()
     weighted = [q for q in own if q.wq is not None]
@@ -257,9 +216,9 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     opt_s = torch.optim.Adam(params_s, lr=o.lr_scale) if params_s else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(iters, 1), eta_min=0) if opt_s else None
     it = bar(range(iters), unit.name, iters)
+    no_grad = False
     for t in it:
-        idx = np.sort(rng.choice(n, size=min(o.batch_size, n), replace=False))
-        arr = cache.batch(idx, device)
+        arr = cache.batch(draw(), device)
         xs = []
         for j in range(k):
             x_fp, x_q = arr[j], arr[k + 1 + j]
@@ -268,6 +227,9 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
                 x_q = torch.where(keep_q, x_q, x_fp)
             xs.append(x_q)
         rec = recon_loss(sub(*xs), arr[k])
+        if not rec.requires_grad:  # e.g. everything it learns feeds an op that runs in onnxruntime
+            no_grad = True
+            break
         b = _beta(t, iters, o)
         reg = sum((1 - (2 * q.wq.h() - 1).abs().pow(b)).sum() for q in weighted) if b is not None else 0.0
         loss = rec + o.round_weight * reg
@@ -282,12 +244,12 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
             sched.step()
             for p in params_s:
                 p.data.clamp_(min=1e-8)
-        if t % 50 == 0 and hasattr(it, "set_postfix"):
+        if t % 10 == 0 and hasattr(it, "set_postfix"):
             it.set_postfix(loss=f"{float(rec.detach()):.4g}")
     for q in weighted:
         q.wq.soft = False
     after = evaluate()
-    kept_rtn = after > before
+    kept_rtn = after > before or no_grad
     if kept_rtn:  # never leave a unit worse than round-to-nearest on the data it was judged on
         for q in weighted:
             q.wq.alpha = None
@@ -295,7 +257,7 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
             x.scale.data.copy_(s0)
         after = evaluate()
     cache.close()
-    return UnitResult(unit.name, iters, before, after, time.time() - t0, kept_rtn)
+    return UnitResult(unit.name, 0 if no_grad else iters, before, after, time.time() - t0, kept_rtn, no_grad)
 
 
 def split_iters(units: list[Unit], o: ReconOptions) -> list[int]:
@@ -358,6 +320,12 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
         load_state(qls, saved["state"])
         done = [UnitResult(**r) for r in saved["done"]]
         log(f"resuming after {len(done)} of {len(units)} finished units")
+    first = next(iter(calib_batches()))
+    calib_bs = max(1, int(first[0].shape[0]) if first[0].dim() else 1)
+    est = unit_seconds(node_seconds(gm, first), units, iters, calib_bs, o.batch_size, -(-n // calib_bs))
+    todo = est[len(done):]
+    log(f"estimated time: ~{fmt_seconds(sum(todo))} for {len(todo)} units (from one timed forward pass)")
+    spent = estimated = 0.0
     for i, u in enumerate(units):
         if i < len(done):
             continue
@@ -365,8 +333,13 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
                              os.path.dirname(os.path.abspath(ckpt)))
         done.append(r)
         kept = "  (kept round-to-nearest: learning did not help)" if r.kept_rtn else ""
+        if r.no_gradient:
+            kept = "  (skipped: no gradient reaches its output; kept round-to-nearest)"
+        spent, estimated = spent + r.seconds, estimated + est[i]
+        left = sum(est[i + 1:]) * spent / max(estimated, 1e-9)
+        eta = f"  ~{fmt_seconds(left)} left" if i + 1 < len(units) else ""
         log(f"  {u.name:<28} {len(u.layers):>3} layers {r.iters:>6} it  loss {r.loss_before:.4g} -> "
-            f"{r.loss_after:.4g}  {r.seconds:.1f} s{kept}")
+            f"{r.loss_after:.4g}  {r.seconds:.1f} s{kept}{eta}")
         tmp = ckpt + ".tmp"
         torch.save({"fingerprint": fingerprint, "done": [asdict(x) for x in done],
                     "state": checkpoint_state(qls)}, tmp)

@@ -33,15 +33,23 @@ def is_classifier(t: torch.Tensor) -> bool:
     return t.dim() == 2 and t.shape[1] > 1 and t.is_floating_point()
 
 
-def per_sample_loss(fp: list, q: list) -> torch.Tensor:
-    """KL(p_fp || p_q) for classifier outputs, MSE for any other output; summed over outputs."""
+def batch_size(args) -> int:
+    """Samples in a batch of model inputs (axis 0 of the first input; 1 for a scalar input)."""
+    x = args[0] if args else None
+    return int(x.shape[0]) if torch.is_tensor(x) and x.dim() else 1
+
+
+def loss_sum(fp: list, q: list, n: int) -> torch.Tensor:
+    """Sum over the n samples of a batch of KL(p_fp || p_q) (classifier outputs) or MSE (any other
+    output, any rank), summed over outputs. Rows of a classifier output and the elements of any
+    other output are averaged, then counted n times, so the samples' axis does not matter."""
     total = 0
     for a, b in zip(fp, q):
         if is_classifier(a):
             la, lb = F.log_softmax(a.float(), 1), F.log_softmax(b.float(), 1)
-            total = total + (la.exp() * (la - lb)).sum(1)
-        else:
-            total = total + (a.float() - b.float()).pow(2).flatten(1).mean(1)
+            total = total + (la.exp() * (la - lb)).sum(1).mean() * n
+        elif a.is_floating_point():
+            total = total + (a.float() - b.float()).pow(2).mean() * n
     return total
 
 
@@ -56,8 +64,10 @@ def _producer(model, tensor: str) -> tuple[int, int]:
     raise KeyError(tensor)
 
 
-def score_blocks(gm, qls, units, model, batches, n_samples: int, progress=None) -> list[BlockScore]:
-    """batches: a callable returning a fresh iterable of input tuples (on the model's device)."""
+def score_blocks(gm, qls, units, model, batches, n_samples: int, progress=None, log=None) -> list[BlockScore]:
+    """batches: a callable returning a fresh iterable of input tuples (on the model's device).
+    A block whose output gets no gradient is scored without the first-order term (and logged)."""
+    no_grad: set = set()
     by_name = {q.layer.name: q for q in qls}
     out = []
     blocks = progress(units.blocks) if progress else units.blocks
@@ -92,12 +102,16 @@ def score_blocks(gm, qls, units, model, batches, n_samples: int, progress=None) 
                     q.quant_w = q.quant_a = False
                 store["inject"] = True
                 with torch.enable_grad():
-                    loss = per_sample_loss(_outputs(gm(*args)), yq).sum() / n_samples
-                    loss.backward()
+                    loss = loss_sum(_outputs(gm(*args)), yq, batch_size(args)) / n_samples
+                    if torch.is_tensor(loss) and loss.requires_grad:
+                        loss.backward()
                 leaf = store["leaf"]
                 delta = leaf.detach() - zq
-                sums["loss"] += float(loss.detach())
-                sums["first"] += float((leaf.grad * delta).sum())
+                sums["loss"] += float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+                if leaf.grad is None:  # no gradient reaches the block output (an op in onnxruntime)
+                    no_grad.add(block.id)
+                else:
+                    sums["first"] += float((leaf.grad * delta).sum())
                 sums["second"] += float(0.5 * delta.pow(2).sum())
                 sums["absd"] += float(delta.abs().sum())
                 sums["numel"] += delta.numel()
@@ -109,4 +123,7 @@ def score_blocks(gm, qls, units, model, batches, n_samples: int, progress=None) 
         first, second = sums["first"] / n, sums["second"] / n
         s = (sums["loss"] - first) / max(second, 1e-12)
         out.append(BlockScore(block.id, sums["loss"], first, second, s, s * sums["absd"] / n, sums["absd"] / n))
+    if no_grad and log:
+        log(f"warning: no gradient reaches block(s) {sorted(no_grad)} (an op runs in onnxruntime after "
+            "them); scored without the first-order term")
     return out

@@ -5,6 +5,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from packptq_onnx import convert, onnx_import, runtime
+from packptq_onnx.errors import UsageError
 
 R = np.random.RandomState(0)
 
@@ -106,7 +107,7 @@ def test_average_pool_19(tmp_path):
 
 
 def test_pad_18(tmp_path):
-    node = helper.make_node("Pad", ["x", "p"], ["y"], mode="reflect")
+    node = helper.make_node("Pad", ["x", "p"], ["y"], "pad", mode="reflect")
     _check(tmp_path, node, X4, 18, [("p", np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64))])
 
 
@@ -155,3 +156,114 @@ def test_same_auto_pad_export_keeps_it_and_runs_at_other_sizes(tmp_path):
     ref = runtime.run(runtime.session(model), {"x": x})[0]
     got = runtime.run(runtime.session(out), {"x": x})[0]
     assert ref.shape == got.shape == (2, 6, 5, 5) and np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.99
+
+
+def _rnn_inits(op, d, H, I, N, peep=False, lens=None):
+    G = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    r = np.random.RandomState(1)
+    inits = [("W", (r.randn(d, G * H, I) * 0.4).astype(np.float32)),
+             ("R", (r.randn(d, G * H, H) * 0.4).astype(np.float32)),
+             ("B", (r.randn(d, 2 * G * H) * 0.2).astype(np.float32))]
+    names = ["x", "W", "R", "B", "", "h0"]
+    inits.append(("h0", (r.randn(d, N, H) * 0.5).astype(np.float32)))
+    if lens is not None:
+        names[4] = "L"
+        inits.append(("L", np.array(lens, np.int32)))
+    if op == "LSTM":
+        names.append("c0")
+        inits.append(("c0", (r.randn(d, N, H) * 0.5).astype(np.float32)))
+        if peep:
+            names.append("P")
+            inits.append(("P", (r.randn(d, 3 * H) * 0.3).astype(np.float32)))
+    return names, inits
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+def test_recurrent_ops_match_onnxruntime(tmp_path, op, direction):
+    d, H, T, N, I = (2 if direction == "bidirectional" else 1), 6, 7, 3, 5
+    names, inits = _rnn_inits(op, d, H, I, N, peep=True)
+    outs = ["y", "yh", "yc"] if op == "LSTM" else ["y", "yh"]
+    node = helper.make_node(op, names, outs, hidden_size=H, direction=direction)
+    _check(tmp_path, node, R.randn(T, N, I).astype(np.float32), 14, inits)
+
+
+@pytest.mark.parametrize("attrs", [dict(clip=0.7), dict(linear_before_reset=1),
+                                   dict(activations=["Relu", "Tanh"])])
+def test_gru_attributes_match_onnxruntime(tmp_path, attrs):
+    H, T, N, I = 4, 5, 3, 6
+    names, inits = _rnn_inits("GRU", 1, H, I, N)
+    x = R.randn(T, N, I).astype(np.float32)
+    _check(tmp_path, helper.make_node("GRU", names, ["y", "yh"], hidden_size=H, **attrs), x, 14, inits)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+def test_lstm_sequence_lens_and_single_output(tmp_path, direction):
+    d, H, T, N, I = (2 if direction == "bidirectional" else 1), 4, 6, 3, 5
+    names, inits = _rnn_inits("LSTM", d, H, I, N, lens=[6, 2, 4])
+    node = helper.make_node("LSTM", names, ["y", "yh"], hidden_size=H, direction=direction)
+    _check(tmp_path, node, R.randn(T, N, I).astype(np.float32), 14, inits)
+    node = helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], hidden_size=H, direction=direction)
+    _check(tmp_path, node, R.randn(T, N, I).astype(np.float32), 14, inits[:3])
+
+
+def test_lstm_gradient_reaches_its_input(tmp_path):  # the reason for the converter: scoring upstream
+    import torch
+    names, inits = _rnn_inits("LSTM", 1, 4, 5, 2)
+    node = helper.make_node("LSTM", names[:4], ["y"], hidden_size=4)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 1, 2, 4])],
+                          initializer=[numpy_helper.from_array(v, k) for k, v in inits[:3]])
+    path = str(tmp_path / "m.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)]), path)
+    gm = convert.to_torch(onnx_import.load(path))
+    x = torch.randn(3, 2, 5, requires_grad=True)
+    gm(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_recurrent_layout_1_is_layout_0_transposed():  # onnxruntime has no batch-major kernels
+    import torch
+    from packptq_onnx.rnn import Recurrent
+    _, inits = _rnn_inits("LSTM", 2, 4, 5, 3)
+    w, r, b, h0, c0 = (torch.from_numpy(v) for _, v in inits)
+    x = torch.randn(6, 3, 5)
+    seq = Recurrent("LSTM", 4, "bidirectional", 0, None, ["Sigmoid", "Tanh", "Tanh"] * 2, False, 3)
+    bat = Recurrent("LSTM", 4, "bidirectional", 1, None, ["Sigmoid", "Tanh", "Tanh"] * 2, False, 3)
+    y0, h_0, c_0 = seq(x, w, r, b, initial_h=h0, initial_c=c0)
+    y1, h_1, c_1 = bat(x.transpose(0, 1), w, r, b, initial_h=h0.transpose(0, 1), initial_c=c0.transpose(0, 1))
+    torch.testing.assert_close(y1, y0.permute(2, 0, 1, 3))
+    torch.testing.assert_close(h_1, h_0.transpose(0, 1))
+    torch.testing.assert_close(c_1, c_0.transpose(0, 1))
+
+
+def _one_node_model(tmp_path, node, x, opset, inits=()):
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                          [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
+                          initializer=[numpy_helper.from_array(v, k) for k, v in inits])
+    m = onnx.shape_inference.infer_shapes(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]))
+    path = str(tmp_path / "m.onnx")
+    onnx.save(m, path)
+    return onnx_import.load(path)
+
+
+def test_converter_that_refuses_a_node_falls_back_to_onnxruntime(tmp_path):
+    node = helper.make_node("Pad", ["x", "p", "", "axes"], ["y"], "pad", mode="constant")  # axes input: refused
+    imp = _one_node_model(tmp_path, node, X3, 18, [("p", np.array([1, 2], np.int64)),
+                                                   ("axes", np.array([2], np.int64))])
+    gm = convert.to_torch(imp)
+    assert gm.float_nodes == ["pad"] and "conversion fails" in imp.notes[-1]
+    ref = runtime.run(runtime.session(imp.original), {"x": X3})
+    np.testing.assert_allclose(convert.torch_run(gm, {"x": X3}, ["x"])[0], ref[0])
+    with pytest.raises(UsageError, match="axes input is not supported"):
+        convert.to_torch(imp, strict=True)
+
+
+def test_node_that_fails_in_torch_falls_back_to_onnxruntime(tmp_path):
+    x = R.randn(4, 9).astype(np.float32)  # torch pads 2-D input in reflect mode only on its last dim
+    node = helper.make_node("Pad", ["x", "p"], ["y"], "pad", mode="reflect")
+    imp = _one_node_model(tmp_path, node, x, 13, [("p", np.array([1, 2, 1, 2], np.int64))])
+    gm = convert.to_torch_running(imp, {"x": x}, 2)
+    assert gm.float_nodes == ["pad"] and "Pad" in imp.notes[-1]
+    ref = runtime.run(runtime.session(imp.original), {"x": x})
+    np.testing.assert_allclose(convert.torch_run(gm, {"x": x}, ["x"])[0], ref[0])

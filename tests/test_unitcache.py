@@ -1,0 +1,56 @@
+"""Unit caches find each tensor's sample axis, so a unit after an LSTM learns from whole samples."""
+import io
+
+import numpy as np
+import onnx
+import torch
+
+import fuzzgraphs
+from packptq_onnx import convert, onnx_import, progress, unitcache
+
+
+def _gm(tmp_path, case):
+    m, name, shape = fuzzgraphs.build(*case)
+    path = str(tmp_path / "m.onnx")
+    onnx.save(m, path)
+    return convert.to_torch(onnx_import.load(path)), shape
+
+
+def test_layouts_find_samples_off_axis_0_and_round_trip(tmp_path):
+    gm, shape = _gm(tmp_path, ("seq", "lstm", 3, 1, "state"))
+    lstm = next(n for n in gm.graph.nodes if n.op == "call_module" and type(getattr(gm, n.target)).__name__ == "Recurrent")
+    y = next(u for u in lstm.users if u.args[1] == 0)           # Y [T, D, N, H]
+    h = next(u for u in lstm.users if u.args[1] == 1)           # Y_h [D, N, H]
+    x = torch.randn(5, *shape)
+    inp = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    lays = unitcache.layouts(gm, (x,), [y, h, inp])
+    assert [(l.axis, l.k) for l in lays] == [(2, 1), (1, 1), (0, 1)]
+    batches = [(x[:3],), (x[3:],)]
+    arrays = unitcache.capture(gm, batches, [y], lays[:1])
+    full = unitcache.capture(gm, [(x,)], [y], None)[0][0]
+    cache = unitcache.Cache(arrays, lays[:1], None, None)
+    assert cache.n_items == 5
+    got = cache.batch(np.array([1, 4]), "cpu")[0]
+    np.testing.assert_allclose(got.numpy(), full[:, :, [1, 4]], rtol=1e-5, atol=1e-6)
+
+
+def test_layouts_merged_axis_and_fixed_batch():
+    gm = torch.fx.symbolic_trace(_Merge())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    lays = unitcache.layouts(gm, (torch.randn(4, 3, 2),), [nodes["reshape"]])
+    assert [(l.axis, l.k) for l in lays] == [(0, 3)]               # [N*3, 2]: 3 rows per sample
+    assert unitcache.layouts(gm, (torch.randn(1, 3, 2),), [nodes["reshape"]]) is None  # batch of 1: unknown
+
+
+class _Merge(torch.nn.Module):
+    def forward(self, x):
+        return x.reshape(-1, 2) * 2
+
+
+def test_log_lines_report_count_loss_and_time_left():
+    out = io.StringIO()
+    it = progress.LogLines(range(5), "pack0", 5, every=0.0, stream=out)
+    for i in it:
+        it.set_postfix(loss="0.5")
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("  pack0: 1/5  loss 0.5  ~") and lines[0].endswith("left") and len(lines) == 4
