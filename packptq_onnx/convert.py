@@ -143,7 +143,7 @@ class _NodeFailed(Exception):
 @torch.no_grad()
 def failing_node(gm, feeds: dict, names: list[str], batch_size: int) -> tuple[str, str] | None:
     """(node, reason) of the first converted node that raises on a batch of `feeds`, else None."""
-    args = [torch.from_numpy(np.ascontiguousarray(feeds[k][:batch_size])) for k in names]
+    args = [torch.from_numpy(np.ascontiguousarray(data.rows(feeds[k], 0, batch_size))) for k in names]
     try:
         _FirstFailure(gm).run(*args)
     except _NodeFailed as exc:
@@ -171,11 +171,12 @@ def to_torch_running(imp: ImportedModel, feeds: dict, batch_size: int, strict: b
 
 @torch.no_grad()
 def torch_run(gm, feeds: dict, names: list[str], batch_size: int = 64, device: str = "cpu") -> list:
-    n = len(feeds[names[0]])
+    n = data.n_samples(feeds)
     outs, counts = None, []
     for i in range(0, n, batch_size):
         counts.append(min(batch_size, n - i))
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[k][i:i + batch_size])).to(device) for k in names]
+        args = [torch.from_numpy(np.ascontiguousarray(data.rows(feeds[k], i, i + batch_size))).to(device)
+                for k in names]
         res = gm(*args)
         res = list(res) if isinstance(res, (list, tuple)) else [res]
         res = [r.detach().float().cpu().numpy() for r in res]

@@ -36,7 +36,7 @@ def load(path: str, inputs: list[InputSpec], image_size: int | None = None, mean
     else:
         arrays, labels = _npz(path, inputs, log)
     feeds = {i.name: check(arrays[i.name], i, path) for i in inputs}
-    counts = {k: len(v) for k, v in feeds.items()}
+    counts = {k: len(v) for k, v in feeds.items() if v.ndim}
     if len(set(counts.values())) != 1:
         raise UsageError(f"{path}: inputs have different sample counts {counts}")
     if labels is not None and len(labels) != next(iter(counts.values())):
@@ -80,7 +80,7 @@ class Group:
 
     @property
     def n(self) -> int:
-        return len(next(iter(self.feeds.values())))
+        return n_samples(self.feeds)
 
 
 def load_groups(path: str, inputs: list[InputSpec], log=None) -> list[Group]:
@@ -124,6 +124,11 @@ def load_array(path: str) -> np.ndarray:
 
 def check(a: np.ndarray, spec: InputSpec, path: str) -> np.ndarray:
     a = np.asarray(a)
+    if spec.scalar:  # a scalar input (a sample rate): the same for every sample
+        if a.ndim:
+            raise UsageError(f"{path}: input '{spec.name}' is a scalar (rank 0) in the model; give one value "
+                             f"for all samples, not shape {list(a.shape)}")
+        return np.asarray(a, dtype=spec.dtype)
     if a.size == 0 or a.ndim == 0:
         raise UsageError(f"{path}: input '{spec.name}' is empty")
     if spec.shape and a.ndim != len(spec.shape):
@@ -208,13 +213,24 @@ def _common_size(path, files) -> tuple:
 def batches(feeds: dict, names: list[str], batch_size: int, device: str = "cpu"):
     import torch
 
-    n = len(feeds[names[0]])
+    n = n_samples(feeds)
     for i in range(0, n, batch_size):
-        yield tuple(torch.from_numpy(feeds[k][i:i + batch_size]).to(device) for k in names)
+        yield tuple(torch.from_numpy(np.ascontiguousarray(rows(feeds[k], i, i + batch_size))).to(device)
+                    for k in names)
+
+
+def n_samples(feeds: dict) -> int:
+    """Samples in a feed dict: the first axis of any input that is not a scalar."""
+    return next((len(v) for v in feeds.values() if np.ndim(v)), 1)
+
+
+def rows(a: np.ndarray, i: int, j: int) -> np.ndarray:
+    """Samples i..j of one input; a scalar input is the same for all."""
+    return a if np.ndim(a) == 0 else a[i:j]
 
 
 def take(feeds: dict, n: int) -> dict:
-    return {k: v[:n] for k, v in feeds.items()}
+    return {k: rows(v, 0, n) for k, v in feeds.items()}
 
 
 def sample_axis(shapes: list[tuple], counts: list[int]) -> int:

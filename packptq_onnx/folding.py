@@ -102,11 +102,38 @@ def _conv_attr(node, name, default):
     return default
 
 
+def outer_names(node) -> list[str]:
+    """Values a control-flow node's subgraphs read from the enclosing graph (in first-use order),
+    other than its own inputs."""
+    out: list = []
+
+    def walk(g, bound: set):
+        bound = bound | {i.name for i in g.input} | {i.name for i in g.initializer}
+        for n in g.node:
+            for x in n.input:
+                if x and x not in bound and x not in out:
+                    out.append(x)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(helper.get_attribute_value(a), bound)
+            bound |= set(n.output)
+
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            walk(helper.get_attribute_value(a), set())
+    return [x for x in out if x not in node.input]
+
+
+def reads(node) -> list[str]:
+    """What a node reads: its inputs and what its subgraphs read from the enclosing graph."""
+    return list(node.input) + (outer_names(node) if node.op_type in ("If", "Loop", "Scan") else [])
+
+
 def consumers(graph) -> dict[str, list]:
-    """Tensor name -> the nodes that read it."""
+    """Tensor name -> the nodes that read it (a control-flow node reads what its branches read)."""
     out: dict[str, list] = {}
     for node in graph.node:
-        for name in node.input:
+        for name in reads(node):
             out.setdefault(name, []).append(node)
     return out
 
@@ -122,7 +149,7 @@ def remove_nodes(graph, nodes: list) -> int:
 
 def drop_unused_initializers(graph) -> None:
     """Remove initializers that no node reads and that are not graph outputs."""
-    used = {n for node in graph.node for n in node.input} | {o.name for o in graph.output}
+    used = {n for node in graph.node for n in reads(node)} | {o.name for o in graph.output}
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)

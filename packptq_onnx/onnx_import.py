@@ -26,6 +26,7 @@ class InputSpec:
     name: str
     shape: list  # int for static dims, str/None for dynamic ones
     dtype: np.dtype
+    scalar: bool = False  # declared rank 0 (a sample rate): one value for every sample
 
 
 @dataclass
@@ -91,7 +92,7 @@ def check_static(inputs: list) -> None:
             example = ",".join(["N"] + [str(d) if _static(d) else "?" for d in spec.shape[1:]])
             raise UsageError(f"input '{spec.name}' has dynamic {', '.join(dyn)}: fix them with "
                              f"--input-shape {spec.name}:{example} (replace ? by sizes)")
-        if not spec.shape:
+        if not spec.shape and not spec.scalar:
             raise UsageError(f"input '{spec.name}' has no known shape: give it with --input-shape "
                              f"{spec.name}:N,...")
 
@@ -202,7 +203,8 @@ def normalise(model: onnx.ModelProto):
     except Exception:
         notes.append("shape inference failed; shapes unknown")
     inits = {i.name for i in m.graph.initializer}
-    inputs = [InputSpec(i.name, _shape(i), helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+    inputs = [InputSpec(i.name, _shape(i), helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type),
+                        i.type.tensor_type.HasField("shape") and not i.type.tensor_type.shape.dim)
               for i in m.graph.input if i.name not in inits]
     return m, inputs, [o.name for o in m.graph.output], notes
 

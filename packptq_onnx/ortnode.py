@@ -14,6 +14,8 @@ from torch import nn
 
 from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
 
+from .folding import outer_names
+
 
 class OrtNode(nn.Module):
     def __init__(self, node_proto: bytes, opsets: dict, n_inputs: int):
@@ -26,7 +28,7 @@ class OrtNode(nn.Module):
 
         node = onnx.NodeProto()
         node.ParseFromString(self.node_proto)
-        names = [n for n in node.input if n]
+        names = [n for n in node.input if n] + outer_names(node)
         ins = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
                for n, a in zip(names, arrays)]
         outs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output]
@@ -69,7 +71,7 @@ class _StraightThrough(torch.autograd.Function):
 
 def converter(opsets: dict):
     def convert(node, graph) -> OperationConverterResult:
-        inputs = [v for v in node.input_values if v]
+        inputs = [v for v in node.input_values if v] + outer_names(node._proto)  # noqa: SLF001
         mod = OrtNode(node._proto.SerializeToString(), opsets, len(inputs))  # noqa: SLF001
         return OperationConverterResult(torch_module=mod,
                                         onnx_mapping=OnnxMapping(inputs=tuple(inputs), outputs=node.output_values))

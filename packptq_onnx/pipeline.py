@@ -1,10 +1,11 @@
 """The main job, one way through: import -> calibrate -> export -> validate."""
 from __future__ import annotations
 
+
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -171,13 +172,22 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     else:
         groups = [data.Group("", [], data.load(calib_path, imp.inputs, log=log, **opts.image)[0])]
     calib = data.take(groups[0].feeds, opts.calib_samples)
+    if any(n.op_type == "If" for n in imp.original.graph.node):
+        from .controlflow import inline_constant_ifs
+
+        original, notes = inline_constant_ifs(imp.original, calib, runtime.session, data.rows)
+        if notes:
+            imp = reshaped(replace(imp, original=original), opts.input_shapes)
+            imp.notes += notes
+            log(f"control flow: {len(notes)} If node(s) inlined (condition fixed by the calibration data; "
+                "the exported model serves these branches only)")
     imp, plan = settle_shapes(imp, calib, opts)
     if plan.describe():
         log(f"shapes: {plan.describe()}")
     check_static(imp.inputs)
     names = [i.name for i in imp.inputs]
-    if len(calib[names[0]]) < opts.batch_size:
-        raise UsageError(f"{calib_path} has {len(calib[names[0]])} samples, fewer than --batch-size "
+    if data.n_samples(calib) < opts.batch_size:
+        raise UsageError(f"{calib_path} has {data.n_samples(calib)} samples, fewer than --batch-size "
                          f"{opts.batch_size}: give more calibration samples or a smaller --batch-size")
     check_memory(imp, calib, opts)
     probe = data.take(calib, FAITHFUL_SAMPLES)
@@ -189,9 +199,14 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     layers = find_layers(imp.model)
     decode = decode_layers(imp.model, layers)
     layers = [l for l in layers if l.name not in decode]
+    inside = layers_in_control_flow(imp.model)
     if not layers:
         raise UsageError("the model has no quantizable layer (Conv, ConvTranspose, Gemm, or MatMul "
-                         "with a constant weight)")
+                         "with a constant weight)" + (f"; {inside} sit inside If/Loop/Scan branches whose "
+                                                      "condition depends on input values" if inside else ""))
+    if inside:
+        log(f"note: {inside} layer(s) inside If/Loop/Scan branches stay float (the condition depends on "
+            "input values, so no branch can be inlined)")
     log(f"{os.path.basename(model_path)}: {len(imp.model.graph.node)} nodes, {len(layers)} quantizable "
         f"layers, opset {imp.opset}" + (f" ({'; '.join(imp.notes)})" if imp.notes else ""))
     for name, why in decode.items():
@@ -216,6 +231,22 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
 
 
 GUARD_SAMPLES = 2
+
+
+def layers_in_control_flow(model) -> int:
+    """Conv/ConvTranspose/Gemm/MatMul nodes inside subgraphs (If branches, Loop/Scan bodies)."""
+    from onnx import AttributeProto, helper
+
+    def count(graph, top):
+        k = 0
+        for n in graph.node:
+            if not top and n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                k += 1
+            for a in n.attribute:
+                if a.type == AttributeProto.GRAPH:
+                    k += count(helper.get_attribute_value(a), False)
+        return k
+    return count(model.graph, True)
 
 
 def guard_activations(p: Prepared, opts: Options, log=print) -> list[dict]:
@@ -285,10 +316,10 @@ def other_shapes(imp: ImportedModel, gm, groups: list, opts: Options, run_batch:
                      for a, b in zip(ref, got))
         except Exception:
             ok = False
-        log(f"note: calibration shape {g.shape} ({len(next(iter(feeds.values())))} samples): "
+        log(f"note: calibration shape {g.shape} ({data.n_samples(feeds)} samples): "
             + ("in the activation statistics" if ok else "runs in onnxruntime; not in the statistics (the "
                "converted graph is fixed at the main shape)"))
-        out.append({"shape": g.shape, "files": g.files, "samples": len(next(iter(feeds.values()))),
+        out.append({"shape": g.shape, "files": g.files, "samples": data.n_samples(feeds),
                     "calibrated": ok, "feeds": feeds})
     return out
 

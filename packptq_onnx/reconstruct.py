@@ -20,6 +20,7 @@ from torch import fx
 from .blocks import SHAPE_OPS
 from .convert import module_name
 from .qmodel import set_quant
+from .sensitivity import batch_size
 from .unitcache import Cache, capture, layouts
 from .estimate import node_seconds, unit_seconds
 from .progress import bar, fmt_seconds
@@ -321,7 +322,7 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
         done = [UnitResult(**r) for r in saved["done"]]
         log(f"resuming after {len(done)} of {len(units)} finished units")
     first = next(iter(calib_batches()))
-    calib_bs = max(1, int(first[0].shape[0]) if first[0].dim() else 1)
+    calib_bs = batch_size(first)
     est = unit_seconds(node_seconds(gm, first), units, iters, calib_bs, o.batch_size, -(-n // calib_bs))
     todo = est[len(done):]
     log(f"estimated time: ~{fmt_seconds(sum(todo))} for {len(todo)} units (from one timed forward pass)")

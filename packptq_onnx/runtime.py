@@ -36,7 +36,7 @@ def session(model, device: str = "cpu", threads: int = 0, optimize: bool = True)
     """An InferenceSession for a ModelProto or a path."""
     rt = ort()
     so = rt.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures surface as exceptions, turned into one-line messages
     if threads:
         so.intra_op_num_threads = threads
     if not optimize:
@@ -68,12 +68,12 @@ def run(sess, feeds: dict, batch_size: int = 64) -> list:
     if fixed:
         batch_size = min(fixed)
 
-    from .data import concat_samples
+    from .data import concat_samples, n_samples, rows
 
-    n = len(next(iter(feeds.values())))
+    n = n_samples(feeds)
     outs, counts = None, []
     for i in range(0, n, batch_size):
-        res = sess.run(None, {k: v[i:i + batch_size] for k, v in feeds.items()})
+        res = sess.run(None, {k: rows(v, i, i + batch_size) for k, v in feeds.items()})
         counts.append(min(batch_size, n - i))
         outs = [[r] for r in res] if outs is None else [o + [r] for o, r in zip(outs, res)]
     return [concat_samples(o, counts) for o in outs]

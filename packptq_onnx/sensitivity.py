@@ -34,9 +34,8 @@ def is_classifier(t: torch.Tensor) -> bool:
 
 
 def batch_size(args) -> int:
-    """Samples in a batch of model inputs (axis 0 of the first input; 1 for a scalar input)."""
-    x = args[0] if args else None
-    return int(x.shape[0]) if torch.is_tensor(x) and x.dim() else 1
+    """Samples in a batch of model inputs (axis 0 of the first input that is not a scalar)."""
+    return next((int(a.shape[0]) for a in args if torch.is_tensor(a) and a.dim()), 1)
 
 
 def loss_sum(fp: list, q: list, n: int) -> torch.Tensor:
@@ -97,7 +96,9 @@ def score_blocks(gm, qls, units, model, batches, n_samples: int, progress=None, 
                 store["inject"] = False
                 with torch.no_grad():
                     yq = [t.detach() for t in _outputs(gm(*args))]
-                zq = store["z"]
+                zq = store.get("z")
+                if zq is None:  # the block's output is not computed by the model (dead code)
+                    break
                 for q in qls:
                     q.quant_w = q.quant_a = False
                 store["inject"] = True

@@ -93,14 +93,16 @@ def free_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
 
 def batch_is_free(model: onnx.ModelProto, batch: int, feeds: dict, session) -> bool:
     """onnxruntime on the freed graph with 2-4 batches at once equals the file one batch at a time."""
-    n = len(next(iter(feeds.values())))
+    from .data import n_samples, rows
+
+    n = n_samples(feeds)
     k = min(n // batch, 4) * batch
     if k < 2 * batch:
         return False
-    probe = {name: v[:k] for name, v in feeds.items()}
+    probe = {name: rows(v, 0, k) for name, v in feeds.items()}
     try:
         ref_sess = session(model)
-        ref = [np.concatenate(r) for r in zip(*[ref_sess.run(None, {nm: v[i:i + batch] for nm, v in probe.items()})
+        ref = [np.concatenate(r) for r in zip(*[ref_sess.run(None, {nm: rows(v, i, i + batch) for nm, v in probe.items()})
                                                 for i in range(0, k, batch)])]
         got = session(free_batch(model, batch)).run(None, probe)
     except Exception:

@@ -53,7 +53,7 @@ def _run(gm, args, wanted) -> dict:
 @torch.no_grad()
 def layouts(gm, args, wanted: list) -> list[Layout] | None:
     """Layout of each wanted node, from runs on 1 and 2 samples of `args`; None if any has none."""
-    b = args[0].shape[0] if args and torch.is_tensor(args[0]) and args[0].dim() else 0
+    b = next((int(a.shape[0]) for a in args if torch.is_tensor(a) and a.dim()), 0)
     if b < 2:
         return None
 

@@ -97,3 +97,38 @@ def cases() -> list[tuple]:
             extra = None
         out.append((body, rnn, rank, i % 2 if rank == 3 else 0, extra))
     return out
+
+
+def build_if(decided_by: str, seed: int = 0):
+    """x [N, 6] -> MatMul -> If(cond) {then: MatMul+Relu+MatMul, else: MatMul} -> [N, 3].
+    decided_by "scalar": cond = (sr == 16000), sr a rank-0 int64 input; "shape": cond = (N*6 > 0);
+    "values": cond = (sum(x) > 0), which differs between samples."""
+    g = _G(seed)
+    h = g.op("Relu", [g.op("MatMul", ["x", g.weight(6, 8)])])
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])]
+    if decided_by == "scalar":
+        inputs.append(helper.make_tensor_value_info("sr", TensorProto.INT64, []))
+        cond = g.op("Equal", ["sr", g.const(np.array(16000, np.int64), "c")])
+    elif decided_by == "shape":
+        cond = g.op("Greater", [g.op("Size", ["x"]), g.const(np.array(0, np.int64), "c")])
+    else:
+        cond = g.op("Greater", [g.op("ReduceSum", [h], keepdims=0), g.const(np.array(0, np.float32), "c")])
+
+    def branch(layers):
+        b = _G(seed + layers)
+        b.k = 100 * layers  # names unique across the graph and both branches
+        y = h
+        for k in range(layers):
+            y = b.op("MatMul", [y, b.weight(8, 8 if k < layers - 1 else 3)])
+            if k < layers - 1:
+                y = b.op("Relu", [y])
+        return helper.make_graph(b.nodes, f"b{layers}", [], [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", 3])],
+                                 initializer=b.inits)
+
+    out = g.op("If", [cond], then_branch=branch(2), else_branch=branch(1))
+    graph = helper.make_graph(g.nodes, "if", inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 3])],
+                              initializer=g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m

@@ -38,3 +38,27 @@ def test_graph_goes_through_rtn_and_pack(tmp_path, case):
         if method == "rtn":  # 8-bit keeps every output close; a one-hot (Hardmax) output flips near ties
             for r, g in zip(ref, got):
                 assert _cos(r, g) > (0.85 if set(np.unique(r)) <= {0.0, 1.0} else 0.98)
+
+
+@pytest.mark.parametrize("decided_by", ["scalar", "shape", "values"])
+def test_if_inlined_when_fixed_inputs_decide_it(tmp_path, decided_by):
+    m = fuzzgraphs.build_if(decided_by)
+    path, calib = str(tmp_path / "m.onnx"), str(tmp_path / "c.npz")
+    onnx.save(m, path)
+    x = np.random.RandomState(0).randn(32, 6).astype(np.float32)
+    feeds = {"x": x, **({"sr": np.array(16000, np.int64)} if decided_by == "scalar" else {})}
+    np.savez(calib, **feeds)
+    logs = []
+    o = pipeline.Options(wbits=8, abits=8, method="rtn", batch_size=8, calib_samples=32)
+    report = pipeline.quantize(path, calib, str(tmp_path / "q.onnx"), o, log=logs.append)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    if decided_by == "values":  # the branch depends on the data: the If stays, its layers stay float
+        assert any(n.op_type == "If" for n in q.graph.node) and len(report["layers"]) == 1
+        assert any("inside If/Loop/Scan branches stay float" in line for line in logs)
+        return
+    assert not any(n.op_type == "If" for n in q.graph.node) and len(report["layers"]) == 3  # 1 + then's 2
+    assert any("If node(s) inlined" in line for line in logs)
+    assert [i.name for i in q.graph.input] == [i.name for i in m.graph.input]  # sr stays declared
+    ref = runtime.run(runtime.session(m), feeds)[0]
+    got = runtime.run(runtime.session(q), feeds)[0]
+    assert _cos(ref, got) > 0.99
