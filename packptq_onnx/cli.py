@@ -40,6 +40,19 @@ def _shape_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:DIMS",
                    help="fix an input's dynamic dims, e.g. x:N,3,48,320 (N: batch, stays dynamic); repeat "
                         "for several inputs")
+    p.add_argument("--batch-axis", action="append", default=[], metavar="NAME:AXIS",
+                   help="the axis of an input that holds the samples where the graph does not tell, e.g. "
+                        "state:1 (an RNN state [layers, N, hidden]); the data gives it in that layout")
+
+
+def _axes(a) -> dict:
+    out = {}
+    for t in getattr(a, "batch_axis", []):
+        name, _, k = t.rpartition(":")
+        if not name or not k.lstrip("-").isdigit():
+            raise UsageError(f"--batch-axis {t!r}: expected NAME:AXIS, e.g. state:1")
+        out[name] = int(k)
+    return out
 
 
 def _shapes(a) -> dict:
@@ -137,6 +150,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("quant_model")
     v.add_argument("--data", required=True)
     v.add_argument("--labels")
+    v.add_argument("--batch-axis", action="append", default=[], metavar="NAME:AXIS",
+                   help="the axis of an input that holds the samples, e.g. state:1")
     v.add_argument("--report")
     v.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     _task_args(v)
@@ -191,7 +206,8 @@ def cmd_quantize(a) -> int:
                    target=targets.this_machine() if a.target == "this" else a.target, image=_image_opts(a), recon=recon,
                    max_pack_blocks=a.max_pack_blocks, resume=a.resume, mixed=_mixed_opts(a),
                    storage=a.storage, output_bits=None if a.no_output_quant else 8, strict=a.strict,
-                   input_shapes=_shapes(a), bias_correction=not a.no_bias_correction, task=a.task,
+                   input_shapes=_shapes(a), batch_axes=_axes(a),
+                   bias_correction=not a.no_bias_correction, task=a.task,
                    metric=a.metric, guard=a.guard)
     if a.plot and not opts.mixed.enabled:
         raise UsageError("--plot shows the mixed-precision choice: give --budget or --avg-wbits")
@@ -221,11 +237,18 @@ def cmd_validate(a) -> int:
     from .tasks import load_metric
 
     metric = load_metric(a.metric) if a.metric else None
+    from dataclasses import replace
+
+    from .layout import batch_axes, samples_first
+
     f, q = load(a.float_model), load(a.quant_model)
-    feeds, labels = data.load(a.data, specs(f.original), log=print, **_image_opts(a))
+    axes = batch_axes(specs(f.original), _axes(a))
+    feeds, labels = data.load(a.data, [replace(s, batch_axis=axes.get(s.name, 0)) for s in specs(f.original)],
+                              log=print, **_image_opts(a))
     if a.labels:
         labels = data.load_array(a.labels)
-    names, ref, got = validate.run_both(f.original, q.original, feeds, a.device)
+    names, ref, got = validate.run_both(samples_first(f.original, axes), samples_first(q.original, axes),
+                                        feeds, a.device)
     metrics = validate.compare_outputs(names, ref, got, labels)
     print(validate.table(metrics))
     scores = validate.task_scores(a.task, metric, ref, got, feeds)
@@ -289,7 +312,8 @@ def _packs(a, log) -> dict:
     from .pipeline import Options, analyse, prepare
 
     opts = Options(wbits=a.wbits, abits=a.abits, seed=a.seed, device=a.device, batch_size=a.batch_size,
-                   calib_samples=a.calib_samples, image=_image_opts(a), input_shapes=_shapes(a))
+                   calib_samples=a.calib_samples, image=_image_opts(a), input_shapes=_shapes(a),
+                   batch_axes=_axes(a))
     p = prepare(a.model, a.calib, opts, log)
     res = analyse(p, opts, a.max_pack_blocks)
     pack_of = {b: pk.id for pk in res.packs for b in pk.blocks}

@@ -131,13 +131,15 @@ def check(a: np.ndarray, spec: InputSpec, path: str) -> np.ndarray:
         return np.asarray(a, dtype=spec.dtype)
     if a.size == 0 or a.ndim == 0:
         raise UsageError(f"{path}: input '{spec.name}' is empty")
+    k = spec.batch_axis
     if spec.shape and a.ndim != len(spec.shape):
         raise UsageError(f"{path}: input '{spec.name}' has shape {list(a.shape)}, the model expects "
-                         f"rank {len(spec.shape)} {_fmt(spec.shape)} (first axis = samples)")
+                         f"rank {len(spec.shape)} {_fmt(spec.shape, k)} (samples on axis {k})")
     for axis, (got, want) in enumerate(zip(a.shape, spec.shape)):
-        if axis > 0 and isinstance(want, int) and want > 0 and got != want:
+        if axis != k and isinstance(want, int) and want > 0 and got != want:
             raise UsageError(f"{path}: input '{spec.name}' has shape {list(a.shape)}, the model expects "
-                             f"{_fmt(spec.shape)} (axis {axis}: {got} != {want})")
+                             f"{_fmt(spec.shape, k)} (axis {axis}: {got} != {want})")
+    a = np.moveaxis(a, k, 0) if k else a  # inside, samples come first (packptq_onnx.layout)
     if np.issubdtype(spec.dtype, np.floating):
         if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
             raise UsageError(f"{path}: input '{spec.name}' has dtype {a.dtype}, expected {spec.dtype}")
@@ -153,8 +155,8 @@ def check(a: np.ndarray, spec: InputSpec, path: str) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _fmt(shape) -> str:
-    return "[" + ", ".join(str(d) if isinstance(d, int) and d > 0 else "N" if i == 0 else "?"
+def _fmt(shape, batch_axis: int = 0) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) and d > 0 else "N" if i == batch_axis else "?"
                            for i, d in enumerate(shape)) + "]"
 
 

@@ -27,6 +27,7 @@ class InputSpec:
     shape: list  # int for static dims, str/None for dynamic ones
     dtype: np.dtype
     scalar: bool = False  # declared rank 0 (a sample rate): one value for every sample
+    batch_axis: int = 0   # where the data holds the samples (packptq_onnx.layout)
 
 
 @dataclass

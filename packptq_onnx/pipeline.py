@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from . import __version__, convert, data, qmodel, runtime, shapes, targets, validate
+from . import __version__, convert, data, layout, qmodel, runtime, shapes, targets, validate
 from .errors import UsageError
 from .exporters import files, qdq
 from .layers import (decode_layers, find_layers, outputs_before_float_ops, post_activations, read_only_by_layers,
@@ -46,6 +46,7 @@ class Options:
     strict: bool = False       # an op with no torch converter is an error instead of staying float
     mixed: MixedOptions = field(default_factory=MixedOptions)
     input_shapes: dict = field(default_factory=dict)  # name -> dims (None = dynamic), --input-shape
+    batch_axes: dict = field(default_factory=dict)    # name -> sample axis, --batch-axis (packptq_onnx.layout)
     bias_correction: bool = True  # subtract the mean output shift of quantized weights (qmodel)
     task: str | None = None    # task metric for --eval (packptq_onnx.tasks); None: guessed
     guard: float = 0.002       # 8-bit activation quantizers predicted to cost more output NSR stay float
@@ -138,6 +139,9 @@ class Prepared:
     decode: dict = field(default_factory=dict)  # layer left float entirely -> why (layers.decode_layers)
     shape_groups: list = field(default_factory=list)  # calibration samples of other shapes (other_shapes)
     kept_float: list = field(default_factory=list)  # activation quantizers the guard removed
+    file_model: object = None  # the graph as the file gives it (declared inputs and outputs)
+    declared: list = field(default_factory=list)  # its inputs, with where the data holds the samples
+    axes: dict = field(default_factory=dict)  # inputs whose samples are not on axis 0 (layout)
 
     @property
     def run_batch(self) -> int:
@@ -167,11 +171,19 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     np.random.seed(opts.seed)
     imp = load(model_path, opts.input_shapes)
     check_float(imp.original)
+    file_model = imp.original
+    axes = layout.batch_axes(imp.inputs, opts.batch_axes)
+    declared = [replace(s, batch_axis=axes.get(s.name, 0)) for s in imp.inputs]
     if os.path.isdir(calib_path) and data.npz_files(calib_path):
-        groups = data.load_groups(calib_path, imp.inputs, log=log)
+        groups = data.load_groups(calib_path, declared, log=log)
     else:
-        groups = [data.Group("", [], data.load(calib_path, imp.inputs, log=log, **opts.image)[0])]
+        groups = [data.Group("", [], data.load(calib_path, declared, log=log, **opts.image)[0])]
     calib = data.take(groups[0].feeds, opts.calib_samples)
+    if axes:  # inside, every input has its samples first
+        opts.input_shapes = {k: ([v[axes[k]]] + v[:axes[k]] + v[axes[k] + 1:] if k in axes else v)
+                             for k, v in opts.input_shapes.items()}
+        imp = reshaped(replace(imp, original=layout.samples_first(imp.original, axes)), opts.input_shapes)
+        log("samples: " + ", ".join(f"input '{k}' on axis {v}" for k, v in axes.items()))
     if any(n.op_type == "If" for n in imp.original.graph.node):
         from .controlflow import inline_constant_ifs
 
@@ -215,7 +227,8 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     if opts.device == "cuda":  # full fp32 on the GPU: TF32 would round what the exported model computes exactly
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     gm.to(opts.device)
-    p = Prepared(imp, calib, names, gm, qls, faithful, 0.0, plan, decode=decode)
+    p = Prepared(imp, calib, names, gm, qls, faithful, 0.0, plan, decode=decode, file_model=file_model,
+                 declared=declared, axes=axes)
     p.shape_groups = other_shapes(imp, gm, groups[1:], opts, plan.run_batch or 2, log)
     p.output_rules = output_rules(imp.model, layers, opts.output_bits)
     qmodel.calibrate(gm, qls, p.calib_batches(opts), opts.wbits, opts.abits, opts.reduce_range, opts.seed,
@@ -387,7 +400,8 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
             "parity": {"outputs": {x.output: x.max_abs_diff for x in parity},
                        "layers_max_code_diff": per_layer.max_code_diff}}
     qdq.set_meta(out, meta)
-    shapes.restore_io(out, imp.original)  # the file's dynamic axes (and fixed batch) as declared
+    layout.undo(out)
+    shapes.restore_io(out, p.file_model)  # the file's dynamic axes (and fixed batch) as declared
     files.save_model(out, out_path)
     if os.path.exists(ckpt):
         os.unlink(ckpt)
@@ -427,7 +441,8 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
         log(f"note: each layer matches onnxruntime within one step, but rounding-tie flips grow through the "
             f"network: {100 * bad[0].over_one:.2f}% of {bad[0].output} values differ by more than one step")
     if eval_path:
-        report.update(evaluate(imp, out, eval_path, labels_path, opts, log))
+        report.update(evaluate(imp, layout.samples_first(out, p.axes), eval_path, labels_path, opts, log,
+                               p.declared))
     report["seconds"]["total"] = round(time.time() - t0, 3)
     return report
 
@@ -502,14 +517,17 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def evaluate(imp: ImportedModel, quant_model, eval_path, labels_path, opts: Options, log=print) -> dict:
+def evaluate(imp: ImportedModel, quant_model, eval_path, labels_path, opts: Options, log=print,
+             given: list | None = None) -> dict:
     """Float vs quantized in onnxruntime on the eval data, and again at a second size where the file
-    leaves spatial or sequence dims dynamic (the export must run wherever the float model runs)."""
+    leaves spatial or sequence dims dynamic (the export must run wherever the float model runs).
+    given: the inputs as the data gives them (sample axes); both models take samples first."""
     declared = shapes.specs(imp.original)
-    groups = data.load_groups(eval_path, declared, log=log) if os.path.isdir(eval_path) and \
+    given = given or declared
+    groups = data.load_groups(eval_path, given, log=log) if os.path.isdir(eval_path) and \
         data.npz_files(eval_path) else []
     feeds, labels = (groups[0].feeds, groups[0].labels) if groups else \
-        data.load(eval_path, declared, log=log, **opts.image)
+        data.load(eval_path, given, log=log, **opts.image)
     if labels_path:
         labels = data.load_array(labels_path)
     from .tasks import load_metric

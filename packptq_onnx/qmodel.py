@@ -393,8 +393,10 @@ def fit_bias(q: QuantLayer) -> None:
     if q.wq is None or q.aq is None or q.bias_path is None:
         return
     b = q.float_bias.detach().abs().float()
-    floor = b / (float(q.aq.scale) * BIAS_HEADROOM)
-    q.wq.scale.copy_(torch.maximum(q.wq.scale, floor.to(q.wq.scale)))
+    floor = (b / (float(q.aq.scale) * BIAS_HEADROOM)).to(q.wq.scale)
+    if floor.numel() != q.wq.scale.numel():  # one weight scale for all channels (grouped MatMul weights)
+        floor = floor.max().expand_as(q.wq.scale)
+    q.wq.scale.copy_(torch.maximum(q.wq.scale, floor))
 
 
 def bias_integer(b: torch.Tensor, bs: torch.Tensor) -> torch.Tensor:

@@ -132,3 +132,23 @@ def build_if(decided_by: str, seed: int = 0):
     m.ir_version = 8
     onnx.checker.check_model(m)
     return m
+
+
+def build_state(direction: str = "forward", seed: int = 0):
+    """x [N, 6, 5] and a state h0 [D, N, 6] (samples on axis 1, as RNN states are) -> LSTM ->
+    y [N, 7] and the new state [D, N, 6]."""
+    g = _G(seed)
+    d, H = (2 if direction == "bidirectional" else 1), 6
+    seq = g.op("Transpose", [g.op("Relu", [g.op("MatMul", ["x", g.weight(5, 12)])])], perm=[1, 0, 2])
+    ins = [seq, g.weight(d, 4 * H, 12), g.weight(d, 4 * H, H), g.const(np.zeros((d, 8 * H), np.float32)), "", "h0"]
+    y, yh = g.op("LSTM", ins, 2, hidden_size=H, direction=direction)
+    last = g.op("Reshape", [g.op("Transpose", [yh], perm=[1, 0, 2]), g.const(np.array([0, -1], np.int64), "s")])
+    out = g.op("MatMul", [last, g.weight(d * H, 7)])
+    graph = helper.make_graph(g.nodes, "state", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6, 5]),
+                                                 helper.make_tensor_value_info("h0", TensorProto.FLOAT, [d, "batch", H])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", 7]),
+                               helper.make_tensor_value_info(yh, TensorProto.FLOAT, [d, "batch", H])], initializer=g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m

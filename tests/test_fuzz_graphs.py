@@ -62,3 +62,23 @@ def test_if_inlined_when_fixed_inputs_decide_it(tmp_path, decided_by):
     ref = runtime.run(runtime.session(m), feeds)[0]
     got = runtime.run(runtime.session(q), feeds)[0]
     assert _cos(ref, got) > 0.99
+
+
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_state_input_with_samples_on_axis_1(tmp_path, direction):
+    m = fuzzgraphs.build_state(direction)
+    path, calib = str(tmp_path / "m.onnx"), str(tmp_path / "c.npz")
+    onnx.save(m, path)
+    r = np.random.RandomState(0)
+    d = 2 if direction == "bidirectional" else 1
+    feeds = {"x": r.randn(24, 6, 5).astype(np.float32), "h0": r.randn(d, 24, 6).astype(np.float32)}  # model layout
+    np.savez(calib, **feeds)
+    for method in ("rtn", "pack"):
+        out = str(tmp_path / f"{method}.onnx")
+        o = pipeline.Options(wbits=8, abits=8, method=method, batch_size=8, calib_samples=24,
+                             recon=pipeline.ReconOptions(iters_total=12, batch_size=8))
+        pipeline.quantize(path, calib, out, o, eval_path=calib, log=lambda *a: None)
+        q = onnx.load(out)
+        assert [(i.name, i.type) for i in q.graph.input] == [(i.name, i.type) for i in m.graph.input]
+        for a, b in zip(runtime.session(m).run(None, feeds), runtime.session(q).run(None, feeds)):
+            assert a.shape == b.shape and _cos(a, b) > 0.98
