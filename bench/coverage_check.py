@@ -69,6 +69,7 @@ def ours(e, row, timeout):
         with open(rep) as f:
             r = json.load(f)
         res.update(summary(r), shapes=r["shapes"]["summary"], output_quantizers=r.get("output_quantizers", {}),
+                   quantized_weights=quantized_weights(os.path.join(DIR, f"{m}_{row}.onnx")),
                    second=second(r.get("validation_second_size")))
     else:
         res["error"] = last_error(log)
@@ -77,6 +78,16 @@ def ours(e, row, timeout):
 
 def summary(r):
     return dict(cosine=min(v["cosine"] for v in r["validation"]), task=r.get("task", {}))
+
+
+def quantized_weights(path: str) -> int:
+    """Weight DequantizeLinear nodes (reading an initializer) in the exported graph: 0 means the tool
+    quantized nothing (e.g. every layer sits inside an If it cannot see into)."""
+    import onnx
+
+    m = onnx.load(path)
+    inits = {i.name for i in m.graph.initializer}
+    return sum(n.op_type == "DequantizeLinear" and n.input[0] in inits for n in m.graph.node)
 
 
 def second(entry):
@@ -101,7 +112,7 @@ def ort(e, timeout):
                                os.path.join(DIR, e["eval"]), "--report", rep, *task_args(e)], log, timeout)
             if vrc == 0:
                 with open(rep) as f:
-                    res.update(summary(json.load(f)))
+                    res.update(summary(json.load(f)), quantized_weights=quantized_weights(out))
             else:
                 res.update(rc=vrc, error="validate: " + last_error(log))
         else:

@@ -55,7 +55,8 @@ def cell(r, with_second=False) -> list:
         return ["not run"] + ["-"] * (4 if with_second else 2)
     if r["rc"] != 0:
         return [f"FAILED: {(r.get('error') or '').replace('|', '/')[:140]}"] + ["-"] * (4 if with_second else 2)
-    head = [f"{r['cosine']:.4f}", task(r.get("task")) + (f" ({r['from']})" if r.get("from") else "")]
+    nothing = " (quantizes no weight)" if r.get("quantized_weights") == 0 else ""
+    head = [f"{r['cosine']:.4f}{nothing}", task(r.get("task")) + (f" ({r['from']})" if r.get("from") else "")]
     if with_second:
         s = r.get("second")
         if s is None:
@@ -82,7 +83,9 @@ def verdicts(models, results) -> list[str]:
         bar = ours["cosine"] >= 0.99 and (t is None or t >= 0.95)
         text = (f"{e['name']}: W8A8 cosine {ours['cosine']:.4f}" + (f", task {t:.3f}" if t is not None else "")
                 + (" meets" if bar else " misses") + " the bar (0.99 / 0.95)")
-        if ort and ort["rc"] == 0:
+        if ort and ort["rc"] == 0 and ort.get("quantized_weights") == 0:
+            text += "; onnxruntime's quantize_static quantizes no weight of it (its output is the float model's)"
+        elif ort and ort["rc"] == 0:
             u = (ort.get("task") or {}).get("task_agreement")
             a, b, what = (t, u, "task") if t is not None and u is not None else (ours["cosine"], ort["cosine"], "cosine")
             word = "ahead of" if a > b else "level with" if a == b else "behind"

@@ -30,9 +30,21 @@ def load_feeds(path: str, model_path: str, n: int | None = None) -> tuple[dict, 
         arrays = {names[0]: next(iter(arrays.values()))}
     feeds = {k: arrays[k] for k in names}
     if n is not None:
-        feeds = {k: v[:n] for k, v in feeds.items()}
+        axes = sample_axes(model_path)
+        feeds = {k: v if np.ndim(v) == 0 else np.take(v, np.arange(min(n, v.shape[axes.get(k, 0)])),
+                                                      axis=axes.get(k, 0)) for k, v in feeds.items()}
         labels = None if labels is None else labels[:n]
     return feeds, labels
+
+
+def sample_axes(model_path: str) -> dict:
+    """Inputs whose samples are not on axis 0, as packptq reads them from the graph."""
+    import onnx
+
+    from packptq_onnx.layout import batch_axes
+    from packptq_onnx.shapes import specs
+
+    return batch_axes(specs(onnx.load(model_path, load_external_data=False)))
 
 
 def load_labels(info: dict, n: int | None):

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from feeds import load_feeds, model_inputs
+from feeds import load_feeds, model_inputs, sample_axes
 from records import one_line
 from rows import Row
 
@@ -45,14 +45,18 @@ def stored_weight_bytes(path: str) -> float:
 
 
 class _Reader:
-    def __init__(self, feeds: dict, batch: int):
-        self.feeds, self.batch, self.i = feeds, batch, 0
-        self.n = len(next(iter(feeds.values())))
+    """Calibration batches for onnxruntime, cut along each input's sample axis (an RNN state holds
+    its samples on axis 1; a scalar input is passed whole), so both tools see the same samples."""
+
+    def __init__(self, feeds: dict, batch: int, axes: dict | None = None):
+        self.feeds, self.batch, self.i, self.axes = feeds, batch, 0, axes or {}
+        self.n = next(v.shape[self.axes.get(k, 0)] for k, v in feeds.items() if np.ndim(v))
 
     def get_next(self):
         if self.i >= self.n:
             return None
-        d = {k: v[self.i:self.i + self.batch] for k, v in self.feeds.items()}
+        idx = np.arange(self.i, min(self.i + self.batch, self.n))
+        d = {k: v if np.ndim(v) == 0 else np.take(v, idx, axis=self.axes.get(k, 0)) for k, v in self.feeds.items()}
         self.i += self.batch
         return d
 
@@ -119,7 +123,7 @@ def ort_quantize(row: Row, info: dict, cfg: dict, out_path: str, work: str, op_t
     blob = model.SerializeToString()  # quantize_static modifies the ModelProto it is given
 
     def run(types):
-        quantize_static(onnx.load_from_string(blob), out_path, _Reader(feeds, batch), quant_format=QuantFormat.QDQ,
+        quantize_static(onnx.load_from_string(blob), out_path, _Reader(feeds, batch, sample_axes(info["model"])), quant_format=QuantFormat.QDQ,
                         per_channel=True, reduce_range=row.reduce_range, activation_type=act,
                         weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra,
                         op_types_to_quantize=None if types is None else list(types))

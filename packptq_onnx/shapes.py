@@ -51,7 +51,8 @@ def _fmt(dims) -> str:
 def specs(model: onnx.ModelProto) -> list[InputSpec]:
     """The graph inputs as the file declares them (dynamic dims as names or None)."""
     inits = {i.name for i in model.graph.initializer}
-    return [InputSpec(i.name, _shape(i), onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+    return [InputSpec(i.name, _shape(i), onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type),
+                      i.type.tensor_type.HasField("shape") and not i.type.tensor_type.shape.dim)
             for i in model.graph.input if i.name not in inits]
 
 

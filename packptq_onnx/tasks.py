@@ -22,8 +22,12 @@ model moved. Float outputs are the reference (no labels needed); output 0 is sco
 - ocr-ctc      [N, T, C] (batch_axis=1: [T, N, C]): greedy CTC decode (argmax, collapse repeats, drop
                blank 0); share of samples decoded identically; "cer" = edits / float length, in total.
 - embed        rank >= 2: cosine per sample (flattened); mean, and "min_cosine".
+- binary       one score per sample ([N], [N, 1]): a probability (voice activity, wake word) read as a
+               decision at 0.5, or a logit (the float side leaves [0, 1]) at 0; share of samples with
+               the same decision; "max_abs_diff" of the scores.
 
 guess() looks at output 0 and answers None rather than guess wildly:
+  one value per sample [N, 1], [N, 1, 1] (or [N] with values in [0, 1]): binary.
   rank 2 [N, C>1]: classify; embed if values show L2-normalised rows with negative entries.
   rank 3 [N, T, C>=10] with values whose last axis sums to 1 (softmax): ocr-ctc.
   rank 3 [N, A, K], A >= 1000 > K >= 6: detect-yolox if the centres are raw offsets (|cx|, |cy| < 8,
@@ -43,7 +47,7 @@ import numpy as np
 
 from .errors import UsageError
 
-TASKS = ("classify", "detect-yolo", "detect-yolox", "segment", "ocr-ctc", "embed")
+TASKS = ("classify", "detect-yolo", "detect-yolox", "segment", "ocr-ctc", "embed", "binary")
 STRIDES = (8, 16, 32)
 SCORE_THR, NMS_IOU, MAX_DET, MATCH_IOU, SEG_THR = 0.25, 0.45, 300, 0.5, 0.3
 
@@ -59,6 +63,10 @@ def guess(outputs, input_hw=None) -> str | None:
     first, given = outputs[0], not isinstance(outputs[0], (tuple, list))
     shape = np.shape(first) if given else tuple(first)
     vals = np.asarray(first, np.float64) if given and np.size(first) else None
+    if 2 <= len(shape) <= 3 and all(d == 1 for d in shape[1:]):
+        return "binary"
+    if len(shape) == 1 and vals is not None and vals.min() >= 0 and vals.max() <= 1:  # [N] probabilities
+        return "binary"
     if len(shape) == 2 and shape[1] > 1:
         unit = vals is not None and vals.min() < 0 and np.allclose(np.linalg.norm(vals, axis=1), 1, atol=1e-3)
         return "embed" if unit else "classify"
@@ -200,6 +208,15 @@ def _score_classify(f, q):
     return res
 
 
+def _score_binary(f, q):
+    f, q = f.reshape(len(f), -1).astype(np.float64), q.reshape(len(q), -1).astype(np.float64)
+    if f.shape[1] != 1:
+        raise _bad_shape("binary", "one score per sample ([N] or [N, 1])", f)
+    thr = 0.0 if _is_logit(f) else 0.5
+    return {"task_agreement": float(np.mean((f > thr) == (q > thr))),
+            "max_abs_diff": float(np.abs(f - q).max()) if f.size else 0.0}
+
+
 def _iou(a, b):
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
@@ -268,7 +285,8 @@ def score(task, float_outs, quant_outs, input_hw=None, batch_axis=0) -> dict[str
         return _score_detect(task, f, q, input_hw)
     if task == "ocr-ctc":
         return _score_ctc(f, q, batch_axis)
-    return {"classify": _score_classify, "segment": _score_segment, "embed": _score_embed}[task](f, q)
+    return {"classify": _score_classify, "segment": _score_segment, "embed": _score_embed,
+            "binary": _score_binary}[task](f, q)
 
 
 def load_metric(spec: str):

@@ -323,3 +323,14 @@ def test_load_metric_bad_specs(tmp_path):
         assert "\n" not in str(e.value), spec
     with pytest.raises(UsageError, match="not a number"):
         tasks.load_metric(f"{tmp_path}/ok.py:words")(None, None)
+
+
+def test_binary_scores_decisions_of_probabilities_and_logits():
+    f = np.array([[0.1], [0.49], [0.51], [0.9]])
+    q = np.array([[0.2], [0.52], [0.5], [0.91]])
+    r = tasks.score("binary", [f], [q])
+    assert r["task_agreement"] == 0.5 and abs(r["max_abs_diff"] - 0.1) < 1e-12
+    logits = np.array([-3.0, -0.1, 0.2, 4.0])          # leaves [0, 1]: decisions at 0
+    assert tasks.score("binary", [logits], [np.array([-2.0, 0.1, 0.3, 5.0])])["task_agreement"] == 0.75
+    assert tasks.guess([f]) == "binary" and tasks.guess([(8, 1)]) == "binary" and tasks.guess([(8, 2)]) == "classify"
+    assert tasks.guess([f.ravel()]) == "binary" and tasks.guess([logits]) is None   # [N]: only probabilities
