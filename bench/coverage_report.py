@@ -62,7 +62,7 @@ def cell(r, with_second=False) -> list:
         if s is None:
             sec = "no dynamic axes"
         elif "cosine" in s:
-            sizes = ", ".join("x".join(map(str, v)) for v in s["inputs"].values())
+            sizes = ", ".join("x".join(map(str, v)) for v in s["inputs"].values() if v)
             sec = f"{sizes}: {s['cosine']:.4f}, {task(s.get('task'))}"
         else:
             sec = s.get("note") or "-"

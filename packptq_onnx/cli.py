@@ -225,6 +225,11 @@ def cmd_quantize(a) -> int:
           + (f" ({100 * over:.3f}% of values more than one)" if worst > 1 else "")
           + f", layer by layer max {report['parity_layers']['max_code_diff']}"
           + f"; {report['seconds']['total']:.1f} s")
+    err = report.get("evaluation_error")
+    if err:
+        print(f"packptq: {'error' if err['usage'] else 'internal error'} in --eval (the model"
+              f"{' and the report are' if a.report else ' is'} written): {err['message']}", file=sys.stderr)
+        return 2 if err["usage"] else 1
     return 0
 
 

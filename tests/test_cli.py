@@ -118,3 +118,32 @@ def test_packed_storage_annotations_and_inspect(tmp_path, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "budget" in text and "Omega" in text and "block0" in text
+
+
+def test_eval_failure_keeps_the_model_and_the_report(tmp_path, capsys):
+    bad = tmp_path / "eval.npz"
+    np.savez(bad, x=np.zeros((4, 3, 5, 5), np.float32))  # wrong spatial size for the model
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    code = main(["quantize", MODEL, "--calib", CALIB, "--eval", str(bad), "-o", str(out), "--report", str(rep),
+                 "--calib-samples", "64"])
+    err = capsys.readouterr().err
+    assert code == 2 and out.exists() and rep.exists()
+    assert "in --eval (the model and the report are written)" in err and len(err.strip().splitlines()) == 1
+    r = json.loads(rep.read_text())
+    assert r["evaluation_error"]["usage"] and r["layers"]
+
+
+def test_parity_notes_name_every_failing_output():
+    from packptq_onnx.parity import LayerParity
+    from packptq_onnx.pipeline import parity_notes
+    from packptq_onnx.validate import Parity
+
+    outs = [Parity("boxes", 0.1, 0.01, 3, 0.0017, False, False), Parity("scores", 0.0, 0.01, 0, 0.0, True, True),
+            Parity("masks", 0.9, 0.01, 40, 0.59, False, False)]
+    exact = LayerParity(5, 1, "conv", True)
+    (line,) = parity_notes(outs, exact)
+    assert "boxes 0.17%" in line and "masks 59.00%" in line and "scores" not in line
+    assert "On masks the simulation no longer predicts the exported model" in line
+    assert parity_notes(outs[1:2], exact) == []
+    (line,) = parity_notes(outs[1:2], LayerParity(5, 9, "conv", False))
+    assert "does not predict the exported model: layer conv differs by 9 steps" in line
