@@ -96,6 +96,34 @@ def verdicts(models, results) -> list[str]:
     return out
 
 
+def _mb(path: str, unpacked: bool = False) -> float:
+    """File size in MB; for an .npz, the arrays' size once loaded (what the process holds)."""
+    import zipfile
+
+    if not os.path.exists(path):
+        return 0.0
+    if unpacked and path.endswith(".npz"):
+        with zipfile.ZipFile(path) as z:
+            return sum(i.file_size for i in z.infolist()) / 1e6
+    return os.path.getsize(path) / 1e6
+
+
+def memory(d, models, results) -> list[str]:
+    """Peak RSS of the rtn W8A8 row (its whole run, --eval included) against what it must hold."""
+    out = ["", "## Memory (ours rtn W8A8, whole run with --eval)", "",
+           "| model | model MB | calib MB | eval MB | peak RSS MB | peak / (model + calib) | peak / (model + calib + eval) |",
+           "|---|---|---|---|---|---|---|"]
+    for e in models:
+        r = results.get(e["name"], {}).get("rtn-W8A8") or {}
+        if r.get("rc") != 0:
+            continue
+        m, c, v = _mb(os.path.join(d, e["file"])), _mb(os.path.join(d, e["calib"]), True), \
+            _mb(os.path.join(d, e["eval"]), True)
+        p = r["peak_rss_mb"]
+        out.append(f"| {e['name']} | {m:.1f} | {c:.0f} | {v:.0f} | {p:.0f} | {p / (m + c):.1f} | {p / (m + c + v):.1f} |")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", required=True)
@@ -131,6 +159,7 @@ def main():
         lines += ["", f"## {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for e in models:
             lines.append("| " + " | ".join([e["name"]] + cell(results.get(e["name"], {}).get(key), second)) + " |")
+    lines += memory(a.dir, models, results)
     lines += ["", "## Read off the rows", ""] + [f"- {line}" for line in verdicts(models, results)]
     with open(a.out, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from . import memory
+
 PROBES = 4
 MAX_SHARE = 0.25
 
@@ -41,31 +43,40 @@ def _weights(o: torch.Tensor) -> torch.Tensor:
 
 
 def _tracked(x: torch.Tensor) -> torch.Tensor:
-    """x with its gradient kept; a tensor no gradient reaches (after an embedding of integer
-    inputs) becomes a leaf, so every quantizer downstream of it is measured too."""
-    if x.requires_grad:
-        x.retain_grad()
-        return x
-    return x.detach().requires_grad_()
+    """x, in the graph; a tensor no gradient reaches (after an embedding of integer inputs) becomes
+    a leaf, so every quantizer downstream of it is measured too."""
+    return x if x.requires_grad else x.detach().requires_grad_()
 
 
 def estimate(gm, qls, batches, seed: int = 0, bits: int = 8) -> dict:
     """{(layer name, "input" | "output"): predicted output noise-to-signal ratio} for every `bits`-bit
     activation quantizer (inputs of weighted layers, outputs); the model runs float meanwhile."""
     sites, hooks, state = {}, [], [(q, q.quant_w, q.quant_a) for q in qls]
+    dots: dict = {}  # (site, probe) -> v . J d, summed over the batch
+
+    def _site(key, x, quantizer):
+        """On each backward pass, add grad . (Q(x) - x) for this site; the noise is made then, from x,
+        and no gradient is kept, so memory stays that of one forward pass with its graph."""
+        sites[key] = x
+        ref = x.detach()
+
+        def hook(g):
+            with torch.no_grad():
+                dots[key] = float((g.double() * (quantizer(ref) - ref).double()).sum())
+        x.register_hook(hook)
     for q in qls:
         q.quant_w = q.quant_a = False
 
         def pre(mod, args, q=q):
             if q.aq is not None and q.wq is not None and q.aq.bits == bits:
                 x = _tracked(args[0])
-                sites[(q.layer.name, "input")] = (x, (q.aq(x) - x).detach())
+                _site((q.layer.name, "input"), x, q.aq)
                 return (x, *args[1:])
 
         def post(mod, args, out, q=q):
             if q.oq is not None and q.oq.bits == bits and torch.is_tensor(out):
                 out = _tracked(out)
-                sites[(q.layer.name, "output")] = (out, (q.oq(out) - out).detach())
+                _site((q.layer.name, "output"), out, q.oq)
                 return out
         hooks += [q.register_forward_pre_hook(pre), q.register_forward_hook(post)]
     gen = torch.Generator().manual_seed(seed)
@@ -83,13 +94,12 @@ def estimate(gm, qls, batches, seed: int = 0, bits: int = 8) -> dict:
             for k in range(PROBES):
                 probe = sum((torch.randn(o.shape, generator=gen).to(o.device) * w * o).sum()
                             for o, w in zip(outs, weights))
-                for x, _ in sites.values():
-                    x.grad = None
+                dots.clear()
                 probe.backward(retain_graph=k < PROBES - 1)
-                for key, (x, d) in sites.items():
-                    if x.grad is not None:
-                        total[key] = total.get(key, 0.0) + float((x.grad.double() * d.double()).sum() ** 2) / PROBES
+                for key, dot in dots.items():
+                    total[key] = total.get(key, 0.0) + dot ** 2 / PROBES
             sites.clear()
+            memory.trim()
     finally:
         for h in hooks:
             h.remove()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import quant
+from . import memory, quant
 from .convert import module_name
 from .layers import Layer, weight_array
 
@@ -244,14 +244,20 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
     gen = torch.Generator().manual_seed(seed)
     stats = {}
 
+    rate: dict = {}
+
     def observer(q, key):
         def obs(x):
             x = x.detach().float()
             lo, hi, samples = stats.get(key, (float("inf"), float("-inf"), []))
+            per = rate.get(key, SAMPLE_PER_BATCH)
             flat = x.reshape(-1)
-            if flat.numel() > SAMPLE_PER_BATCH:
-                flat = flat[torch.randint(flat.numel(), (SAMPLE_PER_BATCH,), generator=gen)]
+            if flat.numel() > per:
+                flat = flat[torch.randint(flat.numel(), (per,), generator=gen)]
             samples.append(flat.cpu())
+            if sum(len(s) for s in samples) > 2 * SAMPLE_TOTAL:  # many small batches: halve every
+                samples[:] = [s[torch.randperm(len(s), generator=gen)[:len(s) // 2]] for s in samples]
+                rate[key] = max(per // 2, 1)  # batch's share, so each still weighs the same
             stats[key] = (min(lo, float(x.min())), max(hi, float(x.max())), samples)
         return obs
 
@@ -288,6 +294,7 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
     try:
         for args in (progress(batches) if progress else batches):
             gm(*args)
+            memory.trim()
     finally:
         for q in qls:
             q.observer = q.out_observer = q.observer2 = None

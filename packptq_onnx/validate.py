@@ -19,22 +19,39 @@ class OutputMetrics:
     acc_quant: float | None = None
 
 
+CHUNK = 1 << 20  # elements summed at a time in float64: no float64 copy of a whole output
+
+
+def _sums(a, b) -> dict:
+    """a.b, |a|^2, |b|^2, |a-b|^2 and max |a-b| in float64, a chunk at a time."""
+    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    s = dict(ab=0.0, aa=0.0, bb=0.0, dd=0.0, dmax=0.0)
+    for i in range(0, a.size, CHUNK):
+        x, y = a[i:i + CHUNK].astype(np.float64), b[i:i + CHUNK].astype(np.float64)
+        d = x - y
+        s["ab"] += float(x @ y)
+        s["aa"] += float(x @ x)
+        s["bb"] += float(y @ y)
+        s["dd"] += float(d @ d)
+        s["dmax"] = max(s["dmax"], float(np.abs(d).max()) if d.size else 0.0)
+    return s
+
+
+def _cos(s: dict, a, b) -> float:
+    den = np.sqrt(s["aa"]) * np.sqrt(s["bb"])
+    return float(s["ab"] / den) if den > 0 else float(np.array_equal(a, b))
+
+
 def cosine(a, b) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    den = np.linalg.norm(a) * np.linalg.norm(b)
-    return float(a @ b / den) if den > 0 else float(np.array_equal(a, b))
-
-
-def _sqnr(ref, got) -> float:
-    noise = float(np.sum((ref.astype(np.float64) - got) ** 2))
-    signal = float(np.sum(ref.astype(np.float64) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
+    return _cos(_sums(a, b), a, b)
 
 
 def compare_outputs(names, ref: list, got: list, labels=None) -> list[OutputMetrics]:
     res = []
     for name, a, b in zip(names, ref, got):
-        m = OutputMetrics(name, cosine(a, b), _sqnr(a, b), float(np.abs(a.astype(np.float64) - b).max()))
+        s = _sums(a, b)
+        sqnr = float("inf") if s["dd"] == 0 else 10 * np.log10(max(s["aa"], 1e-30) / s["dd"])
+        m = OutputMetrics(name, _cos(s, a, b), sqnr, s["dmax"])
         if a.ndim == 2 and a.shape[1] > 1 and np.issubdtype(a.dtype, np.floating):
             pa, pb = a.argmax(1), b.argmax(1)
             m.top1_agreement = float((pa == pb).mean())
