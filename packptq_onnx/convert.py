@@ -170,8 +170,12 @@ def to_torch_running(imp: ImportedModel, feeds: dict, batch_size: int, strict: b
 
 
 @torch.no_grad()
-def torch_run(gm, feeds: dict, names: list[str], batch_size: int = 64, device: str = "cpu") -> list:
+def torch_run(gm, feeds: dict, names: list[str], batch_size: int = 64, device: str = "cpu",
+              fixed: bool = False) -> list:
+    """The torch graph over feeds in batches (smaller for large samples unless the batch is fixed)."""
     n = data.n_samples(feeds)
+    if not fixed:
+        batch_size = data.run_batch(feeds, batch_size)
     outs, counts = None, []
     for i in range(0, n, batch_size):
         counts.append(min(batch_size, n - i))
@@ -200,12 +204,13 @@ def compare(names, ref: list, got: list) -> list[Agreement]:
     return res
 
 
-def prove_faithful(imp: ImportedModel, gm, feeds: dict, rtol: float = 1e-3, batch_size: int = 64) -> list[Agreement]:
+def prove_faithful(imp: ImportedModel, gm, feeds: dict, rtol: float = 1e-3, batch_size: int = 64,
+                   fixed: bool = False) -> list[Agreement]:
     """torch (normalised graph) vs onnxruntime (the input file as given), same input."""
     names = [i.name for i in imp.inputs]
     sess = runtime.session(imp.original if default_opset(imp.original) else imp.model)
     ref = runtime.run(sess, feeds, batch_size)
-    got = torch_run(gm, feeds, names, batch_size)
+    got = torch_run(gm, feeds, names, batch_size, fixed=fixed)
     res = compare(imp.outputs, ref, got)
     for r in res:
         if not r.max_abs_diff <= 1e-4 + rtol * max(1.0, r.ref_absmax):

@@ -221,6 +221,17 @@ def batches(feeds: dict, names: list[str], batch_size: int, device: str = "cpu")
                     for k in names)
 
 
+# input elements per whole-model run: intermediate activations grow with the batch (PP-OCRv4's
+# detector at 480x480 took 4 GB in onnxruntime per run of 64 images; at 4M elements, 5 images, 0.4 GB)
+RUN_ELEMENTS = 1 << 22
+
+
+def run_batch(feeds: dict, batch_size: int) -> int:
+    """batch_size, made smaller for large samples (a graph with a fixed batch is not asked)."""
+    per_sample = sum(int(np.prod(v.shape[1:])) for v in feeds.values() if np.ndim(v))
+    return max(1, min(batch_size, RUN_ELEMENTS // max(per_sample, 1)))
+
+
 def n_samples(feeds: dict) -> int:
     """Samples in a feed dict: the first axis of any input that is not a scalar."""
     return next((len(v) for v in feeds.values() if np.ndim(v)), 1)

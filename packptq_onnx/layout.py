@@ -40,8 +40,11 @@ def batch_axes(inputs: list, given: dict | None = None) -> dict[str, int]:
     names = Counter(s.shape[0] for s in shaped if isinstance(s.shape[0], str))
     batch_name = names.most_common(1)[0][0] if names else None
     sizes = Counter(s.shape[0] for s in shaped if _static(s.shape[0]))
+    dynamic_batch = any(not _static(s.shape[0]) for s in shaped)
+    batch = 1 if 1 in sizes else min(sizes, key=lambda b: (-sizes[b], b)) if sizes else None
     out = {}
     for s in shaped:
+        dyn = [i for i, d in enumerate(s.shape) if not _static(d)]
         if s.name in given:
             k = given[s.name]
             if not 0 <= k < len(s.shape):
@@ -50,20 +53,16 @@ def batch_axes(inputs: list, given: dict | None = None) -> dict[str, int]:
             k = 0
         elif batch_name is not None and batch_name in s.shape:
             k = s.shape.index(batch_name)
-        elif sum(not _static(d) for d in s.shape) == 1:
-            k = next(i for i, d in enumerate(s.shape) if not _static(d))
-        elif not names and len(sizes) > 1:  # every dim fixed; this input's axis 0 is not the batch
-            batch = 1 if 1 in sizes else min(sizes, key=lambda b: (-sizes[b], b))  # fixed exports: batch 1
-            if s.shape[0] == batch:
-                k = 0
-            else:
-                fits = [i for i, d in enumerate(s.shape) if d == batch]
-                if len(fits) > 1:
-                    raise UsageError(f"cannot tell which axis of input '{s.name}' {s.shape} holds the samples "
-                                     f"(axes {fits} have the batch size {batch}): give --batch-axis {s.name}:K")
-                k = fits[0] if fits else 0
-        else:
+        elif dynamic_batch:  # the others' batch is dynamic: here it is the one dynamic axis, if any
+            k = dyn[0] if len(dyn) == 1 else 0
+        elif s.shape[0] == batch:  # every batch fixed (at 1 in fixed exports): axis 0 where it fits
             k = 0
+        else:  # axis 0 is not the batch size: the one dynamic axis, else the one axis of that size
+            fits = dyn if len(dyn) == 1 else [i for i, d in enumerate(s.shape) if d == batch]
+            if len(fits) > 1:
+                raise UsageError(f"cannot tell which axis of input '{s.name}' {s.shape} holds the samples "
+                                 f"(axes {fits} have the batch size {batch}): give --batch-axis {s.name}:K")
+            k = fits[0] if fits else 0
         if k:
             out[s.name] = k
     return out

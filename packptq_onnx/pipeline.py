@@ -208,7 +208,7 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     gm = convert.to_torch_running(imp, probe, plan.run_batch or 2, strict=opts.strict)
     for note in imp.notes[n_notes:]:
         log(f"warning: {note}")
-    faithful = convert.prove_faithful(imp, gm, probe, batch_size=plan.run_batch or 64)
+    faithful = convert.prove_faithful(imp, gm, probe, batch_size=plan.run_batch or 64, fixed=bool(plan.run_batch))
     layers = find_layers(imp.model)
     decode = decode_layers(imp.model, layers)
     layers = [l for l in layers if l.name not in decode]
@@ -325,7 +325,8 @@ def other_shapes(imp: ImportedModel, gm, groups: list, opts: Options, run_batch:
             raise UsageError(f"calibration samples of shape {g.shape} ({', '.join(g.files[:3])}): the model "
                              f"cannot take them ({str(exc).splitlines()[0][:160]})") from None
         try:
-            got = convert.torch_run(gm, probe, [i.name for i in imp.inputs], batch_size=run_batch, device=opts.device)
+            got = convert.torch_run(gm, probe, [i.name for i in imp.inputs], batch_size=run_batch, device=opts.device,
+                                    fixed=True)
             ok = all(a.shape == b.shape and validate.cosine(a.astype(np.float64), b.astype(np.float64)) > 0.9999
                      for a, b in zip(ref, got))
         except Exception:
@@ -391,7 +392,8 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
     t2 = time.time()
     probe = data.take(calib, PARITY_SAMPLES)
     parity = validate.sim_parity(imp.outputs, runtime.run(runtime.session(out), probe),
-                                 convert.torch_run(gm, probe, names, batch_size=p.run_batch))
+                                 convert.torch_run(gm, probe, names, batch_size=p.run_batch,
+                                                   fixed=bool(p.plan.run_batch)))
     per_layer = layer_parity(out, gm, qls, data.take(calib, p.plan.run_batch or LAYER_PARITY_SAMPLES), names)
     meta = {"version": __version__, "packs": pack_meta(analysis, records, mixed),
             "budget": None if mixed is None else mixed["budget_bytes"],

@@ -68,9 +68,11 @@ def run(sess, feeds: dict, batch_size: int = 64) -> list:
     if fixed:
         batch_size = min(fixed)
 
-    from .data import concat_samples, n_samples, rows
+    from .data import concat_samples, n_samples, rows, run_batch
 
     n = n_samples(feeds)
+    if not fixed:
+        batch_size = run_batch(feeds, batch_size)
     outs, counts = None, []
     for i in range(0, n, batch_size):
         res = sess.run(None, {k: rows(v, i, i + batch_size) for k, v in feeds.items()})

@@ -40,3 +40,9 @@ def test_samples_first_runs_like_the_model_and_undo_restores_it():
     onnx.checker.check_model(inner)
     for a, b in zip(ref, runtime.session(inner).run(None, {"x": x, "h0": h0})):
         np.testing.assert_array_equal(a, b)
+
+
+def test_fixed_batch_with_a_dynamic_width_keeps_samples_on_axis_0():  # a CRNN: [1, 1, 64, W]
+    assert layout.batch_axes([_spec("input1", [1, 1, 64, "image_width"])]) == {}
+    assert layout.batch_axes([_spec("x", [1, 3, 800, 608])]) == {}
+    assert layout.batch_axes([_spec("a", [1, 16, 96]), _spec("b", [1, 2, 128, 2])]) == {}
