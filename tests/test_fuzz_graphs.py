@@ -52,6 +52,11 @@ def test_if_inlined_when_fixed_inputs_decide_it(tmp_path, decided_by):
     o = pipeline.Options(wbits=8, abits=8, method="rtn", batch_size=8, calib_samples=32)
     report = pipeline.quantize(path, calib, str(tmp_path / "q.onnx"), o, log=logs.append)
     q = onnx.load(str(tmp_path / "q.onnx"))
+    o = pipeline.Options(wbits=4, abits=8, method="pack", batch_size=8, calib_samples=32,
+                         recon=pipeline.ReconOptions(iters_total=12, batch_size=8))
+    packed = pipeline.quantize(path, calib, str(tmp_path / "p.onnx"), o, log=lambda *a: None)
+    assert len(packed["layers"]) == len(report["layers"])
+    assert runtime.run(runtime.session(onnx.load(str(tmp_path / "p.onnx"))), feeds)[0].shape == (32, 3)
     if decided_by == "values":  # the branch depends on the data: the If stays, its layers stay float
         assert any(n.op_type == "If" for n in q.graph.node) and len(report["layers"]) == 1
         assert any("inside If/Loop/Scan branches stay float" in line for line in logs)
