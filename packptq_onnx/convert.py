@@ -129,7 +129,9 @@ class _FirstFailure(fx.Interpreter):
         try:
             return super().run_node(n)
         except Exception as exc:
-            if n.op == "call_module" and n.target.startswith("n"):
+            from .ortnode import OrtNode
+
+            if n.op == "call_module" and n.target.startswith("n") and not isinstance(self.fetch_attr(n.target), OrtNode):
                 raise _NodeFailed(n.target, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
             raise
 
@@ -209,7 +211,11 @@ def prove_faithful(imp: ImportedModel, gm, feeds: dict, rtol: float = 1e-3, batc
     """torch (normalised graph) vs onnxruntime (the input file as given), same input."""
     names = [i.name for i in imp.inputs]
     sess = runtime.session(imp.original if default_opset(imp.original) else imp.model)
-    ref = runtime.run(sess, feeds, batch_size)
+    try:
+        ref = runtime.run(sess, feeds, batch_size)
+    except Exception as exc:  # the float model itself does not take this data
+        msg = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).split("Status Message:")[-1].strip()
+        raise UsageError(f"onnxruntime cannot run the float model on the calibration data: {msg[:300]}") from None
     got = torch_run(gm, feeds, names, batch_size, fixed=fixed)
     res = compare(imp.outputs, ref, got)
     for r in res:

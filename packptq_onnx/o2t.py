@@ -130,14 +130,22 @@ class Reduce18(nn.Module):
 
 
 class Split18(nn.Module):
-    def __init__(self, axis: int, num_outputs: int):
+    """Split of any opset: sizes from the input (13+), the attribute (< 13) or equal parts (the last
+    smaller, as opset 18 says). One output is a tensor, not a 1-tuple: onnx2torch hands a node's
+    only output to its readers as is (TF's unstack exports Split to one output, then Squeeze)."""
+
+    def __init__(self, axis: int, num_outputs: int, sizes: list | None = None):
         super().__init__()
-        self.axis, self.num_outputs = axis, num_outputs
+        self.axis, self.num_outputs, self.sizes = axis, num_outputs, sizes
 
     def forward(self, x: torch.Tensor, split: torch.Tensor | None = None):
         if split is not None:
-            return torch.split(x, split.tolist(), dim=self.axis)
-        return torch.split(x, math.ceil(x.shape[self.axis] / self.num_outputs), dim=self.axis)
+            parts = torch.split(x, split.tolist(), dim=self.axis)
+        elif self.sizes:
+            parts = torch.split(x, self.sizes, dim=self.axis)
+        else:
+            parts = torch.split(x, math.ceil(x.shape[self.axis] / self.num_outputs), dim=self.axis)
+        return parts[0] if self.num_outputs == 1 else parts
 
 
 class GlobalMaxPool(nn.Module):
@@ -208,7 +216,8 @@ def _reduce18(node, graph):
 
 def _split18(node, graph):
     split = node.input_values[1] if len(node.input_values) > 1 and node.input_values[1] else None
-    mod = Split18(node.attributes.get("axis", 0), node.attributes.get("num_outputs", len(node.output_values)))
+    mod = Split18(node.attributes.get("axis", 0), node.attributes.get("num_outputs", len(node.output_values)),
+                  node.attributes.get("split"))
     return _result(mod, node, [node.input_values[0]] + ([split] if split else []))
 
 
@@ -297,7 +306,8 @@ def install() -> None:
         _register(op, 18, _reduce18)
     for op in ("ReduceMax", "ReduceMin"):
         _register(op, 20, _reduce18)
-    _register("Split", 18, _split18)
+    for v in (2, 11, 13, 18):
+        _register("Split", v, _split18, replace=True)
     _register("Gelu", 20, _gelu20)
     _register("GlobalMaxPool", 1, _global_max_pool)
     _register("GlobalMaxPool", 22, _global_max_pool)

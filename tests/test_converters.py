@@ -267,3 +267,30 @@ def test_node_that_fails_in_torch_falls_back_to_onnxruntime(tmp_path):
     assert gm.float_nodes == ["pad"] and "Pad" in imp.notes[-1]
     ref = runtime.run(runtime.session(imp.original), {"x": x})
     np.testing.assert_allclose(convert.torch_run(gm, {"x": x}, ["x"])[0], ref[0])
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_split_to_one_output_then_squeeze(tmp_path, opset):  # TF's unstack: the reader gets a tensor
+    x = R.randn(1, 3, 4).astype(np.float32)
+    split = helper.make_node("Split", ["x"], ["s"], axis=0, **({"num_outputs": 1} if opset >= 18 else {}))
+    axes = numpy_helper.from_array(np.array([0], np.int64), "ax")
+    sq = helper.make_node("Squeeze", ["s", "ax"] if opset >= 13 else ["s"], ["y"], **({} if opset >= 13 else {"axes": [0]}))
+    g = helper.make_graph([split, sq], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+                          initializer=[axes] if opset >= 13 else [])
+    path = str(tmp_path / "m.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]), path)
+    imp = onnx_import.load(path)
+    gm = convert.to_torch(imp)
+    assert gm.float_nodes == []
+    np.testing.assert_allclose(convert.torch_run(gm, {"x": x}, ["x"])[0], x[0])
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_split_sizes_attribute_and_input(tmp_path, opset):
+    if opset == 11:
+        node = helper.make_node("Split", ["x"], ["a", "b"], axis=2, split=[2, 3])
+        _check(tmp_path, node, X3, 11)
+    else:
+        node = helper.make_node("Split", ["x", "s"], ["a", "b"], axis=2)
+        _check(tmp_path, node, X3, 13, [("s", np.array([1, 4], np.int64))])
