@@ -48,15 +48,22 @@ def to_torch(imp: ImportedModel, strict: bool = False, force: dict | None = None
     folding.explicit_auto_pad(m)  # onnx2torch lacks SAME padding; the export keeps auto_pad
     for i, node in enumerate(m.graph.node):
         node.name = module_name(i)
+    # onnx2torch names a module "domain/name"; a dot in a domain (com.microsoft) is refused as a
+    # module name, so the converted copy spells domains without dots (OrtNode restores them)
+    safe = {o.domain: o.domain.replace(".", "_") for o in m.opset_import if "." in o.domain}
+    for node in m.graph.node:
+        node.domain = safe.get(node.domain, node.domain)
+    for o in m.opset_import:
+        o.domain = safe.get(o.domain, o.domain)
     opsets = {o.domain or "": o.version for o in m.opset_import}
     missing, float_nodes, refused = {}, [], {}
     keys, original = set(), {module_name(i): n.name for i, n in enumerate(imp.model.graph.node)}
     for node in imp.model.graph.node:
-        domain = node.domain or ""
+        domain = safe.get(node.domain, node.domain) or ""
         key = _key(node.op_type, domain, opsets.get(domain, 1))
         keys.add(key)
         if key not in _CONVERTER_REGISTRY or key in _FALLBACK:
-            missing[key] = f"{node.op_type} (domain '{domain}', opset {opsets.get(domain, '?')})"
+            missing[key] = f"{node.op_type} (domain '{node.domain}', opset {opsets.get(domain, '?')})"
             float_nodes.append(node.name)
     if missing and strict:
         raise UsageError(f"no torch converter for: {', '.join(sorted(set(missing.values())))} "
@@ -100,6 +107,12 @@ def to_torch(imp: ImportedModel, strict: bool = False, force: dict | None = None
         imp.notes.append(f"{len(refused)} node(s) whose conversion fails stay float and run in onnxruntime: "
                          + "; ".join(sorted(set(refused.values()))))
         float_nodes += [original[k] for k in sorted(refused)]
+    for n in gm.graph.nodes:  # "com_microsoft/n20" -> "n20": every module is named by its node index
+        if n.op == "call_module" and "/" in n.target:
+            mod = getattr(gm, n.target)
+            delattr(gm, n.target)
+            n.target = n.target.rsplit("/", 1)[-1]
+            setattr(gm, n.target, mod)
     _graph_outputs(gm, m)
     gm.float_nodes = float_nodes
     return gm.eval()

@@ -61,6 +61,8 @@ def estimate(gm, qls, batches, seed: int = 0, bits: int = 8) -> dict:
         ref = x.detach()
 
         def hook(g):
+            if g is None:  # no gradient flows to it on this pass
+                return
             with torch.no_grad():
                 dots[key] = float((g.double() * (quantizer(ref) - ref).double()).sum())
         x.register_hook(hook)

@@ -35,6 +35,9 @@ class OrtNode(nn.Module):
         g = helper.make_graph([node], "fallback", ins, outs)
         m = helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in self.opsets.items()])
         m = onnx.shape_inference.infer_shapes(m)
+        for o in m.graph.output:  # a contrib op inference does not know: the type of its first input
+            if o.type.tensor_type.elem_type == onnx.TensorProto.UNDEFINED and ins:
+                o.type.tensor_type.elem_type = ins[0].type.tensor_type.elem_type
         return runtime.session(m, optimize=False), names
 
     def run(self, *args) -> list:
@@ -70,9 +73,16 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def converter(opsets: dict):
+    """opsets may spell domains with '_' for '.' (convert.to_torch): restored for onnxruntime."""
+    def real(d: str) -> str:
+        return d.replace("_", ".") if d.startswith(("com_", "ai_", "org_")) else d
+
     def convert(node, graph) -> OperationConverterResult:
         inputs = [v for v in node.input_values if v] + outer_names(node._proto)  # noqa: SLF001
-        mod = OrtNode(node._proto.SerializeToString(), opsets, len(inputs))  # noqa: SLF001
+        proto = onnx.NodeProto()
+        proto.CopyFrom(node._proto)  # noqa: SLF001
+        proto.domain = real(proto.domain)
+        mod = OrtNode(proto.SerializeToString(), {real(d): v for d, v in opsets.items()}, len(inputs))
         return OperationConverterResult(torch_module=mod,
                                         onnx_mapping=OnnxMapping(inputs=tuple(inputs), outputs=node.output_values))
     return convert

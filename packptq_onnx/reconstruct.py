@@ -149,7 +149,7 @@ def subgraph(gm, model, unit: Unit):
 
 def recon_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error summed over channels (axis 1 for NC..., last axis for tokens), averaged over the rest."""
-    d = (pred - target).pow(2)
+    d = (pred.float() - target.float()).pow(2)  # an integer unit output: no gradient, the unit keeps RTN
     if d.dim() == 4 or d.dim() == 2:
         return d.sum(1).mean()
     return d.sum(-1).mean() if d.dim() >= 2 else d.mean()

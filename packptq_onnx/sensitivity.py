@@ -79,6 +79,9 @@ def score_blocks(gm, qls, units, model, batches, n_samples: int, progress=None, 
         def hook(_m, _inp, res):
             z = res[pos] if isinstance(res, (tuple, list)) else res
             if store.get("inject"):
+                if not z.is_floating_point():  # an integer block output (ArgMax, a Cast): no gradient
+                    store["leaf"] = z.detach()
+                    return None
                 leaf = z.detach().requires_grad_(True)
                 store["leaf"] = leaf
                 if isinstance(res, (tuple, list)):
@@ -107,7 +110,7 @@ def score_blocks(gm, qls, units, model, batches, n_samples: int, progress=None, 
                     if torch.is_tensor(loss) and loss.requires_grad:
                         loss.backward()
                 leaf = store["leaf"]
-                delta = leaf.detach() - zq
+                delta = leaf.detach().float() - zq.float()
                 sums["loss"] += float(loss.detach()) if torch.is_tensor(loss) else float(loss)
                 if leaf.grad is None:  # no gradient reaches the block output (an op in onnxruntime)
                     no_grad.add(block.id)

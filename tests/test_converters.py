@@ -294,3 +294,20 @@ def test_split_sizes_attribute_and_input(tmp_path, opset):
     else:
         node = helper.make_node("Split", ["x", "s"], ["a", "b"], axis=2)
         _check(tmp_path, node, X3, 13, [("s", np.array([1, 4], np.int64))])
+
+
+def test_contrib_domain_op_falls_back_to_onnxruntime(tmp_path):  # a dot in the domain, no inferred type
+    x = R.randn(4, 6).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Gelu", ["h"], ["y"], "gelu", domain="com.microsoft")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 5])],
+                          initializer=[numpy_helper.from_array(R.randn(6, 5).astype(np.float32), "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    path = str(tmp_path / "m.onnx")
+    onnx.save(m, path)
+    imp = onnx_import.load(path)
+    gm = convert.to_torch(imp)
+    assert gm.float_nodes == ["gelu"] and hasattr(gm, "n1")
+    ref = runtime.run(runtime.session(imp.original), {"x": x})
+    np.testing.assert_allclose(convert.torch_run(gm, {"x": x}, ["x"])[0], ref[0], rtol=1e-5, atol=1e-6)
