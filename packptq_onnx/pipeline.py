@@ -151,7 +151,7 @@ class Prepared:
 
     @property
     def n_samples(self) -> int:
-        return len(self.calib[self.names[0]])
+        return data.n_samples(self.calib)
 
     def batches(self, opts: Options):
         return data.batches(self.calib, self.names, opts.batch_size, opts.device)
@@ -451,7 +451,7 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
 
 
 def parity_notes(parity: list, per_layer) -> list[str]:
-    """What the end-of-run parity means, naming every output that fails (docs/METHOD.md, parity)."""
+    """What the end-of-run parity means, naming every output that fails (docs/METHOD.md, step 5)."""
     bad = [x for x in parity if not x.ok]
     shares = ", ".join(f"{x.output} {100 * x.over_one:.2f}%" for x in bad)
     if not per_layer.exact:
