@@ -19,20 +19,23 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from . import runtime
+from .data import n_samples, rows
 from .folding import reads
+from .shapes import specs
 
 
-def _conditions(model: onnx.ModelProto, feeds: dict, names: list[str], session, rows) -> dict:
+def _conditions(model: onnx.ModelProto, feeds: dict, names: list[str]) -> dict:
     """Value of each named condition tensor, or None where it varies, over a few runs."""
     m = copy.deepcopy(model)
     have = {o.name for o in m.graph.output}
     for n in names:
         if n not in have:
             m.graph.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.BOOL, None))
-    sess = session(m)
+    sess = runtime.session(m)
     outs = [o.name for o in sess.get_outputs()]
-    n_samples = next((len(v) for v in feeds.values() if np.ndim(v)), 1)
-    runs = [(0, 1), (0, 2), (n_samples // 2, n_samples // 2 + 2)]
+    n = n_samples(feeds)
+    runs = [(0, 1), (0, 2), (n // 2, n // 2 + 2)]
     seen: dict = {}
     for i, j in runs:
         try:
@@ -54,9 +57,7 @@ def _decided_by_fixed_inputs(model: onnx.ModelProto, tensor: str) -> bool:
     """tensor depends on constants, rank-0 inputs and shapes only (Shape/Size read no values)."""
     producer = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name for i in model.graph.initializer}
-    scalar_inputs = {i.name for i in model.graph.input
-                     if i.type.HasField("tensor_type") and i.type.tensor_type.HasField("shape")
-                     and len(i.type.tensor_type.shape.dim) == 0}
+    scalar_inputs = {s.name for s in specs(model) if s.scalar}
     todo, seen = [tensor], set()
     while todo:
         t = todo.pop()
@@ -102,7 +103,7 @@ def _inline(model: onnx.ModelProto, index: int, branch: bool) -> None:
     g.value_info.extend(sub.value_info)
 
 
-def inline_constant_ifs(model: onnx.ModelProto, feeds: dict, session, rows) -> tuple[onnx.ModelProto, list[str]]:
+def inline_constant_ifs(model: onnx.ModelProto, feeds: dict) -> tuple[onnx.ModelProto, list[str]]:
     """-> (model with constant Ifs inlined, one note per inlined If)."""
     notes = []
     for _ in range(64):  # nested Ifs surface one level per round
@@ -112,7 +113,7 @@ def inline_constant_ifs(model: onnx.ModelProto, feeds: dict, session, rows) -> t
         ifs = [i for i in ifs if _decided_by_fixed_inputs(model, model.graph.node[i].input[0])]
         if not ifs:
             break
-        conds = _conditions(model, feeds, [model.graph.node[i].input[0] for i in ifs], session, rows)
+        conds = _conditions(model, feeds, [model.graph.node[i].input[0] for i in ifs])
         fixed = [(i, conds[model.graph.node[i].input[0]]) for i in ifs if conds[model.graph.node[i].input[0]] is not None]
         if not fixed:
             break

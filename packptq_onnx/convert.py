@@ -55,6 +55,7 @@ def to_torch(imp: ImportedModel, strict: bool = False, force: dict | None = None
         node.domain = safe.get(node.domain, node.domain)
     for o in m.opset_import:
         o.domain = safe.get(o.domain, o.domain)
+    spelled = {v: k for k, v in safe.items()}
     opsets = {o.domain or "": o.version for o in m.opset_import}
     missing, float_nodes, refused = {}, [], {}
     keys, original = set(), {module_name(i): n.name for i, n in enumerate(imp.model.graph.node)}
@@ -69,9 +70,9 @@ def to_torch(imp: ImportedModel, strict: bool = False, force: dict | None = None
         raise UsageError(f"no torch converter for: {', '.join(sorted(set(missing.values())))} "
                          "(without --strict these nodes run in onnxruntime and stay float)")
     for key in missing:
-        _CONVERTER_REGISTRY[key] = ortnode.converter(opsets)
+        _CONVERTER_REGISTRY[key] = ortnode.converter(opsets, spelled)
         _FALLBACK.add(key)
-    fallback = ortnode.converter(opsets)
+    fallback = ortnode.converter(opsets, spelled)
 
     def guarded(orig):
         def conv(node, graph):

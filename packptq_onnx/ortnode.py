@@ -72,10 +72,13 @@ class _StraightThrough(torch.autograd.Function):
         return (None, first) + (None,) * (ctx.n - 1)
 
 
-def converter(opsets: dict):
-    """opsets may spell domains with '_' for '.' (convert.to_torch): restored for onnxruntime."""
+def converter(opsets: dict, domains: dict | None = None):
+    """domains: the converted copy's domain spelling -> the model's (convert.to_torch writes
+    com_microsoft for com.microsoft); onnxruntime gets the model's."""
+    domains = domains or {}
+
     def real(d: str) -> str:
-        return d.replace("_", ".") if d.startswith(("com_", "ai_", "org_")) else d
+        return domains.get(d, d)
 
     def convert(node, graph) -> OperationConverterResult:
         inputs = [v for v in node.input_values if v] + outer_names(node._proto)  # noqa: SLF001

@@ -188,7 +188,7 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     if any(n.op_type == "If" for n in imp.original.graph.node):
         from .controlflow import inline_constant_ifs
 
-        original, notes = inline_constant_ifs(imp.original, calib, runtime.session, data.rows)
+        original, notes = inline_constant_ifs(imp.original, calib)
         if notes:
             imp = reshaped(replace(imp, original=original), opts.input_shapes)
             imp.notes += notes

@@ -89,7 +89,7 @@ def task_scores(task: str | None, metric, ref: list, got: list, feeds: dict) -> 
     name = task or tasks.guess(ref, hw)
     out = {"task": name, "guessed": task is None}
     if name is not None:
-        n = next((len(v) for v in feeds.values() if np.ndim(v)), 1)
+        n = data.n_samples(feeds)
         axis = data.sample_axis([np.shape(ref[0])], [n]) if np.ndim(ref[0]) else 0
         try:
             out.update(tasks.score(name, ref, got, hw, batch_axis=axis))
