@@ -87,7 +87,10 @@ def verdicts(models, results) -> list[str]:
             text += "; onnxruntime's quantize_static quantizes no weight of it (its output is the float model's)"
         elif ort and ort["rc"] == 0:
             u = (ort.get("task") or {}).get("task_agreement")
-            a, b, what = (t, u, "task") if t is not None and u is not None else (ours["cosine"], ort["cosine"], "cosine")
+            if t is not None and u is not None:
+                a, b, what = t, u, "task"
+            else:
+                a, b, what = ours["cosine"], ort["cosine"], "cosine"
             word = "ahead of" if a > b else "level with" if a == b else "behind"
             text += f"; {word} onnxruntime on {what} ({a:.4f} vs {b:.4f})"
         elif ort:
@@ -111,7 +114,8 @@ def _mb(path: str, unpacked: bool = False) -> float:
 def memory(d, models, results) -> list[str]:
     """Peak RSS of the rtn W8A8 row (its whole run, --eval included) against what it must hold."""
     out = ["", "## Memory (ours rtn W8A8, whole run with --eval)", "",
-           "| model | model MB | calib MB | eval MB | peak RSS MB | peak / (model + calib) | peak / (model + calib + eval) |",
+           "| model | model MB | calib MB | eval MB | peak RSS MB | peak / (model + calib) "
+           "| peak / (model + calib + eval) |",
            "|---|---|---|---|---|---|---|"]
     for e in models:
         r = results.get(e["name"], {}).get("rtn-W8A8") or {}
@@ -120,7 +124,8 @@ def memory(d, models, results) -> list[str]:
         m, c, v = _mb(os.path.join(d, e["file"])), _mb(os.path.join(d, e["calib"]), True), \
             _mb(os.path.join(d, e["eval"]), True)
         p = r["peak_rss_mb"]
-        out.append(f"| {e['name']} | {m:.1f} | {c:.0f} | {v:.0f} | {p:.0f} | {p / (m + c):.1f} | {p / (m + c + v):.1f} |")
+        out.append(f"| {e['name']} | {m:.1f} | {c:.0f} | {v:.0f} | {p:.0f} | {p / (m + c):.1f} "
+                   f"| {p / (m + c + v):.1f} |")
     return out
 
 

@@ -6,7 +6,6 @@ import argparse
 import time
 
 import numpy as np
-
 from packptq_onnx.solvers import ilp
 
 

@@ -2,8 +2,8 @@
 
     python bench/latency.py [--model M.onnx --calib C.npz] [--runs 50] [--out bench/out]
 Variants: uniform W8A8, W4A4, W3A3 (RTN; latency does not depend on the rounding method) and
-mixed precision at 3.5 average weight bits (2/3/4/8 per pack, A4 or A8; stem and head W4A4). Prints a markdown table; speed-ups are ratios
-measured in the same run.
+mixed precision at 3.5 average weight bits (2/3/4/8 per pack, A4 or A8; stem and head W4A4).
+Prints a markdown table; speed-ups are ratios measured in the same run.
 """
 import argparse
 import os
@@ -74,8 +74,9 @@ def main():
     for b in (1, 32):
         feeds = {k: np.repeat(v[:1], b, 0) if len(v) < b else v[:b] for k, v in calib.items()}
         for t in (1, 2):
-            lat = latencies({k: m for k, (m, _, _) in models.items()}, feeds, t, a.runs if b == 1 else max(5, a.runs // 4))
-            for label, (m, s8, sp) in models.items():
+            runs = a.runs if b == 1 else max(5, a.runs // 4)
+            lat = latencies({k: m for k, (m, _, _) in models.items()}, feeds, t, runs)
+            for label, (_, s8, sp) in models.items():
                 rows.append((label, b, t, lat[label] * 1e3, lat["float"] / lat[label], s8, sp))
     print(f"model {name}; median of {a.runs} runs at batch 1, {max(5, a.runs // 4)} at batch 32, the models "
           "timed in turn each round; speed-up = float latency / model latency, same run\n")
@@ -97,7 +98,8 @@ def main():
         m = onnx.load(path)
         part = {"w": 0, "c": 0}
         for t in m.graph.initializer:
-            key = "w" if ".w_int" in t.name else ("c" if any(x in t.name for x in (".w_scale", ".b_int32", ".b_scale")) else None)
+            constants = any(x in t.name for x in (".w_scale", ".b_int32", ".b_scale"))
+            key = "w" if ".w_int" in t.name else ("c" if constants else None)
             if key:
                 part[key] += t.ByteSize()
         size, counted = os.path.getsize(path), qdq.weight_bytes(m)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
 from feeds import load_feeds, model_inputs, sample_axes
 from records import one_line
 from rows import Row
@@ -123,7 +122,8 @@ def ort_quantize(row: Row, info: dict, cfg: dict, out_path: str, work: str, op_t
     blob = model.SerializeToString()  # quantize_static modifies the ModelProto it is given
 
     def run(types):
-        quantize_static(onnx.load_from_string(blob), out_path, _Reader(feeds, batch, sample_axes(info["model"])), quant_format=QuantFormat.QDQ,
+        reader = _Reader(feeds, batch, sample_axes(info["model"]))
+        quantize_static(onnx.load_from_string(blob), out_path, reader, quant_format=QuantFormat.QDQ,
                         per_channel=True, reduce_range=row.reduce_range, activation_type=act,
                         weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra,
                         op_types_to_quantize=None if types is None else list(types))
@@ -165,7 +165,8 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
     if row.mixed:
         ab = tuple(sorted({row.abits, 8}))
         # stem and head at the uniform row's weight bits: the same budget and treatment as pack-W{w}A4
-        o.mixed = MixedOptions(avg_wbits=float(row.wbits), wbits=(2, 3, 4, 8), abits=ab, fixed_bits=row.wbits, fixed_abits=row.abits,
+        o.mixed = MixedOptions(avg_wbits=float(row.wbits), wbits=(2, 3, 4, 8), abits=ab,
+                               fixed_bits=row.wbits, fixed_abits=row.abits,
                                cache=out_path + ".sensitivity.json")
     rep = quantize(info["model"], info["calib"], out_path, o, log=lambda *_: None)
     parity = rep.get("parity", [])

@@ -8,7 +8,6 @@ import platform
 import time
 
 import numpy as np
-
 from rows import BITS, OURS, ROWS
 from tasks import TASKS, Task
 
@@ -224,7 +223,8 @@ def write_results(all_res: dict, a, command: str) -> str:
              "latency at batch 1, 1 thread, median, and the float / row latency ratio with both timed alternately "
              "in the same process; parity: our onnxruntime output vs our torch simulation (max code difference at "
              "one 8-bit step of the output range, the share of values more than one code apart, and the worst "
-             "layer when each layer is fed onnxruntime's own input); recon units / iters: reconstruction units (layers, blocks or packs, "
+             "layer when each layer is fed onnxruntime's own input); recon units / iters: reconstruction units "
+             "(layers, blocks or packs, "
              "with stem and head layers) and the iterations they got in total.", "",
              "Rows: `ort-*` are onnxruntime `quantize_static` QDQ, per-channel int8 weights (symmetric), "
              "activations u8/s8 per tensor, calibrated with MinMax / Percentile (99.999) / Entropy, `-rr` = "

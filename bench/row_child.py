@@ -8,7 +8,6 @@ import time
 import traceback
 
 import numpy as np
-
 from feeds import load_feeds, load_labels, overlap
 from quantizers import ort_quantize, ours_quantize, stored_weight_bytes
 from records import one_line, save_json

@@ -39,8 +39,8 @@ if HERE not in sys.path:
 # this file is the parent: arguments, configuration tag, child processes, cache. The rest of the
 # harness: rows.py (the rows), tasks.py (the models, their data and scores), row_child.py (what a
 # child process runs, with feeds.py, quantizers.py, records.py) and report.py (RESULTS.md, plots).
-from report import fmt, write_results  # noqa: E402
 from records import save_json  # noqa: E402
+from report import fmt, write_results  # noqa: E402
 from row_child import child_main  # noqa: E402
 from rows import ROWS, Row, select_rows  # noqa: E402
 from tasks import DATA_SIZES, TASKS, Task  # noqa: E402

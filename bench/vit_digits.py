@@ -78,7 +78,7 @@ def train(epochs: int = 100, seed: int = 0, log=print) -> tuple[nn.Module, float
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
         gen = np.random.RandomState(seed)
         xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
-        for ep in range(epochs):
+        for _ in range(epochs):
             net.train()
             for idx in np.array_split(gen.permutation(len(xtr)), -(-len(xtr) // 64)):
                 xb = xt[idx]

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 
-from packptq_onnx.errors import UsageError
 from packptq_onnx.exporters.files import temp_beside
+
+from packptq_onnx.errors import UsageError
 
 
 def _plt():

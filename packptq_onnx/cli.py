@@ -237,7 +237,6 @@ def cmd_validate(a) -> int:
     from . import data, validate
     from .exporters.files import save_json
     from .onnx_import import load
-
     from .shapes import specs
     from .tasks import load_metric
 

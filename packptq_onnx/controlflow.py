@@ -114,7 +114,8 @@ def inline_constant_ifs(model: onnx.ModelProto, feeds: dict) -> tuple[onnx.Model
         if not ifs:
             break
         conds = _conditions(model, feeds, [model.graph.node[i].input[0] for i in ifs])
-        fixed = [(i, conds[model.graph.node[i].input[0]]) for i in ifs if conds[model.graph.node[i].input[0]] is not None]
+        fixed = [(i, conds[model.graph.node[i].input[0]]) for i in ifs
+                 if conds[model.graph.node[i].input[0]] is not None]
         if not fixed:
             break
         model = copy.deepcopy(model)

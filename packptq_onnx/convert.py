@@ -84,7 +84,8 @@ def to_torch(imp: ImportedModel, strict: bool = False, force: dict | None = None
             except Exception as exc:  # the converter refuses this node's attributes or inputs
                 if strict:
                     raise
-                refused[node.name] = f"{node.operation_type} ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
+                why = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+                refused[node.name] = f"{node.operation_type} ({why})"
                 return fallback(node, graph)
         return conv
 
@@ -145,8 +146,10 @@ class _FirstFailure(fx.Interpreter):
         except Exception as exc:
             from .ortnode import OrtNode
 
-            if n.op == "call_module" and n.target.startswith("n") and not isinstance(self.fetch_attr(n.target), OrtNode):
-                raise _NodeFailed(n.target, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
+            if n.op == "call_module" and n.target.startswith("n") and \
+                    not isinstance(self.fetch_attr(n.target), OrtNode):
+                why = str(exc).splitlines()[0][:120] if str(exc) else ""
+                raise _NodeFailed(n.target, f"{type(exc).__name__}: {why}") from exc
             raise
 
 

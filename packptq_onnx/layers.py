@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
 from onnx import numpy_helper
 
 from .folding import consumers
@@ -80,14 +79,14 @@ class LayerQuant:
     """Everything the exporter needs to write one quantized layer (ONNX layout, numpy)."""
     layer: Layer
     wbits: int
-    w_int: "np.ndarray"                 # int8 container, values in the wbits range
-    w_scale: "np.ndarray"               # float32, one per output channel
+    w_int: np.ndarray                 # int8 container, values in the wbits range
+    w_scale: np.ndarray               # float32, one per output channel
     abits: int | None = None            # None: input not quantized
     a_scale: float | None = None
     a_zero: int | None = None
-    bias_int: "np.ndarray | None" = None   # int32
-    bias_scale: "np.ndarray | None" = None  # float32, a_scale * w_scale
-    bias_float: "np.ndarray | None" = None  # float32 bias replacing the model's (input not quantized)
+    bias_int: np.ndarray | None = None   # int32
+    bias_scale: np.ndarray | None = None  # float32, a_scale * w_scale
+    bias_float: np.ndarray | None = None  # float32 bias replacing the model's (input not quantized)
     o_scale: float | None = None            # output quantizer (for kernel fusion), if any
     a2_scale: float | None = None           # second input of an activation x activation MatMul
     a2_zero: int | None = None

@@ -4,7 +4,8 @@ Which axis holds the samples is read from the graph: the axis that carries the s
 name as the other inputs' batch axis ('batch' in [2, batch, 64]); else the one dynamic axis
 ([2, ?, 128]); else, in a graph with every dim fixed, the one axis whose size is the other
 inputs' fixed batch ([2, 1, 16] beside [1, 257]). `--batch-axis NAME:K` says it where the graph
-cannot (fixed-shape exports almost always fix the batch at 1). The data gives such an input in the model's own layout (samples on axis K).
+cannot (fixed-shape exports almost always fix the batch at 1). The data gives such an input in the
+model's own layout (samples on axis K).
 
 Inside, every step sees samples first: the data is moved to axis 0 when loaded, and the graph
 gets a Transpose after each such input that restores the model's layout. The export drops those

@@ -13,7 +13,6 @@ import types
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -43,8 +42,11 @@ def _import_onnx2torch():
 
 onnx2torch = _import_onnx2torch()
 from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription  # noqa: E402
-from onnx2torch.utils.common import OnnxMapping, OperationConverterResult  # noqa: E402
-from onnx2torch.utils.common import onnx_mapping_from_node  # noqa: E402
+from onnx2torch.utils.common import (  # noqa: E402
+    OnnxMapping,
+    OperationConverterResult,
+    onnx_mapping_from_node,  # noqa: E402
+)
 
 
 def _register(op: str, version: int, fn, replace: bool = False) -> None:
@@ -82,7 +84,7 @@ def _const(name: str, graph):
     try:
         node, _ = graph.value_as_node_output(name)
     except KeyError:
-        raise NotImplementedError(f"input {name!r} must be constant")
+        raise NotImplementedError(f"input {name!r} must be constant") from None
     if node.operation_type == "Constant" and "value" in node.attributes:
         return node.attributes["value"].to_torch()
     raise NotImplementedError(f"input {name!r} must be constant")

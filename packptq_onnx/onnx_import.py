@@ -140,18 +140,18 @@ def reshaped(imp: ImportedModel, shapes: dict, source: onnx.ModelProto | None = 
 def _decode_strings(msg) -> None:
     """Check every string field is valid UTF-8 (on a copy): protobuf reads corrupt text
     leniently and would fail later, anywhere, when a name is rewritten."""
-    for field, value in msg.ListFields():
-        values = value if _repeated(field) else [value]
-        if field.type == field.TYPE_MESSAGE:
+    for fd, value in msg.ListFields():
+        values = value if _repeated(fd) else [value]
+        if fd.type == fd.TYPE_MESSAGE:
             for v in values:
                 _decode_strings(v)
-        elif field.type == field.TYPE_STRING:  # rewrite it: that is where invalid UTF-8 fails
-            if _repeated(field):
+        elif fd.type == fd.TYPE_STRING:  # rewrite it: that is where invalid UTF-8 fails
+            if _repeated(fd):
                 vals = list(value)
                 del value[:]
                 value.extend(vals)
             else:
-                setattr(msg, field.name, value)
+                setattr(msg, fd.name, value)
 
 
 def _repeated(field) -> bool:
@@ -215,6 +215,18 @@ def _shape(value_info) -> list:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
 
 
+def _constant_value(a) -> np.ndarray | None:
+    """The value a Constant node's single attribute holds (None for a sparse or string one)."""
+    if a.name == "value":
+        return numpy_helper.to_array(a.t)
+    kinds = {"value_float": (a.f, np.float32), "value_floats": (a.floats, np.float32),
+             "value_int": (a.i, np.int64), "value_ints": (a.ints, np.int64)}
+    if a.name not in kinds:
+        return None
+    v, dtype = kinds[a.name]
+    return np.array(v, dtype)
+
+
 def constants_to_initializers(graph) -> int:
     """Constant nodes, and Identity nodes of an initializer (torch's export of tied / equal
     parameters), become initializers: weights must be initializers to be found and quantized."""
@@ -231,14 +243,9 @@ def constants_to_initializers(graph) -> int:
             moved += 1
             continue
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
-            a = node.attribute[0]
-            value = {"value": lambda: numpy_helper.to_array(a.t),
-                     "value_float": lambda: np.array(a.f, np.float32),
-                     "value_floats": lambda: np.array(a.floats, np.float32),
-                     "value_int": lambda: np.array(a.i, np.int64),
-                     "value_ints": lambda: np.array(a.ints, np.int64)}.get(a.name)
+            value = _constant_value(node.attribute[0])
             if value is not None:
-                graph.initializer.append(numpy_helper.from_array(value(), node.output[0]))
+                graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
                 inits[node.output[0]] = graph.initializer[-1]
                 moved += 1
                 continue

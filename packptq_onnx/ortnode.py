@@ -10,9 +10,8 @@ import numpy as np
 import onnx
 import torch
 from onnx import helper
-from torch import nn
-
 from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
+from torch import nn
 
 from .folding import outer_names
 

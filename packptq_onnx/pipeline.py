@@ -1,7 +1,6 @@
 """The main job, one way through: import -> calibrate -> export -> validate."""
 from __future__ import annotations
 
-
 import os
 import tempfile
 import time
@@ -13,11 +12,17 @@ import torch
 from . import __version__, convert, data, layout, qmodel, runtime, shapes, targets, validate
 from .errors import UsageError
 from .exporters import files, qdq
-from .layers import (decode_layers, find_layers, outputs_before_float_ops, post_activations, read_only_by_layers,
-                     tail_outputs)
+from .layers import (
+    decode_layers,
+    find_layers,
+    outputs_before_float_ops,
+    post_activations,
+    read_only_by_layers,
+    tail_outputs,
+)
+from .mixed import MixedOptions
 from .onnx_import import ImportedModel, check_float, check_static, load, reshaped
 from .parity import layer_parity
-from .mixed import MixedOptions
 from .progress import bar
 from .reconstruct import ReconOptions
 

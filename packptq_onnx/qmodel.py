@@ -289,7 +289,7 @@ def calibrate(gm, qls: list[QuantLayer], batches, wbits, abits, reduce_range: bo
             obs = observer(q, ("out", q.layer.name))
             if q.layer.name in post_act:
                 lo, hi, _ = post_act[q.layer.name]
-                obs = (lambda o, lo, hi: lambda y: o(torch.clamp(y, lo, hi)))(obs, lo, hi)
+                obs = (lambda o, a, b: lambda y: o(torch.clamp(y, a, b)))(obs, lo, hi)
             q.out_observer = obs
     try:
         for args in (progress(batches) if progress else batches):

@@ -19,11 +19,11 @@ from torch import fx
 
 from .blocks import SHAPE_OPS
 from .convert import module_name
+from .estimate import node_seconds, unit_seconds
+from .progress import bar, fmt_seconds
 from .qmodel import set_quant
 from .sensitivity import batch_size
 from .unitcache import Cache, capture, layouts
-from .estimate import node_seconds, unit_seconds
-from .progress import bar, fmt_seconds
 
 
 @dataclass
@@ -207,7 +207,8 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
 
     before = evaluate()
     weighted = [q for q in own if q.wq is not None]
-    act_qs = list({id(x): x for q in own for x in (q.aq, q.aq2, q.oq) if x is not None}.values())  # a shared quantizer once
+    # a shared quantizer once
+    act_qs = list({id(x): x for q in own for x in (q.aq, q.aq2, q.oq) if x is not None}.values())
     rtn_scales = [x.scale.detach().clone() for x in act_qs]
     for q in weighted:
         q.wq.init_adaround(q.weight)

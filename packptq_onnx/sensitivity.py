@@ -76,7 +76,7 @@ def score_blocks(gm, qls, units, model, batches, n_samples: int, progress=None, 
         own = [by_name[n] for n in block.layers]
         store = {}
 
-        def hook(_m, _inp, res):
+        def hook(_m, _inp, res, pos=pos, store=store):
             z = res[pos] if isinstance(res, (tuple, list)) else res
             if store.get("inject"):
                 if not z.is_floating_point():  # an integer block output (ArgMax, a Cast): no gradient

@@ -103,8 +103,8 @@ def batch_is_free(model: onnx.ModelProto, batch: int, feeds: dict, session) -> b
     probe = {name: rows(v, 0, k) for name, v in feeds.items()}
     try:
         ref_sess = session(model)
-        ref = [np.concatenate(r) for r in zip(*[ref_sess.run(None, {nm: rows(v, i, i + batch) for nm, v in probe.items()})
-                                                for i in range(0, k, batch)])]
+        runs = [ref_sess.run(None, {nm: rows(v, i, i + batch) for nm, v in probe.items()}) for i in range(0, k, batch)]
+        ref = [np.concatenate(r) for r in zip(*runs)]
         got = session(free_batch(model, batch)).run(None, probe)
     except Exception:
         return False

@@ -6,7 +6,8 @@ the Jacobian J_t, and ||J_t d_t||^2 is estimated with random output probes v (E[
     python research/first_order.py MODEL.onnx --calib C.npz [--bits 8] [--samples 4] [--top 20]
 
 Prints, per quantizer, the predicted output noise-to-signal ratio as packptq_onnx.guard computes it
-(the pipeline's --guard reads the same numbers); compare with research/one_at_a_time.py, which measures the same thing exactly.
+(the pipeline's --guard reads the same numbers); compare with research/one_at_a_time.py, which
+measures the same thing exactly.
 """
 from probe import parser, prepare_rtn
 

@@ -64,7 +64,7 @@ def solve(cost: list[list[float]], size: list[list[float]], budget: float,
     x = [[pulp.LpVariable(f"x_{p}_{k}", cat="Binary") for k in range(len(c))] for p, c in enumerate(cost)]
     prob += pulp.lpSum(x[p][k] * cost[p][k] for p in range(len(cost)) for k in range(len(cost[p])))
     prob += pulp.lpSum(x[p][k] * size[p][k] for p in range(len(size)) for k in range(len(size[p]))) <= budget
-    for j, (table, limit, _) in enumerate(extra):
+    for table, limit, _ in extra:
         prob += pulp.lpSum(x[p][k] * table[p][k] for p in range(len(table)) for k in range(len(table[p]))) <= limit
     for row in x:
         prob += pulp.lpSum(row) == 1

@@ -75,7 +75,8 @@ def build(body: str, rnn: str | None, out_rank: int, out_axis: int, extra: str |
         outputs.append(g.op("Hardmax", [out if out_rank >= 2 else z], axis=-1))      # no torch converter
     elif extra_out is not None:
         outputs.append(extra_out)
-    graph = helper.make_graph(g.nodes, "fuzz", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"] + in_shape)],
+    graph = helper.make_graph(g.nodes, "fuzz",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"] + in_shape)],
                               [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outputs],
                               initializer=g.inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -122,7 +123,8 @@ def build_if(decided_by: str, seed: int = 0):
             y = b.op("MatMul", [y, b.weight(8, 8 if k < layers - 1 else 3)])
             if k < layers - 1:
                 y = b.op("Relu", [y])
-        return helper.make_graph(b.nodes, f"b{layers}", [], [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", 3])],
+        return helper.make_graph(b.nodes, f"b{layers}", [],
+                                 [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", 3])],
                                  initializer=b.inits)
 
     out = g.op("If", [cond], then_branch=branch(2), else_branch=branch(1))
@@ -144,10 +146,11 @@ def build_state(direction: str = "forward", seed: int = 0):
     y, yh = g.op("LSTM", ins, 2, hidden_size=H, direction=direction)
     last = g.op("Reshape", [g.op("Transpose", [yh], perm=[1, 0, 2]), g.const(np.array([0, -1], np.int64), "s")])
     out = g.op("MatMul", [last, g.weight(d * H, 7)])
-    graph = helper.make_graph(g.nodes, "state", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6, 5]),
-                                                 helper.make_tensor_value_info("h0", TensorProto.FLOAT, [d, "batch", H])],
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", 7]),
-                               helper.make_tensor_value_info(yh, TensorProto.FLOAT, [d, "batch", H])], initializer=g.inits)
+    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6, 5]),
+           helper.make_tensor_value_info("h0", TensorProto.FLOAT, [d, "batch", H])]
+    outs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", 7]),
+            helper.make_tensor_value_info(yh, TensorProto.FLOAT, [d, "batch", H])]
+    graph = helper.make_graph(g.nodes, "state", ins, outs, initializer=g.inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
     m.ir_version = 8
     onnx.checker.check_model(m)

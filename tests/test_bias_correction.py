@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import SAMPLES
 from onnx import TensorProto, helper, numpy_helper
+from packptq_onnx.exporters import qdq
 
 from packptq_onnx import convert, data, layers, onnx_import, qmodel, runtime, validate
-from packptq_onnx.exporters import qdq
 from packptq_onnx.pipeline import Options, quantize
 
 R = np.random.RandomState(1)

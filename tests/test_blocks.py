@@ -5,10 +5,10 @@ import os
 
 import numpy as np
 import pytest
+from conftest import SAMPLES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SAMPLES
 from packptq_onnx import blocks, layers, onnx_import, packing
 from packptq_onnx.cli import main
 from packptq_onnx.pipeline import Options, analyse, prepare

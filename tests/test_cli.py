@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import SAMPLES
+
 from packptq_onnx.cli import main
 
 MODEL = os.path.join(SAMPLES, "digits_resnet.onnx")

@@ -224,6 +224,7 @@ def test_lstm_gradient_reaches_its_input(tmp_path):  # the reason for the conver
 
 def test_recurrent_layout_1_is_layout_0_transposed():  # onnxruntime has no batch-major kernels
     import torch
+
     from packptq_onnx.rnn import Recurrent
     _, inits = _rnn_inits("LSTM", 2, 4, 5, 3)
     w, r, b, h0, c0 = (torch.from_numpy(v) for _, v in inits)
@@ -274,7 +275,8 @@ def test_split_to_one_output_then_squeeze(tmp_path, opset):  # TF's unstack: the
     x = R.randn(1, 3, 4).astype(np.float32)
     split = helper.make_node("Split", ["x"], ["s"], axis=0, **({"num_outputs": 1} if opset >= 18 else {}))
     axes = numpy_helper.from_array(np.array([0], np.int64), "ax")
-    sq = helper.make_node("Squeeze", ["s", "ax"] if opset >= 13 else ["s"], ["y"], **({} if opset >= 13 else {"axes": [0]}))
+    sq = helper.make_node("Squeeze", ["s", "ax"] if opset >= 13 else ["s"], ["y"],
+                          **({} if opset >= 13 else {"axes": [0]}))
     g = helper.make_graph([split, sq], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
                           initializer=[axes] if opset >= 13 else [])

@@ -6,15 +6,15 @@ import os
 import numpy as np
 import onnx
 import pytest
+from conftest import SAMPLES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from packptq_onnx.exporters import files, qdq
 
-from conftest import SAMPLES
 from packptq_onnx import convert, data, layers, onnx_import, pipeline, qmodel, runtime, validate
 from packptq_onnx.cli import main
 from packptq_onnx.errors import UsageError
-from packptq_onnx.exporters import files, qdq
 
 MODEL, CALIB = os.path.join(SAMPLES, "digits_resnet.onnx"), os.path.join(SAMPLES, "calib.npz")
 R = np.random.RandomState(0)
@@ -234,7 +234,8 @@ def test_target_sets_the_eight_bit_weight_range(tmp_path, capsys):
         assert main(base + ["-o", out, "--report", rep, "--target", target]) == 0
         ints = [numpy_helper.to_array(i) for i in onnx.load(out).graph.initializer if i.data_type == TensorProto.INT8]
         widest[target] = max(int(np.abs(a.astype(np.int32)).max()) for a in ints)
-        assert json.load(open(rep))["weight_range"].startswith(("reduced" if target == "any" else "full") + " for target")
+        want = ("reduced" if target == "any" else "full") + " for target"
+        assert json.load(open(rep))["weight_range"].startswith(want)
     assert widest["any"] <= 64 < widest["x86-vnni"]
     code, err = _cli(base + ["-o", str(tmp_path / "x.onnx"), "--target", "sparc"], capsys)
     assert code == 2 and "unknown --target 'sparc'" in err and not os.path.exists(tmp_path / "x.onnx")

@@ -1,14 +1,14 @@
 """QDQ export: onnxruntime output equals our torch simulation within one quantization step."""
 import os
 
+import nets
 import numpy as np
 import onnx
 import pytest
-
-import nets
 from conftest import SAMPLES
-from packptq_onnx import convert, data, layers, onnx_import, qmodel, runtime, validate
 from packptq_onnx.exporters import qdq
+
+from packptq_onnx import convert, data, layers, onnx_import, qmodel, runtime, validate
 
 MODEL, CALIB = os.path.join(SAMPLES, "digits_resnet.onnx"), os.path.join(SAMPLES, "calib.npz")
 
@@ -219,13 +219,15 @@ def test_layer_parity_with_constant_nodes_and_bypassed_relu(tmp_path):
     export (the second conv reads the first one's 4-bit output) and a Constant node has no input;
     the layer-by-layer check still feeds each layer onnxruntime's own input and agrees."""
     from onnx import TensorProto, helper, numpy_helper
+
     from packptq_onnx.parity import layer_parity
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w1"),
              numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 3, 3)).astype(np.float32), "w2")]
     c = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.full((1, 4, 1, 1), 0.5, np.float32)))
     nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("Conv", ["r", "w2"], ["z"], pads=[1, 1, 1, 1]), c, helper.make_node("Add", ["z", "c"], ["y"])]
+             helper.make_node("Conv", ["r", "w2"], ["z"], pads=[1, 1, 1, 1]), c,
+             helper.make_node("Add", ["z", "c"], ["y"])]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 8, 8])], inits)
     path = tmp_path / "m.onnx"
@@ -236,6 +238,7 @@ def test_layer_parity_with_constant_nodes_and_bypassed_relu(tmp_path):
     assert recs[1].input_from == recs[0].layer.output and recs[0].o_bits == 4
     assert "Relu" not in [n.op_type for n in out.graph.node]
     if not any(n.op_type == "Constant" for n in out.graph.node):  # import may fold it: put one back
-        out.graph.node.insert(0, helper.make_node("Constant", [], ["c_extra"], value=numpy_helper.from_array(np.zeros(1, np.float32))))
+        zero = numpy_helper.from_array(np.zeros(1, np.float32))
+        out.graph.node.insert(0, helper.make_node("Constant", [], ["c_extra"], value=zero))
     res = layer_parity(out, gm, qls, feeds, ["x"])
     assert res.layers == 2 and res.exact, res

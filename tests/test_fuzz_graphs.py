@@ -4,11 +4,11 @@
 of intermediate tensors and outputs, outputs of rank 0 to 4, an op with no torch converter at a
 graph output, an RNN's state (second output of a multi-output node) as a graph output.
 """
+import fuzzgraphs
 import numpy as np
 import onnx
 import pytest
 
-import fuzzgraphs
 from packptq_onnx import pipeline, runtime
 
 CASES = fuzzgraphs.cases()

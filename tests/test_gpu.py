@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import SAMPLES
+
 from packptq_onnx import reconstruct
 from packptq_onnx.mixed import MixedOptions
 from packptq_onnx.pipeline import Options, quantize

@@ -1,9 +1,9 @@
+import nets
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import nets
 from packptq_onnx import convert, onnx_import, runtime
 from packptq_onnx.errors import UsageError
 

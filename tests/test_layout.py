@@ -1,9 +1,9 @@
 """Which axis of each input holds the samples, and the samples-first graph the steps work on."""
+import fuzzgraphs
 import numpy as np
 import onnx
 import pytest
 
-import fuzzgraphs
 from packptq_onnx import layout, runtime
 from packptq_onnx.errors import UsageError
 from packptq_onnx.onnx_import import InputSpec

@@ -2,17 +2,17 @@ import itertools
 import os
 
 import pytest
+from conftest import SAMPLES
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from packptq_onnx.exporters import qdq
+from packptq_onnx.solvers import ilp
 
-from conftest import SAMPLES
 from packptq_onnx import mixed
 from packptq_onnx.cli import main
 from packptq_onnx.errors import UsageError
-from packptq_onnx.exporters import qdq
 from packptq_onnx.mixed import MixedOptions
 from packptq_onnx.pipeline import Options, quantize
-from packptq_onnx.solvers import ilp
 
 MODEL, CALIB = os.path.join(SAMPLES, "digits_resnet.onnx"), os.path.join(SAMPLES, "calib.npz")
 

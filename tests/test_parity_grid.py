@@ -5,9 +5,9 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from packptq_onnx.exporters import qdq
 
 from packptq_onnx import convert, data, layers, onnx_import, qmodel, runtime, validate
-from packptq_onnx.exporters import qdq
 
 R = np.random.RandomState(0)
 # op -> (input shape, weight, extra node attributes, extra initializers)

@@ -3,10 +3,10 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import SAMPLES
-from packptq_onnx import convert, data, qmodel, reconstruct, runtime, validate
 from packptq_onnx.exporters import qdq
+
+from packptq_onnx import convert, data, qmodel, reconstruct, runtime, validate
 from packptq_onnx.pipeline import Options, prepare, quantize, reconstruct_model
 
 MODEL = os.path.join(SAMPLES, "digits_resnet.onnx")

@@ -5,11 +5,11 @@ and onnxruntime."""
 import os
 import sys
 
+import nets
 import numpy as np
 import onnx
 import pytest
 
-import nets
 from packptq_onnx import blocks, onnx_import, runtime
 from packptq_onnx.layers import find_layers, outputs_before_float_ops
 from packptq_onnx.pipeline import Options, quantize

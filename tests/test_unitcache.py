@@ -1,11 +1,11 @@
 """Unit caches find each tensor's sample axis, so a unit after an LSTM learns from whole samples."""
 import io
 
+import fuzzgraphs
 import numpy as np
 import onnx
 import torch
 
-import fuzzgraphs
 from packptq_onnx import convert, onnx_import, progress, unitcache
 
 
@@ -18,7 +18,8 @@ def _gm(tmp_path, case):
 
 def test_layouts_find_samples_off_axis_0_and_round_trip(tmp_path):
     gm, shape = _gm(tmp_path, ("seq", "lstm", 3, 1, "state"))
-    lstm = next(n for n in gm.graph.nodes if n.op == "call_module" and type(getattr(gm, n.target)).__name__ == "Recurrent")
+    lstm = next(n for n in gm.graph.nodes
+                if n.op == "call_module" and type(getattr(gm, n.target)).__name__ == "Recurrent")
     y = next(u for u in lstm.users if u.args[1] == 0)           # Y [T, D, N, H]
     h = next(u for u in lstm.users if u.args[1] == 1)           # Y_h [D, N, H]
     x = torch.randn(5, *shape)
@@ -50,7 +51,7 @@ class _Merge(torch.nn.Module):
 def test_log_lines_report_count_loss_and_time_left():
     out = io.StringIO()
     it = progress.LogLines(range(5), "pack0", 5, every=0.0, stream=out)
-    for i in it:
+    for _ in it:
         it.set_postfix(loss="0.5")
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("  pack0: 1/5  loss 0.5  ~") and lines[0].endswith("left") and len(lines) == 4

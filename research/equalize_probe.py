@@ -1,6 +1,6 @@
 """Probe: does scale equalization rescue 4-bit activations? (a measurement, not a pipeline step)
 
-    python bench/equalize_probe.py --model REC.onnx --calib calib.npz --eval eval.npz \
+    python research/equalize_probe.py --model REC.onnx --calib calib.npz --eval eval.npz \
         [--input-shape x:N,3,48,320] [--alpha 1.0] [--shift] [--all-but L1,L2] [--samples 32]
 
 prints: the equalized tensors, the float output difference (the pass is exact), how even the
@@ -178,7 +178,8 @@ def _explore(G: Graph, site: Site, t: str, offset: int, depth: int = 0) -> bool:
             if axis != site.axis and not (rank == 2 and {axis, site.axis} == {1, -1}):
                 return False
             site.readers[(n.name, offset)] = n
-            if n.op_type == "MatMul" or any(_attr(n, "pads", [0]) or [0]) or _attr(n, "auto_pad", b"NOTSET") != b"NOTSET":
+            padded = any(_attr(n, "pads", [0]) or [0]) or _attr(n, "auto_pad", b"NOTSET") != b"NOTSET"
+            if n.op_type == "MatMul" or padded:
                 site.shiftable = False  # zero padding would read m, and MatMul has no bias to take it
             continue
         if n.op_type not in TRANSPARENT or list(n.input).count(t) != 1 or not rank:
@@ -417,7 +418,9 @@ def score(path: str, a, diagnostics=()) -> None:
         return
     convs = [q for q in p.qls if isinstance(q.inner, torch.nn.Conv2d) and q.layer.act_input is not None]
     seen = {}
-    hooks = [q.inner.register_forward_pre_hook((lambda n: lambda m, x: seen.setdefault(n, []).append(x[0]))(q.layer.name))
+    def keep(n):
+        return lambda m, x: seen.setdefault(n, []).append(x[0])
+    hooks = [q.inner.register_forward_pre_hook(keep(q.layer.name))
              for q in convs]
     qmodel.set_quant(p.qls, False, False)
     convert.torch_run(p.gm, data.take(p.calib, a.samples), p.names)
@@ -434,7 +437,8 @@ def score(path: str, a, diagnostics=()) -> None:
             cq = ChannelQuant(torch.cat(seen[q.layer.name]), 4)
             q.aq = cq
             feeder = q.links.fed_by  # an output quantizer shared with this input is replaced too
-            if feeder is not None and feeder.oq is not None and all(r.layer.name in names for r in feeder.links.readers):
+            if feeder is not None and feeder.oq is not None and \
+                    all(r.layer.name in names for r in feeder.links.readers):
                 feeder.oq = cq
         qmodel.set_quant(p.qls, False, True)
         show(f"A4, float weights, diagnostic: per-channel min-max at {which} conv inputs")

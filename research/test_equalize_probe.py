@@ -1,21 +1,13 @@
-"""bench/equalize_probe.py's scale equalization: exact, through squeeze-excite and pooling paths."""
-import os
-import sys
+"""research/equalize_probe.py's scale equalization: exact, through squeeze-excite and pooling paths."""
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def probe():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import equalize_probe
-    finally:
-        sys.path.pop(0)
+    import equalize_probe  # pytest puts this file's folder (research/) on sys.path
     return equalize_probe
 
 
