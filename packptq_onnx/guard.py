@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from . import memory
+from . import memory, state
 
 PROBES = 4
 MAX_SHARE = 0.25
@@ -51,7 +51,7 @@ def _tracked(x: torch.Tensor) -> torch.Tensor:
 def estimate(gm, qls, batches, seed: int = 0, bits: int = 8) -> dict:
     """{(layer name, "input" | "output"): predicted output noise-to-signal ratio} for every `bits`-bit
     activation quantizer (inputs of weighted layers, outputs); the model runs float meanwhile."""
-    sites, hooks, state = {}, [], [(q, q.quant_w, q.quant_a) for q in qls]
+    sites = {}
     dots: dict = {}  # (site, probe) -> v . J d, summed over the batch
 
     def _site(key, x, quantizer):
@@ -66,24 +66,26 @@ def estimate(gm, qls, batches, seed: int = 0, bits: int = 8) -> dict:
             with torch.no_grad():
                 dots[key] = float((g.double() * (quantizer(ref) - ref).double()).sum())
         x.register_hook(hook)
-    for q in qls:
-        q.quant_w = q.quant_a = False
 
-        def pre(mod, args, q=q):
+    def pre(q):
+        def hook(mod, args):
             if q.aq is not None and q.wq is not None and q.aq.bits == bits:
                 x = _tracked(args[0])
                 _site((q.layer.name, "input"), x, q.aq)
                 return (x, *args[1:])
+        return hook
 
-        def post(mod, args, out, q=q):
+    def post(q):
+        def hook(mod, args, out):
             if q.oq is not None and q.oq.bits == bits and torch.is_tensor(out):
                 out = _tracked(out)
                 _site((q.layer.name, "output"), out, q.oq)
                 return out
-        hooks += [q.register_forward_pre_hook(pre), q.register_forward_hook(post)]
+        return hook
     gen = torch.Generator().manual_seed(seed)
     total: dict = {}
-    try:
+    with state.quantized(qls, only=[]), state.capture(pre=[(q, pre(q)) for q in qls],
+                                                      post=[(q, post(q)) for q in qls]):
         for args in batches:
             args = [a.detach().float().requires_grad_() if a.is_floating_point() else a for a in args]
             outs = gm(*args)
@@ -102,11 +104,6 @@ def estimate(gm, qls, batches, seed: int = 0, bits: int = 8) -> dict:
                     total[key] = total.get(key, 0.0) + dot ** 2 / PROBES
             sites.clear()
             memory.trim()
-    finally:
-        for h in hooks:
-            h.remove()
-        for q, w, a in state:
-            q.quant_w, q.quant_a = w, a
     return total
 
 
@@ -114,18 +111,3 @@ def choose(est: dict, threshold: float) -> list:
     """Quantizers to leave float: own predicted ratio over the threshold, worst first, capped."""
     over = sorted((k for k, v in est.items() if v > threshold), key=lambda k: -est[k])
     return over[:int(MAX_SHARE * len(est))]
-
-
-def keep_float(qls, keys) -> None:
-    """Remove these quantizers, and every quantizer object shared with them (a tied producer
-    output), so that no later re-bitting brings them back."""
-    by = {q.layer.name: q for q in qls}
-    gone = set()
-    for name, part in keys:
-        q = by[name]
-        gone.add(id(q.aq if part == "input" else q.oq))
-    for q in qls:
-        if q.aq is not None and id(q.aq) in gone:
-            q.aq, q.act_stats = None, None
-        if q.oq is not None and id(q.oq) in gone:
-            q.oq, q.links.out_stats = None, None

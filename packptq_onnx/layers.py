@@ -250,3 +250,31 @@ def read_only_by_layers(model, layers: list[Layer]) -> set[str]:
                and by_node[n.name].act_input2 != t for n in nodes):
             out.add(t)
     return out
+
+
+RULES = {"model output": "the layer's output is a model output",
+         "float-sensitive": "reaches LayerNorm / Softmax / GELU / Sqrt / Pow / Where before a quantized input",
+         "tail": "no quantized layer reads it: decode / post-processing up to the model outputs"}
+
+
+def output_rules(model, layers, output_bits) -> dict:
+    """Layer output left without an output quantizer -> (rule, model outputs it feeds)."""
+    graph_out = [o.name for o in model.graph.output]
+    rules = {l.output: ("model output", [l.output]) for l in layers if l.output in graph_out}
+    if output_bits is None:
+        return rules
+    for t in outputs_before_float_ops(model, layers):
+        rules.setdefault(t, ("float-sensitive", []))
+    for t, outs in tail_outputs(model, layers).items():
+        rules.setdefault(t, ("tail", outs))
+    return rules
+
+
+def per_output_rules(model, qls, rules) -> dict:
+    """Per model output: the layers in front of it whose output quantizer a rule skipped."""
+    res = {o.name: [] for o in model.graph.output}
+    for q in qls:
+        rule, outs = rules.get(q.layer.output, ("", []))
+        for o in outs:
+            res[o].append({"layer": q.layer.name, "rule": rule})
+    return res

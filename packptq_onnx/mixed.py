@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import qmodel
+from . import state
 from .errors import UsageError
 from .sensitivity import batch_size, loss_sum
 from .solvers import ilp
@@ -50,44 +50,35 @@ def _outputs(res) -> list:
 def measure(gm, qls, pack_layers: list[list[str]], opts: list[tuple[int, int]], batches) -> list[list[float]]:
     """Omega[p][k]: loss with only pack p at option k; every layer is left as it was found."""
     by_name = {q.layer.name: q for q in qls}
-    saved = {q.layer.name: (q.wq, q.aq, q.aq2, q.oq) for q in qls}
-    qmodel.set_quant(qls, False, False)
     data = list(batches())
-    ref = [[t.detach() for t in _outputs(gm(*args))] for args in data]
+    with state.quantized(qls, only=[]):
+        ref = [[t.detach() for t in _outputs(gm(*args))] for args in data]
     n = sum(batch_size(args) for args in data)
     table = []
-    try:
+    with state.snapshot(qls):
         for names in pack_layers:
             own = [by_name[x] for x in names]
             row = []
             for w, a in opts:
                 for q in own:
-                    qmodel.set_bits(q, w, a)
-                    q.quant_w = q.quant_a = True
-                qmodel.match_output_bits(qls)  # outputs read by the pack at its input bits
-                tot = sum(float(loss_sum(_outputs(gm(*args)), r, batch_size(args))) for args, r in zip(data, ref))
+                    state.set_bits(q, w, a)
+                state.match_output_bits(qls)  # outputs read by the pack at its input bits
+                with state.quantized(qls, only=own):
+                    tot = sum(float(loss_sum(_outputs(gm(*args)), r, batch_size(args)))
+                              for args, r in zip(data, ref))
                 row.append(tot / n)
-                for q in own:
-                    q.quant_w = q.quant_a = False
             table.append(row)
-    finally:
-        for q in qls:
-            q.wq, q.aq, q.aq2, q.oq = saved[q.layer.name]
-        qmodel.set_quant(qls, True, True)
     return table
 
 
 def act_elements(gm, qls, sample_args) -> dict[str, int]:
     """Input-activation elements per sample of each quantized layer (for the activation-memory limit)."""
     counts = {}
-    for q in qls:
-        q.observer = (lambda name: lambda x: counts.__setitem__(name, x[0].numel()))(q.layer.name)
-    try:
-        with torch.no_grad():
-            gm(*sample_args)
-    finally:
-        for q in qls:
-            q.observer = None
+
+    def count(name):
+        return lambda _m, args: counts.__setitem__(name, args[0][0].numel())
+    with torch.no_grad(), state.capture(pre=[(q, count(q.layer.name)) for q in qls]):
+        gm(*sample_args)
     return counts
 
 
@@ -97,7 +88,7 @@ def allocate(gm, qls, packs, units, batches, mo: MixedOptions, abits_uniform: in
     in_pack = {n for names in pack_layers for n in names}
     fixed = [q for q in qls if q.layer.name not in in_pack]
     for q in fixed:
-        qmodel.set_bits(q, mo.fixed_bits, mo.fixed_abits or mo.fixed_bits)
+        state.set_bits(q, mo.fixed_bits, mo.fixed_abits or mo.fixed_bits)
     opts = options(mo)
     elems = {q.layer.name: q.weight.numel() for q in qls}
     fixed_bytes = sum(elems[q.layer.name] * mo.fixed_bits / 8 for q in fixed)
@@ -138,11 +129,11 @@ def allocate(gm, qls, packs, units, batches, mo: MixedOptions, abits_uniform: in
     for p, names, k in zip(packs, pack_layers, sol.choice):
         w, a = opts[k]
         for n in names:
-            qmodel.set_bits(by_name[n], w, a)
+            state.set_bits(by_name[n], w, a)
         rows.append({"id": p.id, "blocks": p.blocks, "wbits": w, "abits": a, "bytes": size[p.id][k],
                      "sensitivity": table[p.id][k]})
         log(f"  pack {p.id}: W{w}A{a}  {size[p.id][k] / 1e3:.1f} kB  Omega {table[p.id][k]:.4g}")
-    qmodel.tie_inputs(qls)
+    state.tie_inputs(qls)
     return {"budget_bytes": budget, "predicted_bytes": fixed_bytes + sol.size, "fixed_bytes": fixed_bytes,
             "options": opts, "sensitivity": table, "packs": rows, "solver": sol.solver,
             "solve_seconds": round(sol.seconds, 4), "objective": sol.objective}

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import torch
 
-from . import runtime
+from . import runtime, state
 
 
 @dataclass
@@ -28,13 +28,10 @@ class LayerParity:
 @torch.no_grad()
 def layer_parity(qdq: onnx.ModelProto, gm, qls, feeds: dict, names: list) -> LayerParity:
     captured = {}
-    hooks = [q.register_forward_pre_hook(lambda m, a, k, q=q: captured.__setitem__(id(q), (a, k)), with_kwargs=True)
-             for q in qls]
-    try:
+    def keep(q):
+        return lambda m, a, k: captured.__setitem__(id(q), (a, k))
+    with state.capture(pre=[(q, keep(q)) for q in qls], with_kwargs=True):
         gm(*[torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in names])
-    finally:
-        for h in hooks:
-            h.remove()
     m = onnx.ModelProto()
     m.CopyFrom(qdq)
     have = {o.name for o in m.graph.output} | set(feeds)

@@ -9,22 +9,17 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from . import __version__, convert, data, layout, qmodel, runtime, shapes, targets, validate
+from . import __version__, convert, data, layout, qlayer, runtime, shapes, state, targets, validate
+from .calibrate import calibrate
 from .errors import UsageError
 from .exporters import files, qdq
-from .layers import (
-    decode_layers,
-    find_layers,
-    outputs_before_float_ops,
-    post_activations,
-    read_only_by_layers,
-    tail_outputs,
-)
+from .layers import RULES, decode_layers, find_layers, output_rules, per_output_rules
 from .mixed import MixedOptions
 from .onnx_import import ImportedModel, check_float, check_static, load, reshaped
 from .parity import layer_parity
 from .progress import bar
 from .reconstruct import ReconOptions
+from .records import export_records
 
 PARITY_SAMPLES = 64
 LAYER_PARITY_SAMPLES = 8
@@ -52,7 +47,7 @@ class Options:
     mixed: MixedOptions = field(default_factory=MixedOptions)
     input_shapes: dict = field(default_factory=dict)  # name -> dims (None = dynamic), --input-shape
     batch_axes: dict = field(default_factory=dict)    # name -> sample axis, --batch-axis (packptq_onnx.layout)
-    bias_correction: bool = True  # subtract the mean output shift of quantized weights (qmodel)
+    bias_correction: bool = True  # subtract the mean output shift of quantized weights (qlayer)
     task: str | None = None    # task metric for --eval (packptq_onnx.tasks); None: guessed
     guard: float = 0.002       # 8-bit activation quantizers predicted to cost more output NSR stay float
     metric: str | None = None  # --metric module:function, called with float and quantized outputs
@@ -229,7 +224,7 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
         f"layers, opset {imp.opset}" + (f" ({'; '.join(imp.notes)})" if imp.notes else ""))
     for name, why in decode.items():
         log(f"note: layer {name} stays float ({why})")
-    qls = qmodel.wrap(gm, imp.model, layers)
+    qls = qlayer.wrap(gm, imp.model, layers)
     if opts.device == "cuda":  # full fp32 on the GPU: TF32 would round what the exported model computes exactly
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     gm.to(opts.device)
@@ -237,12 +232,9 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
                  declared=declared, axes=axes)
     p.shape_groups = other_shapes(imp, gm, groups[1:], opts, plan.run_batch or 2, log)
     p.output_rules = output_rules(imp.model, layers, opts.output_bits)
-    qmodel.calibrate(gm, qls, p.calib_batches(opts), opts.wbits, opts.abits, opts.reduce_range, opts.seed,
-                     progress=lambda it: bar(it, "calibrate", -(-p.n_samples // opts.batch_size)),
-                     output_bits=opts.output_bits,
-                     float_outputs=set(p.output_rules),
-                     post_act=post_activations(imp.model, layers),
-                     layer_only=read_only_by_layers(imp.model, layers), bias_correction=opts.bias_correction)
+    calibrate(gm, qls, imp.model, p.calib_batches(opts), opts.wbits, opts.abits, opts.reduce_range, opts.seed,
+              progress=lambda it: bar(it, "calibrate", -(-p.n_samples // opts.batch_size)),
+              output_bits=opts.output_bits, bias_correction=opts.bias_correction)
     if opts.guard:
         p.kept_float = guard_activations(p, opts, log)
     p.seconds = time.time() - t0
@@ -278,41 +270,13 @@ def guard_activations(p: Prepared, opts: Options, log=print) -> list[dict]:
     est = guard.estimate(p.gm, p.qls, data.batches(feeds, p.names, p.plan.run_batch or 1, opts.device),
                          opts.seed)
     keys = guard.choose(est, opts.guard)
-    guard.keep_float(p.qls, keys)
+    state.keep_float(p.qls, keys)
     kept = [{"layer": n, "part": part, "predicted_nsr": round(est[(n, part)], 6)} for n, part in keys]
     if kept:
         names = ", ".join(f"{k['layer']} {k['part']}" for k in kept[:4]) + (", ..." if len(kept) > 4 else "")
         log(f"note: {len(kept)} of {len(est)} 8-bit activation quantizers stay float: alone each would cost "
             f"more than {opts.guard:g} of the outputs' energy ({names}; {time.time() - t0:.0f} s)")
     return kept
-
-
-RULES = {"model output": "the layer's output is a model output",
-         "float-sensitive": "reaches LayerNorm / Softmax / GELU / Sqrt / Pow / Where before a quantized input",
-         "tail": "no quantized layer reads it: decode / post-processing up to the model outputs"}
-
-
-def output_rules(model, layers, output_bits) -> dict:
-    """Layer output left without an output quantizer -> (rule, model outputs it feeds)."""
-    graph_out = [o.name for o in model.graph.output]
-    rules = {l.output: ("model output", [l.output]) for l in layers if l.output in graph_out}
-    if output_bits is None:
-        return rules
-    for t in outputs_before_float_ops(model, layers):
-        rules.setdefault(t, ("float-sensitive", []))
-    for t, outs in tail_outputs(model, layers).items():
-        rules.setdefault(t, ("tail", outs))
-    return rules
-
-
-def per_output_rules(model, qls, rules) -> dict:
-    """Per model output: the layers in front of it whose output quantizer a rule skipped."""
-    res = {o.name: [] for o in model.graph.output}
-    for q in qls:
-        rule, outs = rules.get(q.layer.output, ("", []))
-        for o in outs:
-            res[o].append({"layer": q.layer.name, "rule": rule})
-    return res
 
 
 def other_shapes(imp: ImportedModel, gm, groups: list, opts: Options, run_batch: int, log=print) -> list[dict]:
@@ -392,7 +356,7 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
     pack_of = {}
     if analysis is not None:
         pack_of = {n: pk.id for pk in analysis.packs for b in pk.blocks for n in analysis.units.blocks[b].layers}
-    records = qmodel.export_records(qls, pack_of)
+    records = export_records(qls, pack_of)
     out = qdq.write_qdq(imp.model, records, storage=opts.storage)
     t2 = time.time()
     probe = data.take(calib, PARITY_SAMPLES)

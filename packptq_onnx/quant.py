@@ -4,14 +4,18 @@ q = clamp(round_half_even(x / s) + z, qmin, qmax);  x~ = (q - z) * s.
 Weights: symmetric (z = 0), per output channel, signed b-bit range in an int8 container.
 Activations: asymmetric uint8 container, clamped to [0, 2^b - 1], per tensor.
 Ranges start from an Lp (p = 2.4) search over 80 shrinking candidates (docs/METHOD.md, "Quantizers").
+WeightQuantizer and ActQuantizer are the modules the simulated layers hold; which of them a layer
+holds, and whether it is on, is packptq_onnx.state's business alone.
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 P_NORM = 2.4
 N_CANDIDATES = 80
 MIN_SCALE = 1e-8
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
 
 
 def weight_qrange(bits: int, reduce_range: bool = False) -> tuple[int, int]:
@@ -81,3 +85,54 @@ def search_act_params(sample: torch.Tensor, lo: float, hi: float, qmin: int, qma
         if err < best_err:
             best, best_err = (s, z), err
     return best
+
+
+class WeightQuantizer(nn.Module):
+    """Per-channel symmetric weight quantizer; round to nearest, or AdaRound (soft while learning,
+    hard = floor(w/s) + (V >= 0) once learned: the hard integers are what is exported)."""
+
+    def __init__(self, w: torch.Tensor, axis: int, bits: int, reduce_range: bool, scale=None):
+        super().__init__()
+        self.axis, self.bits = axis, bits
+        self.qmin, self.qmax = weight_qrange(bits, reduce_range)
+        if scale is None:
+            scale = search_weight_scale(w, axis, self.qmin, self.qmax).float()
+        self.register_buffer("scale", scale.clone())
+        self.alpha: nn.Parameter | None = None
+        self.soft = False
+
+    def s(self, ndim: int) -> torch.Tensor:
+        return channel_view(self.scale, self.axis, ndim)
+
+    def init_adaround(self, w: torch.Tensor) -> None:
+        """V such that h(V) equals the fractional part of w/s."""
+        x = w.detach() / self.s(w.dim())
+        rest = (x - torch.floor(x)).clamp(1e-4, 1 - 1e-4)
+        self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        self.soft = True
+
+    def h(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def integer(self, w: torch.Tensor) -> torch.Tensor:
+        """Integer weight exactly as exported."""
+        x = w / self.s(w.dim())
+        if self.alpha is None:
+            return torch.clamp(torch.round(x), self.qmin, self.qmax)
+        up = self.h() if self.soft else (self.alpha >= 0).to(x.dtype)
+        return torch.clamp(torch.floor(x.detach()) + up, self.qmin, self.qmax)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.integer(w) * self.s(w.dim())
+
+
+class ActQuantizer(nn.Module):
+    def __init__(self, bits: int, scale: float, zero: float):
+        super().__init__()
+        self.bits = bits
+        self.qmin, self.qmax = act_qrange(bits)
+        self.scale = nn.Parameter(torch.tensor(scale, dtype=torch.float32))
+        self.register_buffer("zero", torch.tensor(zero, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant(x, self.scale, self.zero, self.qmin, self.qmax)

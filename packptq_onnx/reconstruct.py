@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import fx
 
+from . import state
 from .blocks import SHAPE_OPS
 from .convert import module_name
 from .estimate import node_seconds, unit_seconds
 from .progress import bar, fmt_seconds
-from .qmodel import set_quant
 from .sensitivity import batch_size
 from .unitcache import Cache, capture, layouts
 
@@ -169,16 +169,14 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     sub, in_nodes, out_node = subgraph(gm, model, unit)
     own = [q for q in qls if q.layer.name in set(unit.layers)]
     wanted = in_nodes + [out_node]
-    set_quant(qls, False, False)
-    lays = layouts(gm, next(iter(calib_batches())), wanted)
-    fp = capture(gm, calib_batches(), wanted, lays)
-    set_quant(qls, True, True)
+    with state.quantized(qls, only=[]):
+        lays = layouts(gm, next(iter(calib_batches())), wanted)
+        fp = capture(gm, calib_batches(), wanted, lays)
     qin = capture(gm, calib_batches(), in_nodes, lays and lays[:-1])
     if lays is not None and (fp is None or qin is None):  # a value that is not the same in every batch
         lays = None
-        set_quant(qls, False, False)
-        fp = capture(gm, calib_batches(), wanted, None)
-        set_quant(qls, True, True)
+        with state.quantized(qls, only=[]):
+            fp = capture(gm, calib_batches(), wanted, None)
         qin = capture(gm, calib_batches(), in_nodes, None)
     cache = Cache(fp + qin, lays and lays + lays[:-1], o.cache_bytes, cache_dir, device)
     k = len(in_nodes)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import state
 from .convert import module_name
 
 
@@ -90,22 +91,17 @@ def score_blocks(gm, qls, units, model, batches, n_samples: int, progress=None, 
             store["z"] = z.detach()
             return None
 
-        handle = mod.register_forward_hook(hook)
         sums = dict(loss=0.0, first=0.0, second=0.0, absd=0.0, numel=0)
-        try:
+        with state.capture(post=[(mod, hook)]):
             for args in batches():
-                for q in qls:
-                    q.quant_w = q.quant_a = q in own
                 store["inject"] = False
-                with torch.no_grad():
+                with torch.no_grad(), state.quantized(qls, only=own):
                     yq = [t.detach() for t in _outputs(gm(*args))]
                 zq = store.get("z")
                 if zq is None:  # the block's output is not computed by the model (dead code)
                     break
-                for q in qls:
-                    q.quant_w = q.quant_a = False
                 store["inject"] = True
-                with torch.enable_grad():
+                with torch.enable_grad(), state.quantized(qls, only=[]):
                     loss = loss_sum(_outputs(gm(*args)), yq, batch_size(args)) / n_samples
                     if torch.is_tensor(loss) and loss.requires_grad:
                         loss.backward()
@@ -119,10 +115,6 @@ def score_blocks(gm, qls, units, model, batches, n_samples: int, progress=None, 
                 sums["second"] += float(0.5 * delta.pow(2).sum())
                 sums["absd"] += float(delta.abs().sum())
                 sums["numel"] += delta.numel()
-        finally:
-            handle.remove()
-            for q in qls:
-                q.quant_w = q.quant_a = True
         n = max(sums["numel"], 1)
         first, second = sums["first"] / n, sums["second"] / n
         s = (sums["loss"] - first) / max(second, 1e-12)

@@ -4,7 +4,7 @@ relative to that channel's energy; and the output quantizer's own per-channel er
 
     python research/channel_fit.py MODEL.onnx --calib C.npz [--bits 8] [--samples 4] [--top 20]
 
-A probe for the rule in layers / qmodel that keeps such inputs float (docs/METHOD.md, "Output quantizers").
+A probe for the rule in layers / calibrate that keeps such inputs float (docs/METHOD.md, "Output quantizers").
 """
 import numpy as np
 import torch

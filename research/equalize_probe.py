@@ -395,14 +395,14 @@ def score(path: str, a, diagnostics=()) -> None:
     """rtn cosine / argmax agreement to float: A4 with float weights, W4A4, then each diagnostic
     (which): per-channel min-max inputs (ChannelQuant) to 'all' convs, the 'depthwise' ones, or
     'all but A,B' (layer names)."""
-    from packptq_onnx import convert, data, pipeline, qmodel
+    from packptq_onnx import convert, data, pipeline, qlayer, state
     from packptq_onnx.validate import cosine
     o = pipeline.Options(wbits=4, abits=4, method="rtn", calib_samples=a.calib_samples, batch_size=16,
                          input_shapes=a.shapes)
     p = pipeline.prepare(path, a.calib, o, log=lambda *_: None)
     ev, _ = data.load(a.eval, p.imp.inputs)
     ev = data.take(ev, a.samples)
-    qmodel.set_quant(p.qls, False, False)
+    state.set_quant(p.qls, False, False)
     ref = convert.torch_run(p.gm, ev, p.names)[0]
 
     def show(tag):
@@ -410,9 +410,9 @@ def score(path: str, a, diagnostics=()) -> None:
         agree = (out.argmax(-1) == ref.argmax(-1)).mean()
         print(f"  {tag:58s} cosine {cosine(out, ref):.4f}  argmax agreement {agree:.4f}", flush=True)
 
-    qmodel.set_quant(p.qls, False, True)
+    state.set_quant(p.qls, False, True)
     show("A4, float weights")
-    qmodel.set_quant(p.qls, True, True)
+    state.set_quant(p.qls, True, True)
     show("W4A4")
     if not diagnostics:
         return
@@ -420,28 +420,23 @@ def score(path: str, a, diagnostics=()) -> None:
     seen = {}
     def keep(n):
         return lambda m, x: seen.setdefault(n, []).append(x[0])
-    hooks = [q.inner.register_forward_pre_hook(keep(q.layer.name))
-             for q in convs]
-    qmodel.set_quant(p.qls, False, False)
-    convert.torch_run(p.gm, data.take(p.calib, a.samples), p.names)
-    for h in hooks:
-        h.remove()
-    initial = {q.layer.name: (q.aq, q.oq) for q in p.qls}
+    state.set_quant(p.qls, False, False)
+    with state.capture(pre=[(q.inner, keep(q.layer.name)) for q in convs]):
+        convert.torch_run(p.gm, data.take(p.calib, a.samples), p.names)
     for which in diagnostics:
-        for q in p.qls:
-            q.aq, q.oq = initial[q.layer.name]
-        chosen = [q for q in convs if which == "all" or (which == "depthwise" and qmodel.is_depthwise(q))
-                  or (which.startswith("all but ") and q.layer.name not in which[8:].split(","))]
-        names = {q.layer.name for q in chosen}
-        for q in chosen:
-            cq = ChannelQuant(torch.cat(seen[q.layer.name]), 4)
-            q.aq = cq
-            feeder = q.links.fed_by  # an output quantizer shared with this input is replaced too
-            if feeder is not None and feeder.oq is not None and \
-                    all(r.layer.name in names for r in feeder.links.readers):
-                feeder.oq = cq
-        qmodel.set_quant(p.qls, False, True)
-        show(f"A4, float weights, diagnostic: per-channel min-max at {which} conv inputs")
+        with state.snapshot(p.qls):
+            chosen = [q for q in convs if which == "all" or (which == "depthwise" and qlayer.is_depthwise(q))
+                      or (which.startswith("all but ") and q.layer.name not in which[8:].split(","))]
+            names = {q.layer.name for q in chosen}
+            for q in chosen:
+                cq = ChannelQuant(torch.cat(seen[q.layer.name]), 4)
+                state.use(q, "aq", cq)
+                feeder = q.links.fed_by  # an output quantizer shared with this input is replaced too
+                if feeder is not None and feeder.oq is not None and \
+                        all(r.layer.name in names for r in feeder.links.readers):
+                    state.use(feeder, "oq", cq)
+            state.set_quant(p.qls, False, True)
+            show(f"A4, float weights, diagnostic: per-channel min-max at {which} conv inputs")
 
 
 def spread(maxima: np.ndarray) -> float:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from probe import parser, prepare_rtn
 
-from packptq_onnx import convert, data, shapes, tasks
+from packptq_onnx import convert, data, shapes, state, tasks
 from packptq_onnx.validate import cosine, input_hw
 
 
@@ -23,20 +23,14 @@ def main():
     feeds, _ = data.load(a.eval, shapes.specs(p.imp.original))
     feeds = data.take(feeds, a.samples)
     qls, hw = p.qls, input_hw(feeds)
-    saved = [(q.wq, q.aq, q.aq2, q.oq) for q in qls]
-
     def run(active=None):  # active: (layer index, part) quantized alone; None: nothing; "all": everything
-        for i, q in enumerate(qls):
-            on = active == "all" or (active is not None and active[0] == i)
-            part = active[1] if on and active != "all" else "all"
-            q.wq, q.aq, q.aq2, q.oq = saved[i]
-            if on and part != "all":
-                q.wq = saved[i][0] if part == "weight" else None
-                q.aq = saved[i][1] if part == "input" else None
-                q.aq2 = saved[i][2] if part == "input" else None
-                q.oq = saved[i][3] if part == "output" else None
-            q.quant_w = q.quant_a = on
-        with torch.no_grad():
+        with state.snapshot(qls), torch.no_grad():
+            if active is None or active == "all":
+                state.set_quant(qls, active == "all", active == "all")
+            else:
+                state.set_quant(qls, False, False)
+                state.isolate(qls[active[0]], active[1])
+                state.set_quant([qls[active[0]]], True, True)
             return convert.torch_run(p.gm, feeds, p.names, batch_size=p.run_batch)
 
     def score(ref, got):  # samples on their own axis: a CTC recognizer's [T, N, C] has them on axis 1
@@ -48,7 +42,7 @@ def main():
     print(f"all quantized: task {score(ref, run('all'))[0]:.4f}, cosine {score(ref, run('all'))[1]:.5f}")
     rows = []
     for i, q in enumerate(qls):
-        for part, present in (("weight", saved[i][0]), ("input", saved[i][1]), ("output", saved[i][3])):
+        for part, present in (("weight", q.wq), ("input", q.aq), ("output", q.oq)):
             if present is not None:
                 rows.append((*score(ref, run((i, part))), q.layer.name, q.layer.op, part))
     for s, c, name, op, part in sorted(rows, key=lambda r: (r[0] if a.task else r[1], r[1]))[:a.top]:

@@ -10,8 +10,10 @@ from conftest import SAMPLES
 from onnx import TensorProto, helper, numpy_helper
 from packptq_onnx.exporters import qdq
 
-from packptq_onnx import convert, data, layers, onnx_import, qmodel, runtime, validate
+from packptq_onnx import convert, data, layers, onnx_import, qlayer, runtime, state, validate
+from packptq_onnx.calibrate import calibrate
 from packptq_onnx.pipeline import Options, quantize
+from packptq_onnx.records import export_records
 
 R = np.random.RandomState(1)
 
@@ -34,7 +36,7 @@ def _single(tmp_path, op, first: bool):
               path)
     imp = onnx_import.load(path)
     gm = convert.to_torch(imp)
-    qls = qmodel.wrap(gm, imp.model, layers.find_layers(imp.model))
+    qls = qlayer.wrap(gm, imp.model, layers.find_layers(imp.model))
     feeds = {"x": (0.5 + 0.3 * R.randn(32, *shape) + R.rand(1, *shape)).astype(np.float32)}
     return imp, gm, qls, feeds
 
@@ -44,10 +46,10 @@ def _mean_shift(gm, q, feeds) -> float:
     axis = 1
     outs = []
     for weights in (False, True):
-        qmodel.set_quant([q], weights, False)
+        state.set_quant([q], weights, False)
         y = torch.from_numpy(convert.torch_run(gm, feeds, ["x"])[0])
         outs.append(y.mean([d for d in range(y.dim()) if d != axis]))
-    qmodel.set_quant([q], True, True)
+    state.set_quant([q], True, True)
     return float((outs[1] - outs[0]).abs().max())
 
 
@@ -56,7 +58,7 @@ def test_correction_removes_the_mean_shift(tmp_path, op):
     imp, gm, qls, feeds = _single(tmp_path, op, first=False)
     shifts = {}
     for bc in (False, True):
-        qmodel.calibrate(gm, qls, data.batches(feeds, ["x"], 8), 3, 8, True, 0, bias_correction=bc)
+        calibrate(gm, qls, imp.model, data.batches(feeds, ["x"], 8), 3, 8, True, 0, bias_correction=bc)
         assert (qls[0].in_mean is not None) == bc
         shifts[bc] = _mean_shift(gm, qls[0], feeds)
     assert shifts[False] > 0.05, shifts            # 3-bit weights shift the output means
@@ -67,8 +69,8 @@ def test_first_layer_exports_its_corrected_float_bias(tmp_path):
     """A layer reading the network input has no input quantizer, so its bias stays float: the
     exported model must carry the corrected float bias, or onnxruntime drifts from the simulation."""
     imp, gm, qls, feeds = _single(tmp_path, "Conv", first=True)
-    qmodel.calibrate(gm, qls, data.batches(feeds, ["x"], 8), 3, 4, True, 0)
-    recs = qmodel.export_records(qls)
+    calibrate(gm, qls, imp.model, data.batches(feeds, ["x"], 8), 3, 4, True, 0)
+    recs = export_records(qls)
     assert recs[0].abits is None and recs[0].bias_int is None and recs[0].bias_float is not None
     original = numpy_helper.to_array(imp.model.graph.initializer[1])
     assert np.abs(recs[0].bias_float - original).max() > 1e-3  # the correction changed it

@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from packptq_onnx.exporters import files, qdq
 
-from packptq_onnx import convert, data, layers, onnx_import, pipeline, qmodel, runtime, validate
+from packptq_onnx import convert, data, layers, onnx_import, pipeline, qlayer, runtime, validate
+from packptq_onnx.calibrate import calibrate
 from packptq_onnx.cli import main
 from packptq_onnx.errors import UsageError
+from packptq_onnx.records import export_records
 
 MODEL, CALIB = os.path.join(SAMPLES, "digits_resnet.onnx"), os.path.join(SAMPLES, "calib.npz")
 R = np.random.RandomState(0)
@@ -191,10 +193,10 @@ def test_random_graphs_export_equals_simulation(op, cin, cout, wbits, abits, see
         path = _save(m, os.path.join(d, "m.onnx"))
         imp = onnx_import.load(path)
     gm = convert.to_torch(imp)
-    qls = qmodel.wrap(gm, imp.model, layers.find_layers(imp.model))
+    qls = qlayer.wrap(gm, imp.model, layers.find_layers(imp.model))
     feeds = {"x": (r.randn(16, *x_shape[1:]) * 3).astype(np.float32)}
-    qmodel.calibrate(gm, qls, data.batches(feeds, ["x"], 8), wbits, abits, True, seed)
-    out = qdq.write_qdq(imp.model, qmodel.export_records(qls))
+    calibrate(gm, qls, imp.model, data.batches(feeds, ["x"], 8), wbits, abits, True, seed)
+    out = qdq.write_qdq(imp.model, export_records(qls))
     par = validate.sim_parity(["y"], runtime.run(runtime.session(out), feeds),
                               convert.torch_run(gm, feeds, ["x"]))[0]
     assert par.exact, par

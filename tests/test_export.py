@@ -8,7 +8,9 @@ import pytest
 from conftest import SAMPLES
 from packptq_onnx.exporters import qdq
 
-from packptq_onnx import convert, data, layers, onnx_import, qmodel, runtime, validate
+from packptq_onnx import convert, data, layers, onnx_import, qlayer, runtime, state, validate
+from packptq_onnx.calibrate import calibrate
+from packptq_onnx.records import export_records
 
 MODEL, CALIB = os.path.join(SAMPLES, "digits_resnet.onnx"), os.path.join(SAMPLES, "calib.npz")
 
@@ -17,11 +19,9 @@ def quantize(path, wbits, abits, calib):
     imp = onnx_import.load(path)
     gm = convert.to_torch(imp)
     lays = layers.find_layers(imp.model)
-    qls = qmodel.wrap(gm, imp.model, lays)
-    qmodel.calibrate(gm, qls, data.batches(calib, ["x"], 8), wbits, abits, True, 0,
-                     float_outputs=set(imp.outputs), post_act=layers.post_activations(imp.model, lays),
-                     layer_only=layers.read_only_by_layers(imp.model, lays))
-    return imp, gm, qls, qdq.write_qdq(imp.model, qmodel.export_records(qls), {"test": True})
+    qls = qlayer.wrap(gm, imp.model, lays)
+    calibrate(gm, qls, imp.model, data.batches(calib, ["x"], 8), wbits, abits, True, 0)
+    return imp, gm, qls, qdq.write_qdq(imp.model, export_records(qls), {"test": True})
 
 
 @pytest.mark.parametrize("wbits,abits", [(8, 8), (4, 8), (4, 4), (2, 3)])
@@ -49,7 +49,7 @@ def test_qdq_structure_and_integer_ranges(exported):
     for w in w_ints:
         assert w.dtype == np.int8 and w.min() >= -4 and w.max() <= 3
     ops = [n.op_type for n in out.graph.node]
-    recs = qmodel.export_records(qls)
+    recs = export_records(qls)
     n_out = sum(q.oq is not None for q in qls)
     assert n_out == len(qls) - 1  # every layer but the one producing the graph output
     # a layer reading another's output at the same bits shares its quantizer: no Q/DQ of its own
@@ -72,7 +72,7 @@ def test_qdq_structure_and_integer_ranges(exported):
 def test_sim_matches_dequantized_integers(exported):
     net = nets.build("mobilenetv2")
     imp, gm, qls, out = quantize(exported("mobilenetv2", 13), 4, 8, nets.inputs(net, 16))
-    for q, rec in zip(qls, qmodel.export_records(qls)):
+    for q, rec in zip(qls, export_records(qls)):
         w = q.wq(q.weight).detach().numpy()
         view = [1] * w.ndim
         view[q.layer.axis] = -1
@@ -83,7 +83,7 @@ def test_sim_matches_dequantized_integers(exported):
 def test_eight_bit_weights_use_reduced_range_by_default(exported):
     net = nets.build("resnet")
     _, _, qls, _ = quantize(exported("resnet", 17), 8, 8, nets.inputs(net, 16))
-    recs = qmodel.export_records(qls)
+    recs = export_records(qls)
     assert min(int(r.w_int.min()) for r in recs) >= -64
     assert max(int(r.w_int.max()) for r in recs) <= 63
     assert max(int(np.abs(r.w_int).max()) for r in recs) >= 60  # the range is used, not collapsed
@@ -98,10 +98,10 @@ def test_depthwise_convs_use_full_range_and_chains_fuse(exported, tmp_path, bits
     import onnxruntime as ort
     net = nets.build("mobilenetv2")
     imp, gm, qls, out = quantize(exported("mobilenetv2", 17), bits, bits, nets.inputs(net, 16))
-    recs = qmodel.export_records(qls)
+    recs = export_records(qls)
     if bits == 8:
-        dw = [r for q, r in zip(qls, recs) if qmodel.is_depthwise(q)]
-        other = [r for q, r in zip(qls, recs) if not qmodel.is_depthwise(q)]
+        dw = [r for q, r in zip(qls, recs) if qlayer.is_depthwise(q)]
+        other = [r for q, r in zip(qls, recs) if not qlayer.is_depthwise(q)]
         assert dw and other
         assert max(int(np.abs(r.w_int).max()) for r in dw) > 64
         assert all(r.w_int.min() >= -64 and r.w_int.max() <= 63 for r in other)
@@ -153,7 +153,7 @@ def test_layer_parity_finds_a_wrong_layer(tmp_path):
     from packptq_onnx.pipeline import Options, prepare
 
     p = prepare(MODEL, CALIB, Options(wbits=4, abits=4, method="rtn", calib_samples=64), log=lambda *a: None)
-    out = qdq.write_qdq(p.imp.model, qmodel.export_records(p.qls))
+    out = qdq.write_qdq(p.imp.model, export_records(p.qls))
     feeds = data.take(p.calib, 8)
     good = layer_parity(out, p.gm, p.qls, feeds, p.names)
     assert good.exact and good.layers == len(p.qls)
@@ -187,7 +187,7 @@ def test_dead_channel_bias_fits_int32(tmp_path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
     calib = {"x": rng.randn(32, 3, 8, 8).astype(np.float32)}
     imp, gm, qls, out = quantize(path, 8, 8, calib)
-    rec = next(r for r in qmodel.export_records(qls) if r.layer.name == "c2")
+    rec = next(r for r in export_records(qls) if r.layer.name == "c2")
     assert np.abs(rec.bias_int.astype(np.int64)).max() <= 2 ** 24
     assert (rec.w_int[2] == 0).all()
     ort_q = runtime.run(runtime.session(out), calib)[0]
@@ -205,10 +205,10 @@ def test_output_quantizer_follows_its_readers_bits(exported):
     p = next(q for q in qls if q.links.readers)
     r = p.links.readers[0]
     assert p.oq.bits == 4 and r.aq is p.oq
-    qmodel.set_bits(r, 4, 8)
-    qmodel.tie_inputs(qls)
+    state.set_bits(r, 4, 8)
+    state.tie_inputs(qls)
     assert p.oq.bits == 8 and r.aq is p.oq
-    out = qdq.write_qdq(imp.model, qmodel.export_records(qls))
+    out = qdq.write_qdq(imp.model, export_records(qls))
     feeds = nets.inputs(net, 16, seed=3)
     par = validate.sim_parity(["y"], runtime.run(runtime.session(out), feeds), convert.torch_run(gm, feeds, ["x"]))[0]
     assert par.exact, par
@@ -234,7 +234,7 @@ def test_layer_parity_with_constant_nodes_and_bypassed_relu(tmp_path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     feeds = {"x": rng.normal(0, 1, (16, 3, 8, 8)).astype(np.float32)}
     imp, gm, qls, out = quantize(str(path), 4, 4, feeds)
-    recs = qmodel.export_records(qls)
+    recs = export_records(qls)
     assert recs[1].input_from == recs[0].layer.output and recs[0].o_bits == 4
     assert "Relu" not in [n.op_type for n in out.graph.node]
     if not any(n.op_type == "Constant" for n in out.graph.node):  # import may fold it: put one back

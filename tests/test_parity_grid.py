@@ -7,7 +7,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from packptq_onnx.exporters import qdq
 
-from packptq_onnx import convert, data, layers, onnx_import, qmodel, runtime, validate
+from packptq_onnx import convert, data, layers, onnx_import, qlayer, runtime, validate
+from packptq_onnx.calibrate import calibrate
+from packptq_onnx.records import export_records
 
 R = np.random.RandomState(0)
 # op -> (input shape, weight, extra node attributes, extra initializers)
@@ -46,7 +48,7 @@ def prepared(tmp_path_factory):
             path, shape = _model(op, tmp_path_factory.mktemp(op))
             imp = onnx_import.load(path)
             gm = convert.to_torch(imp)
-            qls = qmodel.wrap(gm, imp.model, layers.find_layers(imp.model))
+            qls = qlayer.wrap(gm, imp.model, layers.find_layers(imp.model))
             feeds = {"x": (R.randn(16, *shape[1:]) * 2).astype(np.float32)}
             cache[op] = imp, gm, qls, feeds
         return cache[op]
@@ -61,8 +63,8 @@ def test_parity_grid(prepared, op, storage):
     assert len(qls) == 1 and qls[0].layer.act_input == "h"
     for wbits in range(2, 9):
         for abits in range(2, 9):
-            qmodel.calibrate(gm, qls, data.batches(feeds, ["x"], 8), wbits, abits, True, 0)
-            recs = qmodel.export_records(qls)
+            calibrate(gm, qls, imp.model, data.batches(feeds, ["x"], 8), wbits, abits, True, 0)
+            recs = export_records(qls)
             assert recs[0].w_int.min() >= -(2 ** (wbits - 1)) and recs[0].w_int.max() <= 2 ** (wbits - 1) - 1
             out = qdq.write_qdq(imp.model, recs, storage=storage)
             if storage == "packed" and wbits <= 4:

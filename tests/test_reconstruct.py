@@ -6,8 +6,9 @@ import pytest
 from conftest import SAMPLES
 from packptq_onnx.exporters import qdq
 
-from packptq_onnx import convert, data, qmodel, reconstruct, runtime, validate
+from packptq_onnx import convert, data, reconstruct, runtime, validate
 from packptq_onnx.pipeline import Options, prepare, quantize, reconstruct_model
+from packptq_onnx.records import export_records
 
 MODEL = os.path.join(SAMPLES, "digits_resnet.onnx")
 CALIB = os.path.join(SAMPLES, "calib.npz")
@@ -41,7 +42,7 @@ def test_reconstruction_learns_and_export_matches(tmp_path, method):
     assert sum(not u["kept_rtn"] for u in res["units"]) >= len(res["units"]) - 1
     p_rtn, _ = _run("rtn", tmp_path)
     assert _eval_cosine(p) > _eval_cosine(p_rtn)  # held-out data: closer to float than RTN
-    recs = qmodel.export_records(p.qls)
+    recs = export_records(p.qls)
     assert all(r.w_int.min() >= -4 and r.w_int.max() <= 3 for r in recs)
     out = qdq.write_qdq(p.imp.model, recs)
     feeds = data.take(p.calib, 64)
@@ -86,7 +87,7 @@ def test_unit_recomputes_shape_arithmetic(tmp_path, exported):
 def test_resume_gives_identical_result(tmp_path, monkeypatch):
     (tmp_path / "a").mkdir()
     ref, _ = _run("block", tmp_path / "a", iters=40)
-    ref_ints = [r.w_int for r in qmodel.export_records(ref.qls)]
+    ref_ints = [r.w_int for r in export_records(ref.qls)]
     ckdir = tmp_path / "b"
     ckdir.mkdir()
     o = _opts("block", iters=40)
@@ -111,7 +112,7 @@ def test_resume_gives_identical_result(tmp_path, monkeypatch):
     res = reconstruct_model(p2, o, str(ckdir / "x.ckpt"), log=msgs.append)
     assert any("resuming after 2 of" in m for m in msgs)
     assert len(res["units"]) == 5
-    for a, b in zip(ref_ints, [r.w_int for r in qmodel.export_records(p2.qls)]):
+    for a, b in zip(ref_ints, [r.w_int for r in export_records(p2.qls)]):
         np.testing.assert_array_equal(a, b)
     for q1, q2 in zip(ref.qls, p2.qls):
         if q1.aq is not None:
@@ -121,7 +122,7 @@ def test_resume_gives_identical_result(tmp_path, monkeypatch):
 def test_disk_cache_equals_memory(tmp_path):
     a, _ = _run("adaround", tmp_path, iters=20)
     b, _ = _run("adaround", tmp_path, iters=20, cache_bytes=1)
-    for x, y in zip(qmodel.export_records(a.qls), qmodel.export_records(b.qls)):
+    for x, y in zip(export_records(a.qls), export_records(b.qls)):
         np.testing.assert_array_equal(x.w_int, y.w_int)
 
 
