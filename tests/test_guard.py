@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from packptq_onnx import convert, data, guard
+from packptq_onnx import convert, data, guard, state
 from packptq_onnx.cli import main
 from packptq_onnx.pipeline import Options, prepare
 
@@ -48,15 +48,11 @@ def test_first_order_estimate_ranks_like_measuring_each_quantizer_alone(tmp_path
                 log=lambda *_: None)
     feeds = data.take(p.calib, 8)
     est = guard.estimate(p.gm, p.qls, data.batches(feeds, p.names, 8))
-    saved = {q.layer.name: (q.aq, q.oq) for q in p.qls}
-
     def run(site):  # weights float; only `site` quantized (None: nothing)
-        for q in p.qls:
-            q.quant_w, q.quant_a = False, site is not None
-            aq, oq = saved[q.layer.name]
-            q.aq = aq if site == (q.layer.name, "input") else None
-            q.oq = oq if site == (q.layer.name, "output") else None
-        with torch.no_grad():
+        with state.snapshot(p.qls), torch.no_grad():
+            for q in p.qls:
+                state.isolate(q, site[1] if site is not None and site[0] == q.layer.name else "weight")
+            state.set_quant(p.qls, False, site is not None)
             return convert.torch_run(p.gm, feeds, p.names)[0].astype(np.float64)
 
     ref = run(None)
