@@ -120,10 +120,10 @@ def allocate(gm, qls, packs, units, batches, mo: MixedOptions, abits_uniform: in
                       sum(aelems) * abits_uniform / 8 + 1e-6, "activation bytes"))
     try:
         sol = ilp.solve(table, size, budget - fixed_bytes, extra, mo.solver, mo.time_limit)
-    except UsageError as exc:
-        if "infeasible" in str(exc) and "budget" in str(exc):
+    except ilp.Infeasible as exc:
+        if exc.what == "budget" and exc.smallest is not None:
             raise infeasible() from None
-        raise
+        raise UsageError(str(exc)) from None
     by_name = {q.layer.name: q for q in qls}
     rows = []
     for p, names, k in zip(packs, pack_layers, sol.choice):

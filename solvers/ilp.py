@@ -16,6 +16,15 @@ from packptq_onnx.errors import UsageError
 SOLVERS = ("cbc", "highs")
 
 
+class Infeasible(ValueError):
+    """No choice fits: `what` ("budget" or an extra limit's name) allows `limit`, and the smallest
+    possible total is `smallest` (None when the solver found no solution for another reason)."""
+
+    def __init__(self, what: str, limit: float, smallest: float | None, message: str):
+        super().__init__(message)
+        self.what, self.limit, self.smallest = what, limit, smallest
+
+
 @dataclass
 class Allocation:
     choice: list[int]      # option index per group
@@ -53,12 +62,12 @@ def solve(cost: list[list[float]], size: list[list[float]], budget: float,
         raise ValueError("cost and size must have the same shape")
     smallest = min_size(size)
     if smallest > budget:
-        raise UsageError(f"budget {budget:,.0f} {unit} is infeasible: the smallest possible size is "
-                         f"{smallest:,.0f} {unit}")
+        raise Infeasible("budget", budget, smallest, f"budget {budget:,.0f} {unit} is infeasible: the smallest "
+                         f"possible size is {smallest:,.0f} {unit}")
     for table, limit, what in extra:
         if min_size(table) > limit:
-            raise UsageError(f"{what} limit {limit:,.0f} is infeasible: the smallest possible is "
-                             f"{min_size(table):,.0f}")
+            raise Infeasible(what, limit, min_size(table), f"{what} limit {limit:,.0f} is infeasible: the "
+                             f"smallest possible is {min_size(table):,.0f}")
     t0 = time.time()
     prob = pulp.LpProblem("bits", pulp.LpMinimize)
     x = [[pulp.LpVariable(f"x_{p}_{k}", cat="Binary") for k in range(len(c))] for p, c in enumerate(cost)]
@@ -70,8 +79,8 @@ def solve(cost: list[list[float]], size: list[list[float]], budget: float,
         prob += pulp.lpSum(row) == 1
     status = prob.solve(_solver(solver, time_limit))
     if pulp.LpStatus[status] != "Optimal":
-        raise UsageError(f"bit allocation found no solution ({pulp.LpStatus[status]}): relax the budget or "
-                         "the extra limits")
+        raise Infeasible("budget", budget, None, f"bit allocation found no solution ({pulp.LpStatus[status]}): "
+                         "relax the budget or the extra limits")
     choice = [max(range(len(row)), key=lambda k: row[k].value() or 0) for row in x]
     obj = sum(cost[p][k] for p, k in enumerate(choice))
     return Allocation(choice, obj, sum(size[p][k] for p, k in enumerate(choice)), time.time() - t0, solver)

@@ -10,7 +10,6 @@ from packptq_onnx.solvers import ilp
 
 from packptq_onnx import mixed
 from packptq_onnx.cli import main
-from packptq_onnx.errors import UsageError
 from packptq_onnx.mixed import MixedOptions
 from packptq_onnx.pipeline import Options, quantize
 
@@ -61,8 +60,9 @@ def test_cbc_preprocessing_case():
 
 
 def test_infeasible_budget_states_smallest_size():
-    with pytest.raises(UsageError, match="smallest possible size is 7"):
+    with pytest.raises(ilp.Infeasible, match="smallest possible size is 7") as exc:
         ilp.solve([[1, 2], [1, 2]], [[4, 3], [5, 4]], 6)
+    assert exc.value.smallest == 7 and exc.value.limit == 6 and exc.value.what == "budget"
 
 
 def test_extra_constraint_is_respected():
