@@ -169,19 +169,20 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
                                fixed_bits=row.wbits, fixed_abits=row.abits,
                                cache=out_path + ".sensitivity.json")
     rep = quantize(info["model"], info["calib"], out_path, o, log=lambda *_: None)
-    parity = rep.get("parity", [])
-    res = {"weight_bytes": rep["weight_bytes"]["quantized"], "report_seconds": rep["seconds"],
+    parity = rep.parity
+    res = {"weight_bytes": rep.weight_bytes["quantized"], "report_seconds": rep.seconds,
            "parity_ok": all(p["ok"] for p in parity), "parity_max_code_diff": max((p["max_code_diff"] for p in parity),
                                                                                 default=None),
            "parity_max_abs_diff": max((p["max_abs_diff"] for p in parity), default=None),
            "parity_over_one": max((p["over_one"] for p in parity), default=None),
-           "parity_layers": rep.get("parity_layers", {}).get("max_code_diff")}
-    if "reconstruction" in rep:
-        res["recon_iters"] = sum(u["iters"] for u in rep["reconstruction"]["units"])
-        res["recon_units"] = len(rep["reconstruction"]["units"])
-        res["recon_losses"] = [(u["name"], u["loss_before"], u["loss_after"]) for u in rep["reconstruction"]["units"]]
-    if "mixed_precision" in rep:
-        mp = rep["mixed_precision"]
-        res["mixed"] = {"budget_bytes": mp["budget_bytes"], "counted_bytes": mp.get("counted_bytes"),
-                        "packs": [(p["wbits"], p["abits"]) for p in mp["packs"]]}
+           "parity_layers": rep.parity_layers.get("max_code_diff")}
+    if rep.reconstruction is not None:
+        units = rep.reconstruction.units
+        res["recon_iters"] = sum(u.iters for u in units)
+        res["recon_units"] = len(units)
+        res["recon_losses"] = [(u.name, u.loss_before, u.loss_after) for u in units]
+    if rep.mixed_precision is not None:
+        mp = rep.mixed_precision
+        res["mixed"] = {"budget_bytes": mp.budget_bytes, "counted_bytes": mp.counted_bytes,
+                        "packs": [mp.chosen(pk.id)[:2] for pk in rep.packs]}
     return res

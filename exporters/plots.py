@@ -42,17 +42,18 @@ def plot_packs(path: str, names: list[str], scores: list[float], sens: list[floa
             os.unlink(tmp)
 
 
-def plot_bits(path: str, packs: list[dict]) -> None:
-    """Chosen weight/activation bits (bars) and sensitivity at those bits (line) per pack."""
+def plot_bits(path: str, packs: list[tuple[int, int, int, float]]) -> None:
+    """Chosen weight/activation bits (bars) and sensitivity at those bits (line) per pack; packs:
+    (id, wbits, abits, Omega) each."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(packs)), 3.6))
     x = list(range(len(packs)))
-    ax.bar([i - 0.2 for i in x], [p["wbits"] for p in packs], 0.4, label="weight bits")
-    ax.bar([i + 0.2 for i in x], [p["abits"] for p in packs], 0.4, label="activation bits")
+    ax.bar([i - 0.2 for i in x], [p[1] for p in packs], 0.4, label="weight bits")
+    ax.bar([i + 0.2 for i in x], [p[2] for p in packs], 0.4, label="activation bits")
     ax.set_ylabel("bits")
-    ax.set_xticks(x, [f"pack{p['id']}" for p in packs], fontsize=8)
+    ax.set_xticks(x, [f"pack{p[0]}" for p in packs], fontsize=8)
     ax2 = ax.twinx()
-    ax2.plot(x, [max(p["sensitivity"], 1e-12) for p in packs], "ko-", label="sensitivity Ω at chosen bits")
+    ax2.plot(x, [max(p[3], 1e-12) for p in packs], "ko-", label="sensitivity Ω at chosen bits")
     ax2.set_yscale("log")
     ax.legend(loc="upper left", fontsize=8)
     ax2.legend(loc="upper right", fontsize=8)

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 
 from . import targets
 from .errors import UsageError
-from .mixed import MixedOptions
-from .reconstruct import ReconOptions
+from .options import DEVICES, METHODS, SOLVERS, STORAGES, TASKS, MixedOptions, ReconOptions
 
 
 def _floats(text: str) -> list[float]:
@@ -28,8 +26,6 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _task_args(p: argparse.ArgumentParser) -> None:
-    from .tasks import TASKS
-
     p.add_argument("--task", choices=TASKS, help="task-level agreement to report (default: guessed from the "
                    "output shapes, and printed)")
     p.add_argument("--metric", metavar="MODULE:FUNCTION", help="your metric: called with the float and the "
@@ -90,7 +86,7 @@ def _mixed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--abits-options", type=_ints, default=d.abits,
                    help="activation bits per pack (default 4,8); activation memory stays at uniform --abits")
     g.add_argument("--fixed-bits", type=int, default=d.fixed_bits, help="stem and head bits (default 8)")
-    g.add_argument("--solver", choices=["cbc", "highs"], default=d.solver)
+    g.add_argument("--solver", choices=SOLVERS, default=d.solver)
     g.add_argument("--solver-time", type=float, default=d.time_limit, help="solver time limit, seconds")
     g.add_argument("--sensitivity-cache", help="JSON file: reuse measured sensitivities at another budget")
     g.add_argument("--plot", help="PNG of the chosen bits and sensitivity per pack")
@@ -108,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--wbits", type=int, default=8, help="weight bits, 2..8 (default 8)")
     q.add_argument("--abits", type=int, default=8, help="activation bits, 2..8 (default 8)")
-    q.add_argument("--method", default="pack", choices=["rtn", "adaround", "block", "pack"],
+    q.add_argument("--method", default="pack", choices=METHODS,
                    help="rtn: round to nearest; adaround: layer-wise; block: BRECQ/QDrop blocks; "
                    "pack: Pack-PTQ packs (default)")
     q.add_argument("--eval", help="evaluation data; prints the validation table (labels from the "
@@ -116,10 +112,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--labels", help=".npy of integer class labels for --eval")
     q.add_argument("--report", help="write the JSON report here")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    q.add_argument("--device", choices=DEVICES, default="cpu")
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--calib-samples", type=int, default=1024, help="use at most this many samples")
-    q.add_argument("--storage", choices=["int8", "packed"], default="int8",
+    q.add_argument("--storage", choices=STORAGES, default="int8",
                    help="int8: weights in int8 containers (fast, fused by onnxruntime); packed: INT4/INT2 "
                    "initializers for <=4-bit weights (small files, opset 21/25, runs unfused)")
     q.add_argument("--strict", action="store_true",
@@ -153,7 +149,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-axis", action="append", default=[], metavar="NAME:AXIS",
                    help="the axis of an input that holds the samples, e.g. state:1")
     v.add_argument("--report")
-    v.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    v.add_argument("--device", choices=DEVICES, default="cpu")
     _task_args(v)
     _data_args(v)
 
@@ -168,7 +164,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--batch-size", type=int, default=32)
     i.add_argument("--calib-samples", type=int, default=256)
     i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    i.add_argument("--device", choices=DEVICES, default="cpu")
     _data_args(i)
     _shape_arg(i)
     return ap
@@ -214,18 +210,18 @@ def cmd_quantize(a) -> int:
     report = quantize(a.model, a.calib, a.output, opts, a.eval, a.labels, log=print)
     if a.plot:
         from .exporters.plots import plot_bits
-        plot_bits(a.plot, report["mixed_precision"]["packs"])
+        plot_bits(a.plot, [(pk.id, *report.mixed_precision.chosen(pk.id)) for pk in report.packs])
     if a.report:
-        save_json(report, a.report)
-    wb = report["weight_bytes"]
-    worst = max(p["max_code_diff"] for p in report["parity"])
-    over = max(p["over_one"] for p in report["parity"])
+        save_json(report.to_dict(), a.report)
+    wb = report.weight_bytes
+    worst = max(p["max_code_diff"] for p in report.parity)
+    over = max(p["over_one"] for p in report.parity)
     print(f"wrote {a.output}: weights {wb['float32'] / 1e3:.1f} kB -> {wb['quantized'] / 1e3:.1f} kB; "
           f"onnxruntime vs simulation: max {worst} output code(s) apart"
           + (f" ({100 * over:.3f}% of values more than one)" if worst > 1 else "")
-          + f", layer by layer max {report['parity_layers']['max_code_diff']}"
-          + f"; {report['seconds']['total']:.1f} s")
-    err = report.get("evaluation_error")
+          + f", layer by layer max {report.parity_layers['max_code_diff']}"
+          + f"; {report.seconds['total']:.1f} s")
+    err = report.evaluation_error
     if err:
         print(f"packptq: {'error' if err['usage'] else 'internal error'} in --eval (the model"
               f"{' and the report are' if a.report else ' is'} written): {err['message']}", file=sys.stderr)
@@ -263,98 +259,16 @@ def cmd_validate(a) -> int:
     return 0
 
 
-def cmd_inspect(a) -> int:
-    from .exporters.qdq import read_meta
-    from .layers import find_layers
-    from .onnx_import import load
-
-    if a.max_pack_blocks is not None and a.max_pack_blocks < 1:
-        raise UsageError("--max-pack-blocks must be at least 1")
-    imp = load(a.model, _shapes(a))
-    layers = find_layers(imp.model)
-    info = {"model": a.model, "opset": imp.opset, "nodes": len(imp.original.graph.node),
-            "inputs": [{"name": i.name, "shape": i.shape, "dtype": str(i.dtype)} for i in imp.inputs],
-            "outputs": imp.outputs, "quantizable_layers": [l.name for l in layers],
-            "packptq": read_meta(imp.original)}
-    if a.calib:
-        info.update(_packs(a, print if not a.json else (lambda *_: None)))
-    if a.json:
-        print(json.dumps(info, indent=2, default=str))
-        return 0
-    print(f"{a.model}: opset {info['opset']}, {info['nodes']} nodes, {len(layers)} quantizable layers")
-    for i in info["inputs"]:
-        print(f"  input  {i['name']}: {i['shape']} {i['dtype']}")
-    for o in info["outputs"]:
-        print(f"  output {o}")
-    meta = info["packptq"]
-    if meta:
-        print(_annotation_table(meta))
-    if a.calib:
-        print(_pack_table(info))
-    return 0
-
-
-def _annotation_table(meta: dict) -> str:
-    lines = [f"packptq {meta.get('version')} annotations: {len(meta.get('layers', []))} quantized layers"
-             + (f", budget {meta['budget']:,.0f} bytes" if meta.get("budget") else "")]
-    packs = meta.get("packs") or []
-    if packs:
-        lines.append(f"  {'pack':<5}{'blocks':<22}{'layers':>7}{'W bits':>8}{'A bits':>8}{'bytes':>10}{'Omega':>11}")
-        for p in packs:
-            blocks = ",".join(p["blocks"])
-            lines.append(f"  {p['id']:<5}{blocks[:21]:<22}{len(p['nodes']):>7}{'/'.join(map(str, p['wbits'])):>8}"
-                         f"{'/'.join(map(str, p['abits'])) or '-':>8}{p['bytes']:>10,.0f}{p['sensitivity']:>11.4g}")
-    in_pack = {n for p in packs for n in p["nodes"]}
-    label = "stem/head" if packs else "layer"
-    for l in meta.get("layers", []):
-        if l["node"] not in in_pack:
-            lines.append(f"  {label:<27}{l['node'][:30]:<31} W{l['wbits']} A{l['abits'] or '-'}")
-    return "\n".join(lines)
-
-
-def _packs(a, log) -> dict:
-    from .pipeline import Options, analyse, prepare
-
-    opts = Options(wbits=a.wbits, abits=a.abits, seed=a.seed, device=a.device, batch_size=a.batch_size,
-                   calib_samples=a.calib_samples, image=_image_opts(a), input_shapes=_shapes(a),
-                   batch_axes=_axes(a))
-    p = prepare(a.model, a.calib, opts, log)
-    res = analyse(p, opts, a.max_pack_blocks)
-    pack_of = {b: pk.id for pk in res.packs for b in pk.blocks}
-    blocks = [{"name": b.name, "kind": b.kind, "layers": b.layers, "score": s.score,
-               "sensitivity": s.sensitivity, "pack": pack_of[b.id]} for b, s in zip(res.units.blocks, res.scores)]
-    out = {"stem": res.units.stem, "head": res.units.head, "blocks": blocks,
-           "packs": [{"id": pk.id, "blocks": [res.units.blocks[i].name for i in pk.blocks], "score": pk.score}
-                     for pk in res.packs],
-           "scoring": {"wbits": a.wbits, "abits": a.abits, "samples": p.n_samples,
-                       "seconds": round(res.seconds, 3)}}
-    if a.plot:
-        from .exporters.plots import plot_packs
-        plot_packs(a.plot, [b["name"] for b in blocks], [b["score"] for b in blocks],
-                   [b["sensitivity"] for b in blocks], res.packs)
-    return out
-
-
-def _pack_table(info: dict) -> str:
-    lines = [f"stem: {len(info['stem'])} layer(s); head: {len(info['head'])} layer(s); scored at "
-             f"W{info['scoring']['wbits']}A{info['scoring']['abits']} on {info['scoring']['samples']} samples "
-             f"in {info['scoring']['seconds']:.1f} s",
-             f"{'block':<10}{'kind':<10}{'layers':>7}{'S':>12}{'Omega':>12}{'pack':>6}  first layer"]
-    for b in info["blocks"]:
-        lines.append(f"{b['name']:<10}{b['kind']:<10}{len(b['layers']):>7}{b['score']:>12.4g}"
-                     f"{b['sensitivity']:>12.4g}{b['pack']:>6}  {b['layers'][0]}")
-    lines.append("packs: " + "; ".join(f"{p['id']}: {'+'.join(p['blocks'])} (Omega {p['score']:.3g})"
-                                       for p in info["packs"]))
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
     a = parser().parse_args([x for x in argv if x != "--debug"])
     a.debug = debug
     try:
-        return {"quantize": cmd_quantize, "validate": cmd_validate, "inspect": cmd_inspect}[a.cmd](a)
+        if a.cmd == "inspect":
+            from .describe import cmd_inspect
+            return cmd_inspect(a)
+        return {"quantize": cmd_quantize, "validate": cmd_validate}[a.cmd](a)
     except UsageError as exc:
         if a.debug:
             traceback.print_exc()

@@ -126,3 +126,19 @@ def inline_constant_ifs(model: onnx.ModelProto, feeds: dict) -> tuple[onnx.Model
             _inline(model, i, val)
         _drop_dead(model)
     return model, notes
+
+
+def layers_in_control_flow(model) -> int:
+    """Conv/ConvTranspose/Gemm/MatMul nodes inside subgraphs (If branches, Loop/Scan bodies)."""
+    from onnx import AttributeProto, helper
+
+    def count(graph, top):
+        k = 0
+        for n in graph.node:
+            if not top and n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                k += 1
+            for a in n.attribute:
+                if a.type == AttributeProto.GRAPH:
+                    k += count(helper.get_attribute_value(a), False)
+        return k
+    return count(model.graph, True)

@@ -18,9 +18,11 @@ docs/METHOD.md, "Guard for 8-bit activations".
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
-from . import memory, state
+from . import data, memory, state
 
 PROBES = 4
 MAX_SHARE = 0.25
@@ -111,3 +113,23 @@ def choose(est: dict, threshold: float) -> list:
     """Quantizers to leave float: own predicted ratio over the threshold, worst first, capped."""
     over = sorted((k for k, v in est.items() if v > threshold), key=lambda k: -est[k])
     return over[:int(MAX_SHARE * len(est))]
+
+
+GUARD_SAMPLES = 2
+
+
+def apply(p, opts, log=print) -> list[dict]:
+    """8-bit activation quantizers of a prepared model (pipeline.Prepared) whose predicted output
+    error alone exceeds opts.guard stay float; returns what was left float, for the report."""
+    t0 = time.time()
+    feeds = data.take(p.calib, GUARD_SAMPLES)
+    est = estimate(p.gm, p.qls, data.batches(feeds, p.names, p.plan.run_batch or 1, opts.device),
+                         opts.seed)
+    keys = choose(est, opts.guard)
+    state.keep_float(p.qls, keys)
+    kept = [{"layer": n, "part": part, "predicted_nsr": round(est[(n, part)], 6)} for n, part in keys]
+    if kept:
+        names = ", ".join(f"{k['layer']} {k['part']}" for k in kept[:4]) + (", ..." if len(kept) > 4 else "")
+        log(f"note: {len(kept)} of {len(est)} 8-bit activation quantizers stay float: alone each would cost "
+            f"more than {opts.guard:g} of the outputs' energy ({names}; {time.time() - t0:.0f} s)")
+    return kept

@@ -38,6 +38,27 @@ class MixedOptions:
         return self.budget is not None or self.avg_wbits is not None
 
 
+@dataclass
+class MixedResult:
+    """The bit allocation: the measured table, and per pack the option the solver chose."""
+    budget_bytes: float
+    predicted_bytes: float             # fixed stem/head bytes + the packs' chosen bytes
+    fixed_bytes: float
+    options: list                      # (wbits, abits) per column of `sensitivity`
+    sensitivity: list                  # Omega[pack][option]
+    choice: list                       # option index per pack
+    solver: str
+    solve_seconds: float
+    objective: float
+    counted_bytes: int | None = None   # weight bytes counted in the written model (set by the pipeline)
+
+    def chosen(self, pack_id: int) -> tuple[int, int, float]:
+        """(wbits, abits, Omega) chosen for a pack."""
+        k = self.choice[pack_id]
+        w, a = self.options[k]
+        return w, a, self.sensitivity[pack_id][k]
+
+
 def options(mo: MixedOptions) -> list[tuple[int, int]]:
     return list(itertools.product(sorted(set(mo.wbits)), sorted(set(mo.abits))))
 
@@ -82,8 +103,9 @@ def act_elements(gm, qls, sample_args) -> dict[str, int]:
     return counts
 
 
-def allocate(gm, qls, packs, units, batches, mo: MixedOptions, abits_uniform: int, fingerprint: str, log=print):
-    """Choose (wbits, abits) per pack; apply them (and fixed bits to stem/head). Returns the report part."""
+def allocate(gm, qls, packs, units, batches, mo: MixedOptions, abits_uniform: int, fingerprint: str,
+             log=print) -> MixedResult:
+    """Choose (wbits, abits) per pack; apply them (and fixed bits to stem/head)."""
     pack_layers = [[n for b in p.blocks for n in units.blocks[b].layers] for p in packs]
     in_pack = {n for names in pack_layers for n in names}
     fixed = [q for q in qls if q.layer.name not in in_pack]
@@ -125,18 +147,14 @@ def allocate(gm, qls, packs, units, batches, mo: MixedOptions, abits_uniform: in
             raise infeasible() from None
         raise UsageError(str(exc)) from None
     by_name = {q.layer.name: q for q in qls}
-    rows = []
     for p, names, k in zip(packs, pack_layers, sol.choice):
         w, a = opts[k]
         for n in names:
             state.set_bits(by_name[n], w, a)
-        rows.append({"id": p.id, "blocks": p.blocks, "wbits": w, "abits": a, "bytes": size[p.id][k],
-                     "sensitivity": table[p.id][k]})
         log(f"  pack {p.id}: W{w}A{a}  {size[p.id][k] / 1e3:.1f} kB  Omega {table[p.id][k]:.4g}")
     state.tie_inputs(qls)
-    return {"budget_bytes": budget, "predicted_bytes": fixed_bytes + sol.size, "fixed_bytes": fixed_bytes,
-            "options": opts, "sensitivity": table, "packs": rows, "solver": sol.solver,
-            "solve_seconds": round(sol.seconds, 4), "objective": sol.objective}
+    return MixedResult(budget, fixed_bytes + sol.size, fixed_bytes, opts, table, list(sol.choice), sol.solver,
+                       round(sol.seconds, 4), sol.objective)
 
 
 def _cached(path, fingerprint, opts):

@@ -15,7 +15,7 @@ import numpy as np
 class Pack:
     id: int
     blocks: list[int]
-    score: float  # mean sensitivity (Omega) of its blocks
+    omega: float  # mean estimated sensitivity Omega_t of its blocks (not a score S)
 
 
 def pack_ranges(scores, max_pack_blocks: int | None = None) -> list[list[int]]:

@@ -67,3 +67,25 @@ def layer_parity(qdq: onnx.ModelProto, gm, qls, feeds: dict, names: list) -> Lay
         if codes > worst or not worst_name:
             worst, worst_name = codes, q.layer.name
     return LayerParity(len(captured), worst, worst_name, worst <= 1)
+
+
+FAR_FROM_SIMULATION = 0.05  # share of an output's values > 1 step from the simulation: it no longer predicts it
+
+
+def notes(parity: list, per_layer: LayerParity) -> list[str]:
+    """What the end-of-run parity means, naming every output that fails (docs/METHOD.md, step 5)."""
+    bad = [x for x in parity if not x.ok]
+    shares = ", ".join(f"{x.output} {100 * x.over_one:.2f}%" for x in bad)
+    if not per_layer.exact:
+        return [f"warning: the torch simulation that reconstruction optimises does not predict the exported "
+                f"model: layer {per_layer.worst} differs by {per_layer.max_code_diff} steps fed with "
+                f"onnxruntime's own input" + (f"; values more than one step apart: {shares}" if bad else "")]
+    if not bad:
+        return []
+    line = (f"note: each layer matches onnxruntime within one step, but rounding-tie flips grow through the "
+            f"network; values more than one step apart: {shares}")
+    far = [x for x in bad if x.over_one > FAR_FROM_SIMULATION]
+    if far:
+        line += (f". On {', '.join(x.output for x in far)} the simulation no longer predicts the exported "
+                 f"model (over {100 * FAR_FROM_SIMULATION:.0f}% of values)")
+    return [line]

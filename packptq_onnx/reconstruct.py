@@ -61,6 +61,14 @@ class UnitResult:
     no_gradient: bool = False   # its output does not depend differentiably on what it learns
 
 
+@dataclass
+class Reconstruction:
+    method: str
+    units: list[UnitResult]
+    seconds: float
+    scoring_seconds: float | None = None  # block scores and packing, when packs were made for it
+
+
 def make_units(method: str, units_struct, packs, layers) -> list[Unit]:
     """stem layers, then layers / blocks / packs, then head layers."""
     by_name = {l.name: l for l in layers}
@@ -271,30 +279,6 @@ def unit_seed(seed: int, i: int) -> int:
     return (seed * 1000003 + i * 7919) % (2 ** 31)
 
 
-def checkpoint_state(qls) -> dict:
-    st = {}
-    for q in qls:
-        st[q.layer.name] = {"alpha": None if q.wq is None or q.wq.alpha is None else q.wq.alpha.detach().cpu(),
-                            "a2scale": None if q.aq2 is None else q.aq2.scale.detach().cpu(),
-                            "ascale": None if q.aq is None else q.aq.scale.detach().cpu(),
-                            "oscale": None if q.oq is None else q.oq.scale.detach().cpu()}
-    return st
-
-
-def load_state(qls, st: dict) -> None:
-    for q in qls:
-        s = st[q.layer.name]
-        if s["alpha"] is not None:
-            q.wq.alpha = torch.nn.Parameter(s["alpha"].to(q.weight.device))
-            q.wq.soft = False
-        if s["ascale"] is not None:
-            q.aq.scale.data.copy_(s["ascale"])
-        if s["oscale"] is not None:
-            q.oq.scale.data.copy_(s["oscale"])
-        if s["a2scale"] is not None:
-            q.aq2.scale.data.copy_(s["a2scale"])
-
-
 def n_weights(units: list[Unit], qls) -> None:
     sizes = {q.layer.name: q.weight.numel() for q in qls}
     for u in units:
@@ -317,7 +301,7 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
             from .errors import UsageError
             raise UsageError(f"checkpoint {ckpt} was made with other options or another model; "
                              "delete it or rerun with the same options")
-        load_state(qls, saved["state"])
+        state.load_learned(qls, saved["state"])
         done = [UnitResult(**r) for r in saved["done"]]
         log(f"resuming after {len(done)} of {len(units)} finished units")
     first = next(iter(calib_batches()))
@@ -342,6 +326,6 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
             f"{r.loss_after:.4g}  {r.seconds:.1f} s{kept}{eta}")
         tmp = ckpt + ".tmp"
         torch.save({"fingerprint": fingerprint, "done": [asdict(x) for x in done],
-                    "state": checkpoint_state(qls)}, tmp)
+                    "state": state.learned(qls)}, tmp)
         os.replace(tmp, ckpt)
     return done

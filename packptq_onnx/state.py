@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
+
 from . import quant
 from .qlayer import QuantLayer, fit_bias
 from .quant import ActQuantizer, WeightQuantizer
@@ -157,3 +159,29 @@ def isolate(q: QuantLayer, part: str) -> None:
     for attr in ("wq", "aq", "aq2", "oq"):
         if attr not in keep:
             setattr(q, attr, None)
+
+
+def learned(qls) -> dict:
+    """What reconstruction learned, per layer (AdaRound's V, the LSQ scales), for a checkpoint."""
+    st = {}
+    for q in qls:
+        st[q.layer.name] = {"alpha": None if q.wq is None or q.wq.alpha is None else q.wq.alpha.detach().cpu(),
+                            "a2scale": None if q.aq2 is None else q.aq2.scale.detach().cpu(),
+                            "ascale": None if q.aq is None else q.aq.scale.detach().cpu(),
+                            "oscale": None if q.oq is None else q.oq.scale.detach().cpu()}
+    return st
+
+
+def load_learned(qls, st: dict) -> None:
+    """Put back what `learned` saved (rounding made hard)."""
+    for q in qls:
+        s = st[q.layer.name]
+        if s["alpha"] is not None:
+            q.wq.alpha = torch.nn.Parameter(s["alpha"].to(q.weight.device))
+            q.wq.soft = False
+        if s["ascale"] is not None:
+            q.aq.scale.data.copy_(s["ascale"])
+        if s["oscale"] is not None:
+            q.oq.scale.data.copy_(s["oscale"])
+        if s["a2scale"] is not None:
+            q.aq2.scale.data.copy_(s["a2scale"])

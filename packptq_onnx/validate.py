@@ -1,11 +1,12 @@
 """Validation in onnxruntime: float vs quantized on real data, and ORT vs our torch simulation."""
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import data, runtime
+from . import data, runtime, shapes
 
 
 @dataclass
@@ -59,11 +60,6 @@ def compare_outputs(names, ref: list, got: list, labels=None) -> list[OutputMetr
                 m.acc_float, m.acc_quant = float((pa == labels).mean()), float((pb == labels).mean())
         res.append(m)
     return res
-
-
-def evaluate(float_model, quant_model, feeds: dict, labels=None, device: str = "cpu", batch_size: int = 64):
-    names, ref, got = run_both(float_model, quant_model, feeds, device, batch_size)
-    return compare_outputs(names, ref, got, labels)
 
 
 def run_both(float_model, quant_model, feeds: dict, device: str = "cpu", batch_size: int = 64):
@@ -157,3 +153,59 @@ def table(metrics: list[OutputMetrics]) -> str:
 
 def as_dicts(items) -> list[dict]:
     return [asdict(i) for i in items]
+
+
+def evaluate(imp, quant_model, eval_path, labels_path, opts, log=print,
+             given: list | None = None) -> dict:
+    """Float vs quantized in onnxruntime on the eval data, and again at a second size where the file
+    leaves spatial or sequence dims dynamic (the export must run wherever the float model runs).
+    given: the inputs as the data gives them (sample axes); both models take samples first."""
+    declared = shapes.specs(imp.original)
+    given = given or declared
+    groups = data.load_groups(eval_path, given, log=log) if os.path.isdir(eval_path) and \
+        data.npz_files(eval_path) else []
+    feeds, labels = (groups[0].feeds, groups[0].labels) if groups else \
+        data.load(eval_path, given, log=log, **opts.image)
+    if labels_path:
+        labels = data.load_array(labels_path)
+    from .tasks import load_metric
+
+    metric = load_metric(opts.metric) if opts.metric else None
+    names, ref, got = run_both(imp.original, quant_model, feeds, opts.device)
+    metrics = compare_outputs(names, ref, got, labels)
+    log(table(metrics))
+    res = {"validation": as_dicts(metrics),
+           "task": task_scores(opts.task, metric, ref, got, feeds)}
+    log(task_line(res["task"]))
+    if len(groups) > 1:
+        res["validation_other_shapes"] = []
+        for g in groups[1:]:
+            _, ref, got = run_both(imp.original, quant_model, g.feeds, opts.device)
+            m = compare_outputs(imp.outputs, ref, got, g.labels)
+            t = task_scores(res["task"]["task"] or None, metric, ref, got, g.feeds)
+            res["validation_other_shapes"].append({"shape": g.shape, "files": g.files,
+                                                   "metrics": as_dicts(m), "task": t})
+            log(f"eval samples of shape {g.shape}:\n" + table(m) + "\n" + task_line(t))
+    other = shapes.second_size(declared, feeds)
+    if other is not None:
+        sizes = {k: list(v.shape[1:]) for k, v in other.items()}
+        entry = {"inputs": sizes}
+        try:
+            ref = runtime.run(runtime.session(imp.original, opts.device), other)
+        except Exception as exc:
+            entry["skipped"] = f"the float model does not run at this size ({str(exc).splitlines()[0][:160]})"
+        else:
+            try:
+                got = runtime.run(runtime.session(quant_model, opts.device), other)
+            except Exception as exc:
+                entry["error"] = f"the exported model fails at this size: {str(exc).splitlines()[0][:200]}"
+                log(f"warning: {entry['error']}")
+            else:
+                m2 = compare_outputs(imp.outputs, ref, got, labels)
+                entry["metrics"] = as_dicts(m2)
+                entry["task"] = task_scores(res["task"]["task"] or None, metric, ref, got, other)
+                entry["task"]["guessed"] = res["task"]["guessed"]
+                log(f"at a second size ({', '.join(f'{k} {v}' for k, v in sizes.items())}):\n"
+                    + table(m2) + "\n" + task_line(entry["task"]))
+        res["validation_second_size"] = entry
+    return res

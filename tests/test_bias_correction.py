@@ -86,7 +86,8 @@ def test_correction_helps_the_sample_at_w3(tmp_path):
     for bc in (False, True):
         o = Options(wbits=3, abits=8, method="rtn", calib_samples=256, bias_correction=bc)
         rep = quantize(os.path.join(SAMPLES, "digits_resnet.onnx"), os.path.join(SAMPLES, "calib.npz"),
-                       str(tmp_path / f"d{bc}.onnx"), o, os.path.join(SAMPLES, "eval.npz"), log=lambda *_: None)
+                       str(tmp_path / f"d{bc}.onnx"), o, os.path.join(SAMPLES, "eval.npz"),
+                       log=lambda *_: None).to_dict()
         cos[bc] = rep["validation"][0]["cosine"]
         assert rep["parity_layers"]["max_code_diff"] <= 1
     assert cos[True] > cos[False] + 0.03, cos

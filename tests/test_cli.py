@@ -135,7 +135,7 @@ def test_eval_failure_keeps_the_model_and_the_report(tmp_path, capsys):
 
 def test_parity_notes_name_every_failing_output():
     from packptq_onnx.parity import LayerParity
-    from packptq_onnx.pipeline import parity_notes
+    from packptq_onnx.parity import notes as parity_notes
     from packptq_onnx.validate import Parity
 
     outs = [Parity("boxes", 0.1, 0.01, 3, 0.0017, False, False), Parity("scores", 0.0, 0.01, 0, 0.0, True, True),

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from packptq_onnx.exporters import files, qdq
 
-from packptq_onnx import convert, data, layers, onnx_import, pipeline, qlayer, runtime, validate
+from packptq_onnx import convert, data, layers, onnx_import, options, pipeline, qlayer, runtime, validate
 from packptq_onnx.calibrate import calibrate
 from packptq_onnx.cli import main
 from packptq_onnx.errors import UsageError
@@ -68,7 +68,7 @@ def test_unconvertible_op_stays_float_or_strict_error(tmp_path, capsys):
     assert code == 2 and "no torch converter for: Shrink" in err
     r = pipeline.quantize(path, str(calib), str(tmp_path / "o.onnx"),
                           pipeline.Options(wbits=4, abits=4, method="block",
-                                           recon=pipeline.ReconOptions(iters=20)), log=lambda *_: None)
+                                           recon=pipeline.ReconOptions(iters=20)), log=lambda *_: None).to_dict()
     assert r["import"]["float_nodes"] == ["Shrink_1"]
     assert all(p["ok"] for p in r["parity"]) and len(r["layers"]) == 2
 
@@ -128,7 +128,7 @@ def test_output_folder_checked_before_work(tmp_path, capsys, monkeypatch, where)
 
 
 def test_memory_refused_before_start(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(pipeline, "available_memory", lambda: 10_000)
+    monkeypatch.setattr(options, "available_memory", lambda: 10_000)
     code, err = _cli(["quantize", MODEL, "--calib", CALIB, "-o", str(tmp_path / "o.onnx")], capsys)
     assert code == 2 and "not enough memory" in err
 

@@ -31,7 +31,7 @@ def test_graph_goes_through_rtn_and_pack(tmp_path, case):
         out = str(tmp_path / f"{method}.onnx")
         o = pipeline.Options(wbits=wbits, abits=8, method=method, batch_size=8, calib_samples=24,
                              recon=pipeline.ReconOptions(iters_total=12, batch_size=8))
-        report = pipeline.quantize(path, calib, out, o, eval_path=calib, log=lambda *a: None)
+        report = pipeline.quantize(path, calib, out, o, eval_path=calib, log=lambda *a: None).to_dict()
         got = runtime.run(runtime.session(onnx.load(out)), {name: x[:8]})
         assert [g.shape for g in got] == [r.shape for r in ref]
         assert report["layers"] and all("wbits" in q for q in report["layers"])
@@ -50,11 +50,11 @@ def test_if_inlined_when_fixed_inputs_decide_it(tmp_path, decided_by):
     np.savez(calib, **feeds)
     logs = []
     o = pipeline.Options(wbits=8, abits=8, method="rtn", batch_size=8, calib_samples=32)
-    report = pipeline.quantize(path, calib, str(tmp_path / "q.onnx"), o, log=logs.append)
+    report = pipeline.quantize(path, calib, str(tmp_path / "q.onnx"), o, log=logs.append).to_dict()
     q = onnx.load(str(tmp_path / "q.onnx"))
     o = pipeline.Options(wbits=4, abits=8, method="pack", batch_size=8, calib_samples=32,
                          recon=pipeline.ReconOptions(iters_total=12, batch_size=8))
-    packed = pipeline.quantize(path, calib, str(tmp_path / "p.onnx"), o, log=lambda *a: None)
+    packed = pipeline.quantize(path, calib, str(tmp_path / "p.onnx"), o, log=lambda *a: None).to_dict()
     assert len(packed["layers"]) == len(report["layers"])
     assert runtime.run(runtime.session(onnx.load(str(tmp_path / "p.onnx"))), feeds)[0].shape == (32, 3)
     if decided_by == "values":  # the branch depends on the data: the If stays, its layers stay float

@@ -20,7 +20,7 @@ EVAL = os.path.join(SAMPLES, "eval.npz")
 
 def _quantize(tmp_path, device, **kw):
     o = Options(wbits=3, abits=3, method="pack", device=device, recon=reconstruct.ReconOptions(iters=150), **kw)
-    return quantize(MODEL, CALIB, str(tmp_path / f"{device}.onnx"), o, EVAL, log=lambda *_: None)
+    return quantize(MODEL, CALIB, str(tmp_path / f"{device}.onnx"), o, EVAL, log=lambda *_: None).to_dict()
 
 
 def test_pack_on_cuda_exports_what_it_simulated_and_matches_cpu(tmp_path):
@@ -31,7 +31,7 @@ def test_pack_on_cuda_exports_what_it_simulated_and_matches_cpu(tmp_path):
     g, c = gpu["validation"][0], cpu["validation"][0]
     assert g["acc_quant"] >= c["acc_quant"] - 0.02 and g["cosine"] >= c["cosine"] - 0.01
     rtn = quantize(MODEL, CALIB, str(tmp_path / "rtn.onnx"), Options(wbits=3, abits=3, method="rtn", device="cuda"),
-                   EVAL, log=lambda *_: None)
+                   EVAL, log=lambda *_: None).to_dict()
     assert g["cosine"] > rtn["validation"][0]["cosine"]
 
 

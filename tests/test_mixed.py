@@ -80,11 +80,13 @@ def test_parse_budget(text, value):
 def test_mixed_precision_on_sample(tmp_path, monkeypatch):
     cache = str(tmp_path / "sens.json")
     o = Options(abits=4, method="rtn", mixed=MixedOptions(avg_wbits=4.5, cache=cache))
-    r = quantize(MODEL, CALIB, str(tmp_path / "a.onnx"), o, log=lambda *_: None)
+    r = quantize(MODEL, CALIB, str(tmp_path / "a.onnx"), o, log=lambda *_: None).to_dict()
     m = r["mixed_precision"]
     assert m["predicted_bytes"] <= m["budget_bytes"]
     assert m["counted_bytes"] == pytest.approx(m["predicted_bytes"])  # the file holds what was planned
-    assert len({p["wbits"] for p in m["packs"]}) >= 1 and all(p["abits"] == 4 for p in m["packs"])
+    chosen = [m["options"][k] for k in m["choice"]]
+    assert len(chosen) == len(r["packs"]) >= 1 and all(a == 4 for _, a in chosen)
+    assert [p["omega_measured"] for p in r["packs"]] == [m["sensitivity"][i][k] for i, k in enumerate(m["choice"])]
     # sensitivities: more bits never cost more than fewer bits (same activation bits) for each pack
     opts = [tuple(x) for x in m["options"]]
     for row in m["sensitivity"]:
@@ -95,11 +97,11 @@ def test_mixed_precision_on_sample(tmp_path, monkeypatch):
     # the annotations in the model carry the chosen bits per pack
     import onnx
     meta = qdq.read_meta(onnx.load(str(tmp_path / "a.onnx")))
-    assert [p["wbits"] for p in meta["packs"]] == [[p["wbits"]] for p in m["packs"]]
+    assert [p["wbits"] for p in meta["packs"]] == [[w] for w, _ in chosen]
     # re-solving at another budget reuses the measured sensitivities
     monkeypatch.setattr(mixed, "measure", lambda *a, **k: pytest.fail("measured again"))
     o2 = Options(abits=4, method="rtn", mixed=MixedOptions(avg_wbits=3.5, cache=cache))
-    r2 = quantize(MODEL, CALIB, str(tmp_path / "b.onnx"), o2, log=lambda *_: None)
+    r2 = quantize(MODEL, CALIB, str(tmp_path / "b.onnx"), o2, log=lambda *_: None).to_dict()
     assert r2["mixed_precision"]["counted_bytes"] < m["counted_bytes"]
     # other stem/head bits change what Omega measures: the cached table is not reused
     class Measured(Exception):

@@ -37,9 +37,9 @@ def _eval_cosine(p):
 @pytest.mark.parametrize("method", ["adaround", "block", "pack"])
 def test_reconstruction_learns_and_export_matches(tmp_path, method):
     p, res = _run(method, tmp_path)
-    for u in res["units"]:  # every unit improves, or (learning did not help) keeps its RTN state exactly
-        assert u["loss_after"] < u["loss_before"] or (u["kept_rtn"] and np.isclose(u["loss_after"], u["loss_before"]))
-    assert sum(not u["kept_rtn"] for u in res["units"]) >= len(res["units"]) - 1
+    for u in res.units:  # every unit improves, or (learning did not help) keeps its RTN state exactly
+        assert u.loss_after < u.loss_before or (u.kept_rtn and np.isclose(u.loss_after, u.loss_before))
+    assert sum(not u.kept_rtn for u in res.units) >= len(res.units) - 1
     p_rtn, _ = _run("rtn", tmp_path)
     assert _eval_cosine(p) > _eval_cosine(p_rtn)  # held-out data: closer to float than RTN
     recs = export_records(p.qls)
@@ -75,11 +75,11 @@ def test_unit_recomputes_shape_arithmetic(tmp_path, exported):
     np.savez(calib, **nets.inputs(net, n=48))
     o = Options(wbits=4, abits=4, method="pack", calib_samples=48, batch_size=16,
                 recon=reconstruct.ReconOptions(iters=20, batch_size=12))
-    rep = quantize(exported("chain"), calib, str(tmp_path / "q.onnx"), o, log=lambda *_: None)
+    rep = quantize(exported("chain"), calib, str(tmp_path / "q.onnx"), o, log=lambda *_: None).to_dict()
     units = rep["reconstruction"]["units"]
-    packs = rep["reconstruction"]["packs"]
+    packs = rep["packs"]
     names = [u["name"] for u in units]  # a chain: stem conv, packs of separable blocks, classifier
-    assert names[1:-1] == [f"pack{p['id']}" for p in packs] and packs[-1]["blocks"][-1] == 2
+    assert names[1:-1] == [f"pack{p['id']}" for p in packs] and packs[-1]["blocks"][-1] == "block2"
     assert names[-1].endswith("Gemm") or names[-1].endswith("MatMul")  # the head: Reshape, then the classifier
     assert all(u["loss_after"] <= u["loss_before"] for u in units) and rep["parity_layers"]["exact"]
 
@@ -111,7 +111,7 @@ def test_resume_gives_identical_result(tmp_path, monkeypatch):
     msgs = []
     res = reconstruct_model(p2, o, str(ckdir / "x.ckpt"), log=msgs.append)
     assert any("resuming after 2 of" in m for m in msgs)
-    assert len(res["units"]) == 5
+    assert len(res.units) == 5
     for a, b in zip(ref_ints, [r.w_int for r in export_records(p2.qls)]):
         np.testing.assert_array_equal(a, b)
     for q1, q2 in zip(ref.qls, p2.qls):
@@ -128,10 +128,10 @@ def test_disk_cache_equals_memory(tmp_path):
 
 def test_cli_pack_default_beats_rtn_on_sample(tmp_path):
     o = Options(wbits=3, abits=3, method="pack", recon=reconstruct.ReconOptions(iters=150))
-    r_pack = quantize(MODEL, CALIB, str(tmp_path / "p.onnx"), o, EVAL, log=lambda *_: None)
+    r_pack = quantize(MODEL, CALIB, str(tmp_path / "p.onnx"), o, EVAL, log=lambda *_: None).to_dict()
     o_rtn = Options(wbits=3, abits=3, method="rtn")
-    r_rtn = quantize(MODEL, CALIB, str(tmp_path / "r.onnx"), o_rtn, EVAL, log=lambda *_: None)
+    r_rtn = quantize(MODEL, CALIB, str(tmp_path / "r.onnx"), o_rtn, EVAL, log=lambda *_: None).to_dict()
     vp, vr = r_pack["validation"][0], r_rtn["validation"][0]
     assert vp["acc_quant"] > vr["acc_quant"] and vp["cosine"] > vr["cosine"]
     assert not os.path.exists(str(tmp_path / "p.onnx") + ".ckpt")  # removed after success
-    assert r_pack["reconstruction"]["packs"] and r_pack["peak_rss_mb"] > 0
+    assert r_pack["packs"] and r_pack["peak_rss_mb"] > 0

@@ -110,7 +110,7 @@ def test_vit_quantize_export_parity(exported, tmp_path):
     out = str(tmp_path / "q.onnx")
     opts = Options(wbits=4, abits=4, method="pack", calib_samples=64, batch_size=16,
                    recon=ReconOptions(iters=20))
-    report = quantize(src, str(tmp_path / "calib.npz"), out, opts, log=lambda *a: None)
+    report = quantize(src, str(tmp_path / "calib.npz"), out, opts, log=lambda *a: None).to_dict()
     assert len(report["packs"]) >= 1
     _check_export(src, out, report)
 
@@ -159,7 +159,7 @@ def test_bert_quantize_export_parity(tiny_bert, tmp_path):
     out = str(tmp_path / "q.onnx")
     opts = Options(wbits=8, abits=8, method="pack", calib_samples=64, batch_size=16,
                    recon=ReconOptions(iters=10))
-    report = quantize(src, calib, out, opts, log=lambda *a: None)
+    report = quantize(src, calib, out, opts, log=lambda *a: None).to_dict()
     assert report["import"]["float_nodes"] == []  # every op converted (Flatten of the mask, Where, ...)
     assert report["import"]["faithful"][0]["max_abs_diff"] < 1e-5
     _check_export(src, out, report)

@@ -1,0 +1,126 @@
+"""Torch modules for ONNX ops (or opset versions) that onnx2torch 1.5.15 lacks; packptq_onnx.o2t
+registers their converters, and tests/test_converters.py holds each against onnxruntime."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class Reduce18(nn.Module):
+    """ReduceX from opset 18 on: axes is an optional input."""
+
+    def __init__(self, op: str, keepdims: bool, noop_with_empty_axes: bool):
+        super().__init__()
+        self.op, self.keepdims, self.noop = op, keepdims, noop_with_empty_axes
+
+    def forward(self, x: torch.Tensor, axes: torch.Tensor | None = None) -> torch.Tensor:
+        if axes is None or axes.numel() == 0:
+            if self.noop:
+                return x
+            dims = list(range(x.dim()))
+        else:
+            dims = sorted(int(a) % x.dim() for a in axes.tolist())
+        k, op = self.keepdims, self.op
+        if op == "ReduceMean":
+            return x.mean(dim=dims, keepdim=k)
+        if op == "ReduceSum":
+            return x.sum(dim=dims, keepdim=k)
+        if op == "ReduceMax":
+            return x.amax(dim=dims, keepdim=k)
+        if op == "ReduceMin":
+            return x.amin(dim=dims, keepdim=k)
+        if op == "ReduceProd":
+            for d in sorted(dims, reverse=True):
+                x = x.prod(dim=d, keepdim=k)
+            return x
+        if op == "ReduceL1":
+            return x.abs().sum(dim=dims, keepdim=k)
+        if op == "ReduceL2":
+            return x.square().sum(dim=dims, keepdim=k).sqrt()
+        if op == "ReduceSumSquare":
+            return x.square().sum(dim=dims, keepdim=k)
+        if op == "ReduceLogSum":
+            return x.sum(dim=dims, keepdim=k).log()
+        if op == "ReduceLogSumExp":
+            return torch.logsumexp(x, dim=dims, keepdim=k)
+        raise NotImplementedError(op)
+
+
+class Split18(nn.Module):
+    """Split of any opset: sizes from the input (13+), the attribute (< 13) or equal parts (the last
+    smaller, as opset 18 says). One output is a tensor, not a 1-tuple: onnx2torch hands a node's
+    only output to its readers as is (TF's unstack exports Split to one output, then Squeeze)."""
+
+    def __init__(self, axis: int, num_outputs: int, sizes: list | None = None):
+        super().__init__()
+        self.axis, self.num_outputs, self.sizes = axis, num_outputs, sizes
+
+    def forward(self, x: torch.Tensor, split: torch.Tensor | None = None):
+        if split is not None:
+            parts = torch.split(x, split.tolist(), dim=self.axis)
+        elif self.sizes:
+            parts = torch.split(x, self.sizes, dim=self.axis)
+        else:
+            parts = torch.split(x, math.ceil(x.shape[self.axis] / self.num_outputs), dim=self.axis)
+        return parts[0] if self.num_outputs == 1 else parts
+
+
+class GlobalMaxPool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+class ReshapeAllowZero(nn.Module):
+    def forward(self, x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+        return torch.reshape(x, [int(s) for s in shape.tolist()])
+
+
+class Clamp(nn.Module):
+    def __init__(self, lo: float | None, hi: float | None):
+        super().__init__()
+        self.lo, self.hi = lo, hi
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, self.lo, self.hi)
+
+
+class Flatten(nn.Module):
+    """ONNX Flatten: 2-D (prod(dims[:axis]), prod(dims[axis:])) for any axis in [-r, r]."""
+
+    def __init__(self, axis: int):
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axis = self.axis % x.dim() if self.axis < 0 else self.axis
+        return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+
+
+class BatchNormAnyRank(nn.Module):
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x, scale, bias, mean, var):
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        inv = scale / torch.sqrt(var + self.eps)
+        return (x - mean.view(shape)) * inv.view(shape) + bias.view(shape)
+
+
+class CumSum(nn.Module):
+    def __init__(self, exclusive: bool, reverse: bool):
+        super().__init__()
+        self.exclusive, self.reverse = exclusive, reverse
+
+    def forward(self, x: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+        d = int(axis.item()) % x.dim()
+        if self.reverse:
+            x = torch.flip(x, dims=(d,))
+        y = torch.cumsum(x, dim=d)
+        if self.exclusive:
+            y = y - x
+        if self.reverse:
+            y = torch.flip(y, dims=(d,))
+        return y

@@ -1,0 +1,112 @@
+"""What the user asks for (Options, and the choice lists argparse offers), and the checks made
+before any long work: each failure is one line, exit 2, nothing written."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+from .exporters.qdq import STORAGES
+from .mixed import MixedOptions
+from .onnx_import import ImportedModel
+from .reconstruct import ReconOptions
+from .solvers.ilp import SOLVERS
+from .tasks import TASKS, load_metric
+
+__all__ = ["DEVICES", "METHODS", "SOLVERS", "STORAGES", "TASKS", "MixedOptions", "Options", "ReconOptions",
+           "check_memory", "check_options", "check_output"]
+
+
+@dataclass
+class Options:
+    wbits: int = 8
+    abits: int = 8
+    method: str = "pack"
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 32
+    calib_samples: int = 1024
+    reduce_range: bool = True   # 7-bit range for 8-bit weights: exact on AVX2 CPUs without VNNI
+    target: str = "any"        # --target the range was chosen for (packptq_onnx.targets)
+    image: dict = field(default_factory=dict)  # image_size, mean, std, layout for image folders
+    recon: ReconOptions = field(default_factory=ReconOptions)
+    max_pack_blocks: int | None = None
+    resume: bool = False
+    storage: str = "int8"      # "packed": INT4/INT2 weight initializers
+    output_bits: int | None = 8  # output quantizer per layer so onnxruntime fuses it; None: off
+    strict: bool = False       # an op with no torch converter is an error instead of staying float
+    mixed: MixedOptions = field(default_factory=MixedOptions)
+    input_shapes: dict = field(default_factory=dict)  # name -> dims (None = dynamic), --input-shape
+    batch_axes: dict = field(default_factory=dict)    # name -> sample axis, --batch-axis (packptq_onnx.layout)
+    bias_correction: bool = True  # subtract the mean output shift of quantized weights (qlayer)
+    task: str | None = None    # task metric for --eval (packptq_onnx.tasks); None: guessed
+    guard: float = 0.002       # 8-bit activation quantizers predicted to cost more output NSR stay float
+    metric: str | None = None  # --metric module:function, called with float and quantized outputs
+
+
+METHODS = ("rtn", "adaround", "block", "pack")
+DEVICES = ("cpu", "cuda")
+
+
+def check_options(o: Options) -> None:
+    for what, b in (("--wbits", o.wbits), ("--abits", o.abits)):
+        if not 2 <= b <= 8:
+            raise UsageError(f"{what} must be between 2 and 8, got {b}")
+    if o.method not in METHODS:
+        raise UsageError(f"unknown --method {o.method!r} (available: {', '.join(METHODS)})")
+    r = o.recon
+    if r.iters < 0 or (r.iters_total is not None and r.iters_total < 0):
+        raise UsageError("--iters and --iters-total must not be negative")
+    if not 0.0 <= r.drop_prob <= 1.0:
+        raise UsageError("--drop-prob must be between 0 and 1")
+    if o.max_pack_blocks is not None and o.max_pack_blocks < 1:
+        raise UsageError("--max-pack-blocks must be at least 1")
+    if o.storage not in STORAGES:
+        raise UsageError(f"--storage must be one of {', '.join(STORAGES)}")
+    if o.batch_size < 1 or o.calib_samples < 1:
+        raise UsageError("--batch-size and --calib-samples must be positive")
+    if o.task is not None:
+        if o.task not in TASKS:
+            raise UsageError(f"unknown --task {o.task!r} (available: {', '.join(TASKS)})")
+    if o.metric is not None:
+        load_metric(o.metric)
+    if o.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA GPU (install a CUDA build of torch)")
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def check_memory(imp: ImportedModel, calib: dict, opts: Options) -> None:
+    """Refuse before starting when the model, its copies and the calibration data cannot fit."""
+    weights = sum(int(np.prod(i.dims)) * 4 for i in imp.model.graph.initializer)
+    need = 6 * weights + sum(v.nbytes for v in calib.values())  # float + torch + quantizers + Adam state
+    have = available_memory()
+    if need > have:
+        raise UsageError(f"not enough memory: about {need / 2**30:.1f} GiB needed (model {weights / 2**30:.1f} "
+                         f"GiB), {have / 2**30:.1f} GiB available; use fewer --calib-samples or a larger machine")
+
+
+def check_output(model_path: str, out_path: str) -> None:
+    if os.path.abspath(out_path) == os.path.abspath(model_path):
+        raise UsageError("the output path equals the input model; choose another -o")
+    directory = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"output directory does not exist: {directory}")
+    try:  # really try: permission bits say nothing for root or on read-only mounts
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".packptq-probe-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"output directory is not writable: {directory} ({exc.strerror})") from None
