@@ -6,7 +6,8 @@ functions here write them: calibration builds the quantizers through set_bits / 
 and ties shared tensors; a measurement that needs another mode or other bits runs inside
 `quantized(...)` or `snapshot(...)`, which put everything back as it was on the way out, whatever
 happens inside. `capture` is the one way to watch (or replace) tensors during a forward pass.
-QDrop's quantization/state.py and BRECQ's set_quant_state keep the same discipline.
+QDrop's quantization/state.py and BRECQ's set_quant_state keep the same discipline
+(docs/METHOD.md, "Code layout and quantizer state").
 """
 from __future__ import annotations
 
