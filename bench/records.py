@@ -1,13 +1,6 @@
-"""How the benchmark records results: JSON written atomically, exceptions as one line."""
-import json
-import os
-
-
-def save_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=lambda x: x.item() if hasattr(x, "item") else str(x))
-    os.replace(tmp, path)
+"""How the benchmark records results: JSON written atomically (the package's writer), exceptions
+as one line."""
+from packptq_onnx.exporters.files import save_json  # noqa: F401  (bench modules import it from here)
 
 
 def one_line(exc: BaseException) -> str:

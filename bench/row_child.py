@@ -14,11 +14,7 @@ from records import one_line, save_json
 from rows import ROWS
 from tasks import TASKS
 
-
-def peak_rss_mb() -> float:
-    import resource
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
+from packptq_onnx.pipeline import peak_rss_mb
 
 
 def float_outputs(info: dict, cfg: dict, work: str, feeds: dict) -> list:

@@ -35,11 +35,16 @@ def save_model(model: onnx.ModelProto, path: str) -> None:
             os.unlink(tmp)
 
 
+def _plain(x):
+    """numpy scalars and arrays as Python values; anything else as its text."""
+    return x.tolist() if hasattr(x, "tolist") else str(x)
+
+
 def save_json(obj, path: str) -> None:
     tmp = temp_beside(path, ".json")
     try:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=float)
+            json.dump(obj, f, indent=2, sort_keys=True, default=_plain)
             f.write("\n")
         os.replace(tmp, path)
     finally:

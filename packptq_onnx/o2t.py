@@ -40,6 +40,19 @@ def _import_onnx2torch():
     return sys.modules["onnx2torch"]
 
 
+def hide_broken_torchvision() -> None:
+    """The same problem for transformers, which imports torchvision when it is installed: mark a
+    torchvision that does not import as absent (BERT-style models do not need it)."""
+    if "torchvision" in sys.modules:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        for key in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+            del sys.modules[key]
+        sys.modules["torchvision"] = None  # find_spec -> None: transformers sees it as absent
+
+
 onnx2torch = _import_onnx2torch()
 from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription  # noqa: E402
 from onnx2torch.utils.common import (  # noqa: E402

@@ -121,12 +121,14 @@ def tiny_bert(tmp_path_factory):
 
     Every parameter is perturbed, as training would: the exporter writes equal tensors (fresh
     zero biases, unit LayerNorm weights) once, behind Identity nodes."""
+    from packptq_onnx.o2t import hide_broken_torchvision
+
+    hide_broken_torchvision()
+    transformers = pytest.importorskip("transformers")
+    import torch
     sys.path.insert(0, BENCH)
     try:
-        import models
-        models._hide_broken_torchvision()
-        transformers = pytest.importorskip("transformers")
-        import torch
+        import models  # the exporter the benchmark uses
     finally:
         sys.path.remove(BENCH)
     torch.manual_seed(0)
