@@ -111,6 +111,14 @@ class WeightQuantizer(nn.Module):
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.soft = True
 
+    def harden(self) -> None:
+        """Learning is over: round by the sign of V from now on (what is exported)."""
+        self.soft = False
+
+    def round_to_nearest(self) -> None:
+        """Forget what AdaRound learned: plain rounding again."""
+        self.alpha, self.soft = None, False
+
     def h(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 

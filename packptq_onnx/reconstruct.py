@@ -255,12 +255,12 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
         if t % 10 == 0 and hasattr(it, "set_postfix"):
             it.set_postfix(loss=f"{float(rec.detach()):.4g}")
     for q in weighted:
-        q.wq.soft = False
+        q.wq.harden()
     after = evaluate()
     kept_rtn = after > before or no_grad
     if kept_rtn:  # never leave a unit worse than round-to-nearest on the data it was judged on
         for q in weighted:
-            q.wq.alpha = None
+            q.wq.round_to_nearest()
         for x, s0 in zip(act_qs, rtn_scales):
             x.scale.data.copy_(s0)
         after = evaluate()

@@ -179,7 +179,7 @@ def load_learned(qls, st: dict) -> None:
         s = st[q.layer.name]
         if s["alpha"] is not None:
             q.wq.alpha = torch.nn.Parameter(s["alpha"].to(q.weight.device))
-            q.wq.soft = False
+            q.wq.harden()
         if s["ascale"] is not None:
             q.aq.scale.data.copy_(s["ascale"])
         if s["oscale"] is not None:
