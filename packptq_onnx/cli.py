@@ -132,7 +132,8 @@ def parser() -> argparse.ArgumentParser:
                    "(the CPU running packptq)")
     q.add_argument("--guard", type=float, default=0.002, metavar="NSR",
                    help="an 8-bit activation quantizer predicted (first order) to cost an output more than this "
-                   "share of its energy on its own stays float (default 0.002; 0: off)")
+                   "share of its energy on its own stays float; the same estimate picks each one's range "
+                   "(searched or min-max) (default 0.002; 0: both off)")
     q.add_argument("--full-range-weights", action="store_true",
                    help="8-bit weights in [-128,127] whatever the target (not exact on AVX2 CPUs without VNNI)")
     _task_args(q)

@@ -53,6 +53,7 @@ class Prepared:
     decode: dict = field(default_factory=dict)  # layer left float entirely -> why (layers.decode_layers)
     shape_groups: list = field(default_factory=list)  # calibration samples of other shapes (inputs.other_shapes)
     kept_float: list = field(default_factory=list)  # activation quantizers the guard removed
+    min_max: list = field(default_factory=list)  # activation quantizers that took their min-max range
     file_model: object = None  # the graph as the file gives it (declared inputs and outputs)
     declared: list = field(default_factory=list)  # its inputs, with where the data holds the samples
     axes: dict = field(default_factory=dict)  # inputs whose samples are not on axis 0 (layout)
@@ -123,7 +124,7 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
               progress=lambda it: bar(it, "calibrate", -(-p.n_samples // opts.batch_size)),
               output_bits=opts.output_bits, bias_correction=opts.bias_correction)
     if opts.guard:
-        p.kept_float = guard.apply(p, opts, log)
+        p.min_max, p.kept_float = guard.apply(p, opts, log)
     p.seconds = time.time() - t0
     return p
 
@@ -255,7 +256,7 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
                            "skipped": {q.layer.name: p.output_rules[q.layer.output][0] for q in qls
                                        if q.layer.output in p.output_rules},
                            "per_output": per_output_rules(imp.model, qls, p.output_rules),
-                           "float_layers": p.decode, "kept_float": p.kept_float},
+                           "float_layers": p.decode, "kept_float": p.kept_float, "min_max_ranges": p.min_max},
         imported={"notes": imp.notes, "faithful": [asdict(a) for a in p.faithful],
                   "float_nodes": list(gm.float_nodes)},
         layers=meta["layers"], weight_bytes=weight_bytes(records), parity=validate.as_dicts(par),

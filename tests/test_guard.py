@@ -102,3 +102,37 @@ def test_guard_measures_models_with_integer_inputs(tmp_path):
                 log=lambda *_: None)
     est = guard.estimate(p.gm, p.qls, data.batches(data.take(p.calib, 4), p.names, 4))
     assert {part for _, part in est} >= {"input"} and all(v > 0 for v in est.values())
+
+
+class PeakNet(nn.Module):
+    """A conv whose largest values are what the output reads (a global max pool, as a score map's
+    peak is): the searched range clips exactly those tails, the min-max range keeps them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 8, 3, 1, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.amax(torch.relu(self.a(x)), dim=(2, 3)))
+
+
+def test_range_choice_keeps_the_tails_the_outputs_read(tmp_path):
+    path = str(tmp_path / "peak.onnx")
+    torch.onnx.export(PeakNet(), torch.randn(1, 3, 16, 16), path, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    g = np.random.default_rng(0)
+    for name, n in (("calib", 32), ("eval", 64)):  # rare spikes: the range search clips the conv's peaks
+        x = g.standard_normal((n, 3, 16, 16))
+        np.savez(tmp_path / f"{name}.npz", x=(x + (g.random(x.shape) < 3e-4) * 60).astype(np.float32))
+    cos, moved = {}, {}
+    for gd in ("0", "1"):  # 0: no guard and no range choice; 1: range choice (the guard keeps nothing float)
+        rep = tmp_path / f"r{gd}.json"
+        assert main(["quantize", path, "--calib", str(tmp_path / "calib.npz"), "-o", str(tmp_path / f"q{gd}.onnx"),
+                     "--method", "rtn", "--guard", gd, "--eval", str(tmp_path / "eval.npz"), "--report", str(rep)]) == 0
+        r = json.loads(rep.read_text())
+        cos[gd], moved[gd] = r["validation"][0]["cosine"], r["output_quantizers"]["min_max_ranges"]
+        assert r["output_quantizers"]["kept_float"] == []
+    assert moved["0"] == [] and {"layer": "/a/Conv", "part": "output"} in moved["1"]
+    assert cos["1"] > cos["0"], cos
