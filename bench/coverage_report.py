@@ -47,6 +47,8 @@ def rules(r) -> str:
         parts.append(f"decode layer float x{len(oq['float_layers'])}")
     if oq.get("kept_float"):
         parts.append(f"guard: {len(oq['kept_float'])} activations float")
+    if oq.get("min_max_ranges"):
+        parts.append(f"min-max range x{len(oq['min_max_ranges'])}")
     return ", ".join(parts) or "-"
 
 
@@ -157,7 +159,7 @@ def main():
         lines.append(f"| {e['name']} | {e['kind']} | {e['package']} {e['version']} | {e['opset']} | {dynamic(e)} | "
                      f"{e.get('n_calib', '?')} / {e.get('n_eval', '?')} | "
                      f"{r.get('shapes') or ('as declared' if r.get('rc') == 0 else '-')} |")
-    head = ["model", "min output cosine", "task agreement", "second size", "left float", "time, peak RSS"]
+    head = ["model", "min output cosine", "task agreement", "second size", "left float; min-max ranges", "time, peak RSS"]
     for key, title in ROWS:
         second = key == "rtn-W8A8"
         cols = head if second else [head[0], head[1], head[2], head[5]]
