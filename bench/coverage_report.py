@@ -159,7 +159,8 @@ def main():
         lines.append(f"| {e['name']} | {e['kind']} | {e['package']} {e['version']} | {e['opset']} | {dynamic(e)} | "
                      f"{e.get('n_calib', '?')} / {e.get('n_eval', '?')} | "
                      f"{r.get('shapes') or ('as declared' if r.get('rc') == 0 else '-')} |")
-    head = ["model", "min output cosine", "task agreement", "second size", "left float; min-max ranges", "time, peak RSS"]
+    head = ["model", "min output cosine", "task agreement", "second size", "left float; min-max ranges",
+            "time, peak RSS"]
     for key, title in ROWS:
         second = key == "rtn-W8A8"
         cols = head if second else [head[0], head[1], head[2], head[5]]

@@ -23,8 +23,8 @@ quantizer (summed over the places that share it) takes min-max where that predic
 noise. Measured on the ten models of bench/COVERAGE.md at W8A8 (512 evaluation samples each):
 NudeNet keeps 0.953 of its detections (0.946 before), the YOLOX-style captcha detector 0.980
 (0.968), ddddocr's recognizer reads 0.984 of its strings (0.973; onnxruntime 0.984), the layout
-detector's worst output cosine reaches 0.992 (0.988), the others hold. GUARD_SAMPLES = 8 (was 2):
-with 2 samples the choice follows noise (NudeNet 0.923).
+detector's worst output cosine reaches 0.992 (0.988); ONet and magika lose two samples of 512.
+GUARD_SAMPLES = 8 (was 2): with 2 samples the choice follows noise (NudeNet 0.923).
 docs/METHOD.md, "Guard for 8-bit activations".
 """
 from __future__ import annotations
