@@ -158,6 +158,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--json", action="store_true", help="print a JSON object instead of tables")
     i.add_argument("--calib", help="with calibration data: blocks, Hessian-guided scores and packs")
+    i.add_argument("--runtime", action="store_true", help="what onnxruntime runs after its graph optimisation: "
+                   "integer and float nodes per op, and the float nodes left between Dequantize- and QuantizeLinear")
     i.add_argument("--wbits", type=int, default=4, help="bits at which blocks are scored (default 4)")
     i.add_argument("--abits", type=int, default=4, help="activation bits for scoring (default 4)")
     i.add_argument("--max-pack-blocks", type=int, help="cap on blocks per pack (default: no cap)")

@@ -23,6 +23,8 @@ def cmd_inspect(a) -> int:
             "packptq": read_meta(imp.original)}
     if a.calib:
         info.update(_packs(a, print if not a.json else (lambda *_: None)))
+    if a.runtime:
+        info["runtime"] = _runtime(a.model)
     if a.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -36,7 +38,19 @@ def cmd_inspect(a) -> int:
         print(_annotation_table(meta))
     if a.calib:
         print(_pack_table(info))
+    if a.runtime:
+        from .ortview import table
+        print(table(info["runtime"]))
     return 0
+
+
+def _runtime(path: str) -> dict:
+    from .ortview import summary
+
+    try:
+        return summary(path)
+    except Exception as exc:  # onnxruntime refuses the file: say why in one line
+        raise UsageError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
 
 
 def _annotation_table(meta: dict) -> str:

@@ -147,3 +147,23 @@ def test_parity_notes_name_every_failing_output():
     assert parity_notes(outs[1:2], exact) == []
     (line,) = parity_notes(outs[1:2], LayerParity(5, 9, "conv", False))
     assert "does not predict the exported model: layer conv differs by 9 steps" in line
+
+
+def test_inspect_runtime_shows_what_onnxruntime_left_in_float(tmp_path, capsys):
+    """The sample's W8A8 export: onnxruntime fuses its convs into QLinearConv, but the residual Adds
+    run in float between DequantizeLinear and QuantizeLinear (what issue 26 is about); the float
+    model has nothing of either."""
+    out = str(tmp_path / "q.onnx")
+    assert main(["quantize", MODEL, "--calib", CALIB, "-o", out, "--method", "rtn"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", out, "--runtime", "--json"]) == 0
+    rt = json.loads(capsys.readouterr().out)["runtime"]
+    ops = {(o["op"], o["kind"]): o["count"] for o in rt["ops"]}
+    assert ops[("QLinearConv", "integer")] >= 6 and rt["by_kind"]["conversion"] > 0
+    assert rt["float_between_qdq"]["by_op"].get("Add", 0) == 3  # the sample's three residual blocks
+    assert main(["inspect", MODEL, "--runtime"]) == 0
+    text = capsys.readouterr().out
+    assert "0 integer, 0 (de)quantize" in text and "nothing left in float between" in text
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    assert main(["inspect", str(bad), "--runtime"]) == 2
