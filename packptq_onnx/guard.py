@@ -167,7 +167,7 @@ def choose_ranges(qls, est: dict, candidates: dict) -> tuple[dict, list]:
     switch = {o for o in now if o in candidates and other[o] < now[o]}
     quantizers = {id(owner(k)): owner(k) for k in sites}
     for o in switch:
-        state.replace_quantizer(qls, quantizers[o], candidates[o])
+        state.replace_quantizer(qls, quantizers[o], candidates[o], initial=True)
     moved = [k for k in sites if id(owner(k)) in {id(candidates[o]) for o in switch}]
     return {k: est[(*k, "candidate")] if k in moved else est[k] for k in sites}, moved
 

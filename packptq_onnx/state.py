@@ -139,12 +139,17 @@ def keep_float(qls, keys) -> None:
             q.oq, q.links.out_stats = None, None
 
 
-def replace_quantizer(qls, old, new) -> None:
-    """Every input or output of these layers that uses the quantizer object `old` uses `new`."""
+def replace_quantizer(qls, old, new, initial: bool = False) -> None:
+    """Every input or output of these layers that uses the quantizer object `old` uses `new`.
+    initial: `new` also becomes the round-to-nearest start at its bits, so a layer re-bitted to
+    those bits later (mixed precision, tie_inputs) rebuilds `new`'s range, not the old one."""
+    tags = {"aq": "a", "aq2": "a2", "oq": "o"}
     for q in qls:
         for attr in ("aq", "aq2", "oq"):
             if getattr(q, attr) is old:
                 setattr(q, attr, new)
+                if initial:
+                    q.initial[(tags[attr], new.bits)] = (float(new.scale), float(new.zero))
 
 
 def use(q: QuantLayer, attr: str, quantizer) -> None:

@@ -3,6 +3,7 @@ measuring each quantizer alone, and the quantizers it leaves float on a net buil
 import json
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -136,3 +137,22 @@ def test_range_choice_keeps_the_tails_the_outputs_read(tmp_path):
         assert r["output_quantizers"]["kept_float"] == []
     assert moved["0"] == [] and {"layer": "/a/Conv", "part": "output"} in moved["1"]
     assert cos["1"] > cos["0"], cos
+
+
+def test_a_chosen_range_survives_re_bitting(tmp_path):
+    """Mixed precision and tie_inputs rebuild quantizers from their round-to-nearest start: a range
+    the guard switched to min-max must come back as min-max, not as the clipped search."""
+    path = str(tmp_path / "peak.onnx")
+    torch.onnx.export(PeakNet(), torch.randn(1, 3, 16, 16), path, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    g = np.random.default_rng(0)
+    x = g.standard_normal((32, 3, 16, 16))
+    np.savez(tmp_path / "calib.npz", x=(x + (g.random(x.shape) < 3e-4) * 60).astype(np.float32))
+    p = prepare(path, str(tmp_path / "calib.npz"), Options(method="rtn", guard=1.0), log=lambda *_: None)
+    assert {"layer": "/a/Conv", "part": "output"} in p.min_max
+    q = next(q for q in p.qls if q.layer.name == "/a/Conv")
+    chosen = float(q.oq.scale)
+    assert chosen == pytest.approx(q.links.out_stats.hi / 255, rel=1e-6)  # min-max, not clipped
+    state.set_output_bits(q, 4)
+    state.set_output_bits(q, 8)
+    assert float(q.oq.scale) == chosen
