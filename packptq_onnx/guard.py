@@ -154,22 +154,17 @@ def choose_ranges(qls, est: dict, candidates: dict) -> tuple[dict, list]:
     summed over the sites that share it. Returns the estimates of what is now in place, and the
     sites whose quantizer took min-max."""
     by = {q.layer.name: q for q in qls}
-
-    def owner(site):
-        q = by[site[0]]
-        return q.aq if site[1] == "input" else q.oq
-    sites = [k for k in est if len(k) == 2]
+    owner = {k: by[k[0]].aq if k[1] == "input" else by[k[0]].oq for k in est if len(k) == 2}
     now, other = {}, {}
-    for k in sites:
-        o = id(owner(k))
+    for k, quantizer in owner.items():
+        o = id(quantizer)
         now[o] = now.get(o, 0.0) + est[k]
         other[o] = other.get(o, 0.0) + est.get((*k, "candidate"), float("inf"))
     switch = {o for o in now if o in candidates and other[o] < now[o]}
-    quantizers = {id(owner(k)): owner(k) for k in sites}
-    for o in switch:
-        state.replace_quantizer(qls, quantizers[o], candidates[o], initial=True)
-    moved = [k for k in sites if id(owner(k)) in {id(candidates[o]) for o in switch}]
-    return {k: est[(*k, "candidate")] if k in moved else est[k] for k in sites}, moved
+    for quantizer in {id(x): x for x in owner.values() if id(x) in switch}.values():
+        state.replace_quantizer(qls, quantizer, candidates[id(quantizer)], initial=True)
+    moved = [k for k, quantizer in owner.items() if id(quantizer) in switch]
+    return {k: est[(*k, "candidate")] if id(quantizer) in switch else est[k] for k, quantizer in owner.items()}, moved
 
 
 GUARD_SAMPLES = 8

@@ -16,15 +16,19 @@ from torch import nn
 from .ops import BatchNormAnyRank, Clamp, CumSum, Flatten, GlobalMaxPool, Reduce18, ReshapeAllowZero, Split18
 
 
+def _forget(*packages: str) -> None:
+    """Drop these packages and their submodules from sys.modules (a half-finished import)."""
+    for key in [k for k in sys.modules if k in packages or k.split(".")[0] in packages]:
+        del sys.modules[key]
+
+
 def _import_onnx2torch():
     try:
         import onnx2torch  # noqa: F401
         return sys.modules["onnx2torch"]
     except Exception:  # torchvision present but broken (or absent): retry with a stand-in
         pass
-    for key in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")
-                or k == "onnx2torch" or k.startswith("onnx2torch.")]:
-        del sys.modules[key]
+    _forget("torchvision", "onnx2torch")
 
     def _unavailable(*_a, **_k):
         raise NotImplementedError("this op needs a working torchvision install")
@@ -48,8 +52,7 @@ def hide_broken_torchvision() -> None:
     try:
         import torchvision  # noqa: F401
     except Exception:
-        for key in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
-            del sys.modules[key]
+        _forget("torchvision")
         sys.modules["torchvision"] = None  # find_spec -> None: transformers sees it as absent
 
 
