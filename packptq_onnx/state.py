@@ -149,7 +149,7 @@ def replace_quantizer(qls, old, new, initial: bool = False) -> None:
             if getattr(q, attr) is old:
                 setattr(q, attr, new)
                 if initial:
-                    q.initial[(tags[attr], new.bits)] = (float(new.scale), float(new.zero))
+                    q.initial[(tags[attr], new.bits)] = (float(new.scale.detach()), float(new.zero))
 
 
 def use(q: QuantLayer, attr: str, quantizer) -> None:
