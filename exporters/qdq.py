@@ -51,7 +51,9 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
         m = _upgrade_for_packed(m, quants)
     g = m.graph
     name = _Names(m)
-    by_index = {q.layer.index: q for q in quants}
+    # by output tensor, not node index: the opset upgrade of packed storage may insert nodes
+    # (ReduceMean 17 -> 18 turns its axes into a Constant input), which shifts every index after it
+    by_output = {q.layer.output: q for q in quants}
     inits, nodes = [], []
 
     def const(base, array):
@@ -69,8 +71,8 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
             inits.append(numpy_helper.from_array(np.asarray(array).astype(np.int8), n))
         return n
 
-    for i, node in enumerate(g.node):
-        q = by_index.get(i)
+    for node in list(g.node):
+        q = by_output.get(node.output[0]) if node.output else None
         if q is not None:
             nodes.extend(_layer_nodes(node, q, const, weight_const, name))
             tag = {"pack": q.pack, "wbits": q.wbits, "abits": q.abits}

@@ -242,3 +242,18 @@ def test_layer_parity_with_constant_nodes_and_bypassed_relu(tmp_path):
         out.graph.node.insert(0, helper.make_node("Constant", [], ["c_extra"], value=zero))
     res = layer_parity(out, gm, qls, feeds, ["x"])
     assert res.layers == 2 and res.exact, res
+
+
+def test_packed_storage_survives_the_opset_upgrade(exported):
+    """Packed INT4 weights need opset 21; upgrading the resnet's opset-17 ReduceMean inserts a
+    Constant node in front of the head Gemm. The head must still get its own weight and parity hold
+    (the records were once matched by node index, and the Gemm read a conv's DQ)."""
+    net = nets.build("resnet")
+    imp, gm, qls, _ = quantize(exported("resnet", 17), 4, 8, nets.inputs(net, 32, seed=2))
+    out = qdq.write_qdq(imp.model, export_records(qls), storage="packed")
+    assert any(n.op_type == "Constant" for n in out.graph.node)  # the upgrade really inserted nodes
+    tagged = [n for n in out.graph.node if qdq.node_tag(n)]
+    assert [n.op_type for n in tagged] == [q.layer.op for q in qls]
+    feeds = nets.inputs(net, 32, seed=3)
+    par = validate.sim_parity(["y"], runtime.run(runtime.session(out), feeds), convert.torch_run(gm, feeds, ["x"]))[0]
+    assert par.exact, par
