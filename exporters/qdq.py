@@ -148,10 +148,13 @@ def _act_qdq(tensor, bits, scale, zero, lname, tag, const, name) -> tuple[list, 
 
 def _layer_nodes(node, q, const, weight_const, name) -> list:
     lname = q.layer.name
-    if not q.layer.has_weight:  # activation x activation MatMul: both inputs quantized
+    if not q.layer.has_weight:  # activation x activation MatMul or join: both inputs quantized
         out = []
-        for i, (s, z, tag) in enumerate(((q.a_scale, q.a_zero, "x"), (q.a2_scale, q.a2_zero, "x2"))):
-            if s is not None:
+        for i, (s, z, tag, shared) in enumerate(((q.a_scale, q.a_zero, "x", q.input_from),
+                                                 (q.a2_scale, q.a2_zero, "x2", q.input2_from))):
+            if shared is not None:
+                node.input[i] = shared
+            elif s is not None:
                 nodes, node.input[i] = _act_qdq(node.input[i], q.abits, s, z, lname, tag, const, name)
                 out += nodes
         return out

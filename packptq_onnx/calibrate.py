@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import memory, state
-from .layers import output_rules, post_activations, read_only_by_layers
+from .layers import is_join, output_rules, post_activations, read_only_by_layers
 from .qlayer import Links, Stats, is_depthwise
 
 SAMPLE_PER_BATCH = 1 << 14  # activation values kept per batch for the range search
@@ -131,5 +131,10 @@ def calibrate(gm, qls: list, model, batches, wbits, abits, reduce_range: bool, s
         q.links.fed_by = p
         if p is not None and q.layer.act_input in layer_only:
             p.links.readers.append(q)
+        if is_join(q.layer):
+            p = producers.get(q.layer.act_input2)
+            q.links.fed_by2 = p
+            if p is not None and q.layer.act_input2 in layer_only:
+                p.links.readers.append(q)
     state.tie_inputs(qls)
     state.set_quant(qls, True, True)

@@ -10,7 +10,7 @@ from .errors import UsageError
 
 def cmd_inspect(a) -> int:
     from .exporters.qdq import read_meta
-    from .layers import find_layers
+    from .layers import find_layers, layer_count
     from .onnx_import import load
 
     if a.max_pack_blocks is not None and a.max_pack_blocks < 1:
@@ -28,7 +28,7 @@ def cmd_inspect(a) -> int:
     if a.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    print(f"{a.model}: opset {info['opset']}, {info['nodes']} nodes, {len(layers)} quantizable layers")
+    print(f"{a.model}: opset {info['opset']}, {info['nodes']} nodes, {layer_count(layers)}")
     for i in info["inputs"]:
         print(f"  input  {i['name']}: {i['shape']} {i['dtype']}")
     for o in info["outputs"]:
@@ -71,7 +71,8 @@ def _annotation_table(meta: dict) -> str:
     label = "stem/head" if packs else "layer"
     for l in meta.get("layers", []):
         if l["node"] not in in_pack:
-            lines.append(f"  {label:<27}{l['node'][:30]:<31} W{l['wbits']} A{l['abits'] or '-'}")
+            w = f"W{l['wbits']} " if l["wbits"] else ""  # joins and activation MatMuls have no weight
+            lines.append(f"  {label:<27}{l['node'][:30]:<31} {w}A{l['abits'] or '-'}")
     return "\n".join(lines)
 
 

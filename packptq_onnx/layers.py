@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 from onnx import numpy_helper
 
 from .folding import consumers
@@ -21,20 +22,36 @@ class Layer:
     axis: int                # output-channel axis of the weight in ONNX layout
     act_input: str | None    # tensor quantized at the layer input; None = raw network input
     output: str = ""         # the layer's output tensor
-    act_input2: str | None = None  # activation x activation MatMul: its second input (no weight)
+    act_input2: str | None = None  # activation x activation MatMul / join: its second input (no weight)
+    fixed_abits: int | None = None  # input bits that no bit choice changes (joins: 8)
 
     @property
     def has_weight(self) -> bool:
         return bool(self.weight)
 
 
-def find_layers(model, act_matmul: bool = True) -> list[Layer]:
-    """Weighted layers, and (act_matmul) MatMuls of two activations such as q.k^T and attn.v."""
+JOINS = ("Add",)  # joins of two activations that onnxruntime runs as integer kernels (QLinearAdd)
+JOIN_BITS = 8     # their inputs: onnxruntime's QLinearAdd is an 8-bit kernel; a residual stream at
+                  # 4 bits would also cost far more accuracy than the convs' 4-bit inputs
+
+
+def find_layers(model, act_matmul: bool = True, joins: bool = True) -> list[Layer]:
+    """Weighted layers, (act_matmul) MatMuls of two activations such as q.k^T and attn.v, and
+    (joins) residual Adds of two float activations whose output reaches a quantized input
+    (docs/METHOD.md, "Integer joins")."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     graph_inputs = {i.name for i in g.input if i.name not in inits}
+    floats = {v.name for v in (*g.value_info, *g.input, *g.output)
+              if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
     layers = []
     for idx, node in enumerate(g.node):
+        if (joins and node.op_type in JOINS and node.domain in ("", "ai.onnx") and len(node.input) == 2
+                and node.input[0] != node.input[1]
+                and all(t in floats and t not in inits and t not in graph_inputs for t in node.input)):
+            layers.append(Layer(idx, node.name, node.op_type, "", None, -1, node.input[0], node.output[0],
+                                node.input[1], fixed_abits=JOIN_BITS))
+            continue
         if node.op_type not in QUANTIZABLE or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
         x, w = node.input[0], node.input[1]
@@ -67,7 +84,31 @@ def find_layers(model, act_matmul: bool = True) -> list[Layer]:
             bias = None
         layers.append(Layer(idx, node.name, node.op_type, w, bias, axis, None if x in graph_inputs else x,
                             node.output[0]))
-    return layers
+    return useful_joins(model, layers)
+
+
+def useful_joins(model, layers: list[Layer]) -> list[Layer]:
+    """Drop joins whose output an output rule keeps float (it leads to LayerNorm / Softmax, is a model
+    output or decode tail): without an output quantizer onnxruntime fuses nothing, and quantizing
+    the inputs only costs accuracy (a transformer's residual stream). Dropping one can expose
+    another (its inputs no longer reach a quantized input), so this repeats until nothing changes."""
+    while True:
+        rules = output_rules(model, layers, JOIN_BITS)
+        keep = [l for l in layers if l.fixed_abits is None or l.output not in rules]
+        if len(keep) == len(layers):
+            return layers
+        layers = keep
+
+
+def is_join(layer: Layer) -> bool:
+    return layer.op in JOINS
+
+
+def layer_count(layers: list[Layer]) -> str:
+    """'9 quantizable layers, 3 integer joins (Add)' for logs."""
+    joins = sum(is_join(l) for l in layers)
+    text = f"{len(layers) - joins} quantizable layers"
+    return text + (f", {joins} integer joins (Add)" if joins else "")
 
 
 def weight_array(model, name: str):
@@ -93,6 +134,7 @@ class LayerQuant:
     o_zero: int | None = None
     o_bits: int = 8
     input_from: str | None = None  # read this tensor (the producer's quantized output) as it is
+    input2_from: str | None = None  # the same for a join's second input
     pack: int | None = None
 
 
@@ -237,8 +279,9 @@ def post_activations(model, layers: list[Layer]) -> dict[str, tuple[float, float
 
 
 def read_only_by_layers(model, layers: list[Layer]) -> set[str]:
-    """Tensors whose every reader is a quantized layer taking it as its (first) activation input,
-    and that are not graph outputs: their producer's output quantizer may take the readers' bits."""
+    """Tensors whose every reader is a quantized layer taking it as its (first) activation input
+    (or either input of a join), and that are not graph outputs: their producer's output quantizer
+    may take the readers' bits."""
     g = model.graph
     by_node = {l.name: l for l in layers}
     graph_out = {o.name for o in g.output}
@@ -246,8 +289,9 @@ def read_only_by_layers(model, layers: list[Layer]) -> set[str]:
     for t, nodes in consumers(g).items():
         if t in graph_out or not t:
             continue
-        if all(n.name in by_node and by_node[n.name].act_input == t and list(n.input).count(t) == 1
-               and by_node[n.name].act_input2 != t for n in nodes):
+        if all(n.name in by_node and list(n.input).count(t) == 1
+               and (by_node[n.name].act_input == t
+                    or (is_join(by_node[n.name]) and by_node[n.name].act_input2 == t)) for n in nodes):
             out.add(t)
     return out
 

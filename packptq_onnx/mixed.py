@@ -98,7 +98,8 @@ def act_elements(gm, qls, sample_args) -> dict[str, int]:
 
     def count(name):
         return lambda _m, args: counts.__setitem__(name, args[0][0].numel())
-    with torch.no_grad(), state.capture(pre=[(q, count(q.layer.name)) for q in qls]):
+    moving = [q for q in qls if q.layer.fixed_abits is None]  # joins keep their bits: no choice to count
+    with torch.no_grad(), state.capture(pre=[(q, count(q.layer.name)) for q in moving]):
         gm(*sample_args)
     return counts
 

@@ -16,7 +16,16 @@ from .calibrate import calibrate
 from .errors import UsageError
 from .exporters import files, qdq
 from .inputs import load_inputs, other_shapes
-from .layers import RULES, decode_layers, find_layers, output_rules, per_output_rules
+from .layers import (
+    RULES,
+    decode_layers,
+    find_layers,
+    is_join,
+    layer_count,
+    output_rules,
+    per_output_rules,
+    useful_joins,
+)
 from .mixed import MixedResult
 from .onnx_import import ImportedModel
 from .options import (  # noqa: F401  (pipeline.Options and friends: the names users import)
@@ -97,19 +106,19 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     for note in imp.notes[n_notes:]:
         log(f"warning: {note}")
     faithful = convert.prove_faithful(imp, gm, probe, batch_size=plan.run_batch or 64, fixed=bool(plan.run_batch))
-    layers = find_layers(imp.model)
+    layers = find_layers(imp.model, joins=opts.output_bits is not None)  # a join needs its output quantizer
     decode = decode_layers(imp.model, layers)
-    layers = [l for l in layers if l.name not in decode]
+    layers = useful_joins(imp.model, [l for l in layers if l.name not in decode])
     inside = controlflow.layers_in_control_flow(imp.model)
-    if not layers:
+    if all(is_join(l) for l in layers):
         raise UsageError("the model has no quantizable layer (Conv, ConvTranspose, Gemm, or MatMul "
                          "with a constant weight)" + (f"; {inside} sit inside If/Loop/Scan branches whose "
                                                       "condition depends on input values" if inside else ""))
     if inside:
         log(f"note: {inside} layer(s) inside If/Loop/Scan branches stay float (the condition depends on "
             "input values, so no branch can be inlined)")
-    log(f"{os.path.basename(model_path)}: {len(imp.model.graph.node)} nodes, {len(layers)} quantizable "
-        f"layers, opset {imp.opset}" + (f" ({'; '.join(imp.notes)})" if imp.notes else ""))
+    log(f"{os.path.basename(model_path)}: {len(imp.model.graph.node)} nodes, {layer_count(layers)}, "
+        f"opset {imp.opset}" + (f" ({'; '.join(imp.notes)})" if imp.notes else ""))
     for name, why in decode.items():
         log(f"note: layer {name} stays float ({why})")
     qls = qlayer.wrap(gm, imp.model, layers)

@@ -40,6 +40,7 @@ class Links:
     """A layer's neighbours and output statistics, set by calibrate (plain references: a dataclass
     attribute of a module registers no submodule)."""
     fed_by: QuantLayer | None = None       # the layer whose output (or its Relu / Clip) this one reads
+    fed_by2: QuantLayer | None = None      # the same for a join's second input
     readers: list = field(default_factory=list)  # quantized layers, the only readers of this output
     post_act: tuple | None = None          # (lo, hi, tensor) of a Relu / Clip right after the layer
     out_stats: Stats | None = None         # of the output, to rebuild it at other bits

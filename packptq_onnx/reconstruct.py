@@ -21,6 +21,7 @@ from . import state
 from .blocks import SHAPE_OPS
 from .convert import module_name
 from .estimate import node_seconds, unit_seconds
+from .layers import is_join
 from .progress import bar, fmt_seconds
 from .sensitivity import batch_size
 from .unitcache import Cache, capture, layouts
@@ -76,8 +77,8 @@ def make_units(method: str, units_struct, packs, layers) -> list[Unit]:
     def layer_unit(name):
         return Unit(name, [name], [by_name[name].index], by_name[name].output)
 
-    if method == "adaround":
-        return [layer_unit(l.name) for l in layers]
+    if method == "adaround":  # layer-wise: a join has no weight to round, it keeps its RTN ranges
+        return [layer_unit(l.name) for l in layers if not is_join(l)]
     units = [layer_unit(n) for n in units_struct.stem]
     blocks = units_struct.blocks
     if method == "block":

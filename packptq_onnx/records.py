@@ -18,6 +18,7 @@ def export_records(qls: list[QuantLayer], packs: dict | None = None):
                              pack=(packs or {}).get(q.layer.name))
             if q.aq2 is not None:
                 rec.a2_scale, rec.a2_zero = float(q.aq2.scale), int(q.aq2.zero)
+                rec.input2_from = shared_input(q, second=True)
         else:
             assert not q.wq.soft, "export needs hard rounding"
             w_int = q.wq.integer(q.weight).to(torch.int8).cpu().numpy()
@@ -40,20 +41,21 @@ def export_records(qls: list[QuantLayer], packs: dict | None = None):
     return out
 
 
-def shared_input(q: QuantLayer) -> str | None:
+def shared_input(q: QuantLayer, second: bool = False) -> str | None:
     """The producer's output tensor when `q` can read it as it is: q's input quantizer is the
     producer's output quantizer and the Relu / Clip between them (if any) cannot change a value of
     that quantizer's grid. Then the writer drops q's own Q/DQ and the Relu / Clip, and the chain
-    runs as integer kernels in onnxruntime at any bit width."""
-    p = q.links.fed_by
-    if p is None or p.oq is None or q.aq is not p.oq:
+    runs as integer kernels in onnxruntime at any bit width. second: a join's second input."""
+    p, aq, tensor = ((q.links.fed_by2, q.aq2, q.layer.act_input2) if second
+                     else (q.links.fed_by, q.aq, q.layer.act_input))
+    if p is None or p.oq is None or aq is not p.oq:
         return None
     act = p.links.post_act
-    if act is not None and q.layer.act_input == act[2]:
+    if act is not None and tensor == act[2]:
         s, z = np.float32(float(p.oq.scale)), float(p.oq.zero)
         lo_g, hi_g = s * np.float32(p.oq.qmin - z), s * np.float32(p.oq.qmax - z)
         if not (act[0] <= lo_g and hi_g <= act[1]):
             return None
-    elif q.layer.act_input != p.layer.output:
+    elif tensor != p.layer.output:
         return None
     return p.layer.output

@@ -77,7 +77,10 @@ def clear(q: QuantLayer) -> None:
 
 
 def set_bits(q: QuantLayer, wbits: int | None, abits: int | None) -> None:
-    """Re-initialise (round to nearest) the weight and/or input quantizer of a layer at new bits."""
+    """Re-initialise (round to nearest) the weight and/or input quantizer of a layer at new bits
+    (a layer with fixed input bits, a join, keeps them whatever `abits` asks)."""
+    if abits is not None and q.layer.fixed_abits is not None:
+        abits = q.layer.fixed_abits
     if wbits is not None and q.layer.has_weight:
         key = ("w", wbits)
         q.wq = WeightQuantizer(q.weight, q.layer.axis, wbits, q.reduce_range, q.initial.get(key)).to(q.weight.device)
@@ -125,6 +128,9 @@ def tie_inputs(qls: list[QuantLayer]) -> None:
         if p is not None and p.oq is not None and q.aq is not None and q.aq.bits == p.oq.bits:
             q.aq = p.oq
             fit_bias(q)  # the bias steps follow the input scale, which just changed
+        p = q.links.fed_by2  # a join's second input
+        if p is not None and p.oq is not None and q.aq2 is not None and q.aq2.bits == p.oq.bits:
+            q.aq2 = p.oq
 
 
 def keep_float(qls, keys) -> None:

@@ -30,7 +30,8 @@ def test_quantize_sample_w8a8_end_to_end(tmp_path, capsys):
     assert "logits" in capsys.readouterr().out  # the validation table is printed
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert len(info["packptq"]["layers"]) == 9
+    ops = [l["op"] for l in info["packptq"]["layers"]]
+    assert len(ops) - ops.count("Add") == 9 and ops.count("Add") == 3  # 9 convs/gemm, 3 integer residual adds
 
 
 def test_validate_command(tmp_path, capsys):
@@ -95,7 +96,7 @@ def test_console_script_runs():
     exe = shutil.which("packptq")
     cmd = [exe] if exe else [sys.executable, "-m", "packptq_onnx.cli"]
     r = subprocess.run(cmd + ["inspect", MODEL], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "9 quantizable layers" in r.stdout
+    assert r.returncode == 0 and "9 quantizable layers, 3 integer joins (Add)" in r.stdout
 
 
 def test_packed_storage_annotations_and_inspect(tmp_path, capsys):
@@ -112,7 +113,8 @@ def test_packed_storage_annotations_and_inspect(tmp_path, capsys):
     assert {p["id"] for p in meta["packs"]} and meta["budget"] > 0
     assert qdq.weight_bytes(m) <= meta["budget"]
     tags = [qdq.node_tag(n) for n in m.graph.node if qdq.node_tag(n)]
-    assert len(tags) == 9 and {t["pack"] for t in tags} >= {p["id"] for p in meta["packs"]}
+    assert len(tags) == 12 and {t["pack"] for t in tags} >= {p["id"] for p in meta["packs"]}
+    assert sorted(t["abits"] for t in tags if not t["wbits"]) == [8, 8, 8]  # the joins stay 8-bit at A4
     assert any(i.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.INT2) for i in m.graph.initializer)
     assert oct(out.stat().st_mode & 0o777) != "0o600"  # written with normal permissions
     assert main(["inspect", str(out)]) == 0
@@ -150,8 +152,8 @@ def test_parity_notes_name_every_failing_output():
 
 
 def test_inspect_runtime_shows_what_onnxruntime_left_in_float(tmp_path, capsys):
-    """The sample's W8A8 export: onnxruntime fuses its convs into QLinearConv, but the residual Adds
-    run in float between DequantizeLinear and QuantizeLinear (what issue 26 is about); the float
+    """The sample's W8A8 export: onnxruntime fuses its convs into QLinearConv and its residual Adds
+    into QLinearAdd, so no Add runs in float between DequantizeLinear and QuantizeLinear; the float
     model has nothing of either."""
     out = str(tmp_path / "q.onnx")
     assert main(["quantize", MODEL, "--calib", CALIB, "-o", out, "--method", "rtn"]) == 0
@@ -160,7 +162,8 @@ def test_inspect_runtime_shows_what_onnxruntime_left_in_float(tmp_path, capsys):
     rt = json.loads(capsys.readouterr().out)["runtime"]
     ops = {(o["op"], o["kind"]): o["count"] for o in rt["ops"]}
     assert ops[("QLinearConv", "integer")] >= 6 and rt["by_kind"]["conversion"] > 0
-    assert rt["float_between_qdq"]["by_op"].get("Add", 0) == 3  # the sample's three residual blocks
+    assert ops[("QLinearAdd", "integer")] == 3  # the sample's three residual blocks
+    assert rt["float_between_qdq"]["by_op"].get("Add", 0) == 0
     assert main(["inspect", MODEL, "--runtime"]) == 0
     text = capsys.readouterr().out
     assert "0 integer, 0 (de)quantize" in text and "nothing left in float between" in text
