@@ -17,8 +17,9 @@ of --latency-runs) and the speed-up over the float model measured in the same pr
 
 --rows takes names or shell patterns, e.g. --rows 'float,ort-minmax-u8-W8A8,pack-*'.
 --list prints the rows. --quick uses fewer calibration samples and reconstruction iterations.
-Reconstruction rows (adaround, block, pack) get the same total number of iterations
-(ReconOptions.iters_total), spread over their units by weight count, so they do equal work.
+Reconstruction rows (adaround, block, pack) get the same --iters-total budget
+(ReconOptions.iters_total), which gives every mode the same multiply-accumulates
+(reconstruct.split_iters), so they do equal work.
 """
 from __future__ import annotations
 

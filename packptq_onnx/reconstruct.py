@@ -49,6 +49,8 @@ class Unit:
     nodes: list[int]        # ONNX node indices it spans
     output: str             # tensor name of its output
     size: int = 0           # weight elements
+    macs: int = 0           # multiply-accumulates of one sample's forward pass through its layers
+    layer_iters: float = 0.0  # what layer-wise reconstruction would give its layers (compute-weighted)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class UnitResult:
     seconds: float
     kept_rtn: bool = False      # learning made the unit worse on calibration data: RTN state kept
     no_gradient: bool = False   # its output does not depend differentiably on what it learns
+    gmacs: float = 0.0          # forward compute spent: iterations x batch x unit MACs / 1e9
 
 
 @dataclass
@@ -266,30 +269,71 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
             x.scale.data.copy_(s0)
         after = evaluate()
     cache.close()
-    return UnitResult(unit.name, 0 if no_grad else iters, before, after, time.time() - t0, kept_rtn, no_grad)
+    return UnitResult(unit.name, 0 if no_grad else iters, before, after, time.time() - t0, kept_rtn=kept_rtn,
+                      no_gradient=no_grad)
 
 
 def split_iters(units: list[Unit], o: ReconOptions) -> list[int]:
+    """Iterations per unit. --iters: the same for every unit. --iters-total T: equal compute in
+    every mode. Layer-wise reconstruction gives each layer T x its share of the weights; a block or
+    pack unit gets the forward compute (MACs) that would spend on its layers, divided by the cost of
+    one of its own iterations: the MAC-weighted mean of its layers' iterations. So at one T, layer,
+    block and pack modes run the same multiply-accumulates (a pack iteration runs all its blocks;
+    counting iterations instead gave pack mode 2-3x block mode's time), and the layer mode's split
+    is what it was (docs/METHOD.md, "Step 4")."""
     if o.iters_total is None:
         return [o.iters] * len(units)
-    total = sum(u.size for u in units) or 1
-    return [max(1, int(round(o.iters_total * u.size / total))) for u in units]
+    return [max(1, int(round(u.layer_iters))) for u in units]
+
+
+def unit_costs(units: list[Unit], qls, gm, args, iters_total: int | None) -> None:
+    """Each unit's weight elements, MACs per sample (one timed-free forward pass with hooks) and,
+    under --iters-total, its compute-weighted layer iterations."""
+    sizes = {q.layer.name: q.weight.numel() for q in qls}
+    macs = layer_macs(gm, qls, args)
+    total = sum(sizes.values()) or 1
+    for u in units:
+        u.size = sum(sizes[n] for n in u.layers)
+        u.macs = int(sum(macs.get(n, 0) for n in u.layers))
+        if iters_total is not None:
+            its = {n: iters_total * sizes[n] / total for n in u.layers}
+            u.layer_iters = (sum(its[n] * macs.get(n, 0) for n in u.layers) / u.macs if u.macs
+                             else sum(its.values()))
+
+
+@torch.no_grad()
+def layer_macs(gm, qls, args) -> dict[str, float]:
+    """Multiply-accumulates per sample of each quantized layer: output elements x weights per
+    output channel (Conv, Gemm, MatMul; an upper bound for strided ConvTranspose), output elements
+    x the shared axis for a MatMul of two activations, output elements for a join."""
+    out = {}
+    n = max(batch_size(args), 1)
+
+    def hook(q):
+        def fn(_m, inputs, y):
+            y0 = y[0] if isinstance(y, (tuple, list)) else y
+            if q.layer.has_weight:
+                per = q.weight.numel() / max(q.weight.shape[q.layer.axis], 1)
+            elif q.layer.act_input2 is not None and q.layer.op == "MatMul":
+                per = inputs[0].shape[-1]
+            else:
+                per = 1
+            out[q.layer.name] = out.get(q.layer.name, 0) + y0.numel() * per / n
+        return fn
+    with state.capture(post=[(q, hook(q)) for q in qls]):
+        gm(*args)
+    return out
 
 
 def unit_seed(seed: int, i: int) -> int:
     return (seed * 1000003 + i * 7919) % (2 ** 31)
 
 
-def n_weights(units: list[Unit], qls) -> None:
-    sizes = {q.layer.name: q.weight.numel() for q in qls}
-    for u in units:
-        u.size = sum(sizes[n] for n in u.layers)
-
-
 def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOptions, seed: int, device: str,
         ckpt: str, resume: bool, log=print) -> list[UnitResult]:
     """Reconstruct every unit in order; checkpoint after each; resume skips finished units."""
-    n_weights(units, qls)
+    first = next(iter(calib_batches()))
+    unit_costs(units, qls, gm, first, o.iters_total)
     iters = split_iters(units, o)
     fingerprint = json.dumps({"units": [u.name for u in units], "iters": iters, "seed": seed,
                               "layers": [q.layer.name for q in qls],
@@ -305,7 +349,6 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
         state.load_learned(qls, saved["state"])
         done = [UnitResult(**r) for r in saved["done"]]
         log(f"resuming after {len(done)} of {len(units)} finished units")
-    first = next(iter(calib_batches()))
     calib_bs = batch_size(first)
     est = unit_seconds(node_seconds(gm, first), units, iters, calib_bs, o.batch_size, -(-n // calib_bs))
     todo = est[len(done):]
@@ -316,6 +359,7 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
             continue
         r = reconstruct_unit(gm, model, qls, u, calib_batches, n, iters[i], o, unit_seed(seed, i), device,
                              os.path.dirname(os.path.abspath(ckpt)))
+        r.gmacs = r.iters * min(o.batch_size, n) * u.macs / 1e9
         done.append(r)
         kept = "  (kept round-to-nearest: learning did not help)" if r.kept_rtn else ""
         if r.no_gradient:
@@ -323,8 +367,8 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
         spent, estimated = spent + r.seconds, estimated + est[i]
         left = sum(est[i + 1:]) * spent / max(estimated, 1e-9)
         eta = f"  ~{fmt_seconds(left)} left" if i + 1 < len(units) else ""
-        log(f"  {u.name:<28} {len(u.layers):>3} layers {r.iters:>6} it  loss {r.loss_before:.4g} -> "
-            f"{r.loss_after:.4g}  {r.seconds:.1f} s{kept}{eta}")
+        log(f"  {u.name:<28} {len(u.layers):>3} layers {r.iters:>6} it {r.gmacs:>8.3g} GMAC  "
+            f"loss {r.loss_before:.4g} -> {r.loss_after:.4g}  {r.seconds:.1f} s{kept}{eta}")
         tmp = ckpt + ".tmp"
         torch.save({"fingerprint": fingerprint, "done": [asdict(x) for x in done],
                     "state": state.learned(qls)}, tmp)

@@ -139,3 +139,34 @@ def test_cli_pack_default_beats_rtn_on_sample(tmp_path):
     assert vp["acc_quant"] > vr["acc_quant"] and vp["cosine"] > vr["cosine"]
     assert not os.path.exists(str(tmp_path / "p.onnx") + ".ckpt")  # removed after success
     assert r_pack["packs"] and r_pack["peak_rss_mb"] > 0
+
+
+def test_iters_total_gives_every_mode_equal_compute():
+    """--iters-total T: layer-wise reconstruction splits T iterations by weight count; block and pack
+    units get the multiply-accumulates layer-wise would spend on their layers, so all three modes
+    do the same work (a pack iteration runs all its blocks, so it gets fewer iterations)."""
+    o = _opts("pack")
+    p = prepare(MODEL, CALIB, o, log=lambda *_: None)
+    from packptq_onnx import blocks
+    layers = [q.layer for q in p.qls]
+    u = blocks.find_blocks(p.imp.model, layers)
+    packs = [type("P", (), {"id": 0, "blocks": list(range(len(u.blocks)))})()]
+    first = next(iter(p.calib_batches(o)))
+    ro = reconstruct.ReconOptions(iters_total=3000)
+    work = {}
+    for method in ("adaround", "block", "pack"):
+        units = reconstruct.make_units(method, u, packs, layers)
+        reconstruct.unit_costs(units, p.qls, p.gm, first, ro.iters_total)
+        iters = reconstruct.split_iters(units, ro)
+        work[method] = sum(i * x.macs for i, x in zip(iters, units))
+        if method == "adaround":
+            assert abs(sum(iters) - 3000) <= len(units)  # T iterations in all, as before
+        if method == "pack":
+            assert iters[len(u.stem)] < 3000 * 0.9  # not the pack's share of T iterations
+    assert max(work.values()) / min(work.values()) < 1.02, work
+    # MACs of the first conv, from its shapes: output elements x (input channels x kernel area)
+    macs = reconstruct.layer_macs(p.gm, p.qls, first)
+    q = p.qls[0]
+    w = q.weight
+    out_elems = w.shape[0] * 8 * 8  # digits: 8x8 images, 'same' padding
+    assert macs[q.layer.name] == out_elems * w[0].numel()
