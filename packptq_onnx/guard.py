@@ -34,6 +34,7 @@ import time
 import torch
 
 from . import data, memory, quant, state
+from .layers import is_join
 
 PROBES = 4
 MAX_SHARE = 0.25
@@ -66,8 +67,9 @@ def _tracked(x: torch.Tensor) -> torch.Tensor:
 
 
 def estimate(gm, qls, batches, seed: int = 0, bits: int = 8, candidates: dict | None = None) -> dict:
-    """{(layer name, "input" | "output"): predicted output noise-to-signal ratio} for every `bits`-bit
-    activation quantizer (inputs of weighted layers, outputs); the model runs float meanwhile.
+    """{(layer name, "input" | "input2" | "output"): predicted output noise-to-signal ratio} for every
+    `bits`-bit activation quantizer (inputs of weighted layers and joins, outputs); the model runs
+    float meanwhile.
     candidates: id(quantizer) -> another quantizer for the same tensor; its ratio is reported
     under (layer name, part, "candidate")."""
     candidates = candidates or {}
@@ -92,11 +94,15 @@ def estimate(gm, qls, batches, seed: int = 0, bits: int = 8, candidates: dict | 
         x.register_hook(hook)
 
     def pre(q):
+        join = is_join(q.layer)
+
         def hook(mod, args):
-            if q.aq is not None and q.wq is not None and q.aq.bits == bits:
-                x = _tracked(args[0])
-                _site((q.layer.name, "input"), x, q.aq)
-                return (x, *args[1:])
+            args = list(args)
+            for i, part, quantizer in ((0, "input", q.aq), (1, "input2", q.aq2)):
+                if quantizer is not None and (q.wq is not None or join) and quantizer.bits == bits:
+                    args[i] = _tracked(args[i])
+                    _site((q.layer.name, part), args[i], quantizer)
+            return tuple(args)
         return hook
 
     def post(q):
@@ -142,7 +148,7 @@ def min_max_candidates(qls, bits: int = 8) -> dict:
     activation quantizer (a shared one once, from the statistics of the layer that owns it)."""
     out = {}
     for q in qls:
-        for quantizer, st in ((q.oq, q.links.out_stats), (q.aq, q.act_stats)):
+        for quantizer, st in ((q.oq, q.links.out_stats), (q.aq, q.act_stats), (q.aq2, q.act_stats2)):
             if quantizer is not None and quantizer.bits == bits and st is not None and id(quantizer) not in out:
                 scale, zero = quant.act_params(st.lo, st.hi, *quant.act_qrange(bits))
                 out[id(quantizer)] = quant.ActQuantizer(bits, scale, zero).to(quantizer.scale.device)
@@ -154,7 +160,8 @@ def choose_ranges(qls, est: dict, candidates: dict) -> tuple[dict, list]:
     summed over the sites that share it. Returns the estimates of what is now in place, and the
     sites whose quantizer took min-max."""
     by = {q.layer.name: q for q in qls}
-    owner = {k: by[k[0]].aq if k[1] == "input" else by[k[0]].oq for k in est if len(k) == 2}
+    attr = {"input": "aq", "input2": "aq2", "output": "oq"}
+    owner = {k: getattr(by[k[0]], attr[k[1]]) for k in est if len(k) == 2}
     now, other = {}, {}
     for k, quantizer in owner.items():
         o = id(quantizer)

@@ -30,6 +30,8 @@ def export_records(qls: list[QuantLayer], packs: dict | None = None):
         if q.aq is not None:
             rec.abits, rec.a_scale, rec.a_zero = q.aq.bits, float(q.aq.scale), int(q.aq.zero)
             rec.input_from = shared_input(q)
+        elif q.aq2 is not None:  # the guard left a join's first input float, not its second
+            rec.abits = q.aq2.bits
         if q.bias_path is not None and q.wq is not None:
             b = q.corrected_bias()
             if bs is not None:

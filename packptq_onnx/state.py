@@ -134,13 +134,17 @@ def tie_inputs(qls: list[QuantLayer]) -> None:
 
 
 def keep_float(qls, keys) -> None:
-    """Remove these activation quantizers ((layer name, "input" | "output")), and every quantizer
-    object shared with them (a tied producer output), so that no later re-bitting brings them back."""
+    """Remove these activation quantizers ((layer name, "input" | "input2" | "output")), and every
+    quantizer object shared with them (a tied producer output), so that no later re-bitting brings
+    them back."""
     by = {q.layer.name: q for q in qls}
-    gone = {id(by[name].aq if part == "input" else by[name].oq) for name, part in keys}
+    attr = {"input": "aq", "input2": "aq2", "output": "oq"}
+    gone = {id(getattr(by[name], attr[part])) for name, part in keys}
     for q in qls:
         if q.aq is not None and id(q.aq) in gone:
             q.aq, q.act_stats = None, None
+        if q.aq2 is not None and id(q.aq2) in gone:
+            q.aq2, q.act_stats2 = None, None
         if q.oq is not None and id(q.oq) in gone:
             q.oq, q.links.out_stats = None, None
 

@@ -288,3 +288,20 @@ def test_nothing_quantizable_left_float_by_onnxruntime(exported, tmp_path, arch,
     ops = [n.op_type for n in opt.graph.node]
     n_joins = sum(layers.is_join(q.layer) for q in qls)
     assert ops.count("QLinearAdd") == n_joins and (n_joins > 0) == (arch in ("resnet", "mobilenetv2"))
+
+
+def test_join_with_one_input_left_float_exports(exported):
+    """The guard may leave float the quantizer a join's first input shares with its producer; the
+    join then quantizes only its second input (this crashed the export of PP-OCRv3's detector)."""
+    net = nets.build("resnet")
+    imp, gm, qls, _ = quantize(exported("resnet", 17), 8, 8, nets.inputs(net, 32, seed=2))
+    join = next(q for q in qls if layers.is_join(q.layer) and q.links.fed_by is not None and q.aq2 is not None)
+    state.keep_float(qls, [(join.links.fed_by.layer.name, "output")])
+    assert join.aq is None and join.aq2 is not None
+    recs = export_records(qls)
+    rec = next(r for r in recs if r.layer.name == join.layer.name)
+    assert rec.abits == 8 and rec.a_scale is None and rec.a2_scale is not None
+    out = qdq.write_qdq(imp.model, recs)
+    feeds = nets.inputs(net, 32, seed=3)
+    par = validate.sim_parity(["y"], runtime.run(runtime.session(out), feeds), convert.torch_run(gm, feeds, ["x"]))[0]
+    assert par.exact, par
