@@ -104,3 +104,27 @@ def test_inspect_json_packs(tmp_path, capsys):
     assert [p["blocks"] for p in d["packs"]] == [["block0"], ["block1"], ["block2"]]
     assert all(set(b) >= {"name", "layers", "score", "sensitivity", "pack"} for b in d["blocks"])
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("act,joins", [("relu", 1), ("silu", 0)])
+def test_joins_only_between_quantized_layers(tmp_path, act, joins):
+    """A residual Add whose inputs come from convs (through a ReLU) is an integer join; one fed by
+    float work (SiLU = Sigmoid * x, as in YOLOv8) is not: the float op runs between DQ and Q
+    either way, and quantizing the skip path only costs accuracy."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.c3 = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+            self.f = nn.ReLU() if act == "relu" else nn.SiLU()
+
+        def forward(self, x):
+            x = self.f(self.c1(x))
+            return self.c3(x + self.f(self.c2(x)))
+
+    path = str(tmp_path / f"{act}.onnx")
+    torch.onnx.export(Net().eval(), (torch.randn(1, 4, 8, 8),), path, opset_version=17, dynamo=False)
+    ls = layers.find_layers(onnx_import.load(path).model)
+    assert sum(layers.is_join(l) for l in ls) == joins and len(ls) == 3 + joins
