@@ -19,8 +19,38 @@ from packptq_onnx.pipeline import Options, quantize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLES = os.path.join(os.path.dirname(HERE), "samples")
-VARIANTS = {"W8A8": dict(wbits=8, abits=8), "W4A4": dict(wbits=4, abits=4), "W3A3": dict(wbits=3, abits=3),
+ORT = "onnxruntime W8A8"
+VARIANTS = {"W8A8": dict(wbits=8, abits=8), "W4A8": dict(wbits=4, abits=8), "W4A4": dict(wbits=4, abits=4),
+            "W3A3": dict(wbits=3, abits=3),
             "mixed 3.5b A4-8": dict(wbits=4, abits=8, mixed=MixedOptions(avg_wbits=3.5, fixed_bits=4))}
+
+
+def ort_w8a8(model_path: str, calib: dict, out: str) -> str:
+    """onnxruntime's own quantize_static W8A8 (QDQ, MinMax, uint8 activations, per-channel int8
+    weights, after quant_pre_process), the export users compare us with."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            n = len(next(iter(calib.values())))
+            self.batches = iter([{k: v[i:i + 8] for k, v in calib.items()} for i in range(0, n, 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    pre = out + ".pre.onnx"
+    try:
+        quant_pre_process(model_path, pre, skip_symbolic_shape=True)
+        src = pre
+    except Exception:
+        src = model_path
+    quantize_static(onnx.load(src), out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    if os.path.exists(pre):
+        os.unlink(pre)
+    return out
 
 
 def latencies(models: dict, feeds, threads: int, runs: int) -> dict:
@@ -46,6 +76,9 @@ def main():
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--out", default=os.path.join(HERE, "out"))
+    ap.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
+    ap.add_argument("--no-ort", action="store_true", help="leave out onnxruntime's quantize_static W8A8")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     os.environ.setdefault("PACKPTQ_QUIET", "1")
@@ -54,7 +87,8 @@ def main():
     name = os.path.splitext(os.path.basename(a.model))[0]
     models = {"float": (imp.original, os.path.getsize(a.model), os.path.getsize(a.model))}
     skipped = []
-    for label, kw in VARIANTS.items():
+    for label in a.variants.split(","):
+        kw = VARIANTS[label]
         sizes = {}
         for storage in ("int8", "packed"):
             path = os.path.join(a.out, f"{name}_{label.replace(' ', '_')}_{storage}.onnx")
@@ -70,16 +104,25 @@ def main():
                 int8_model = onnx.load(path)
         if len(sizes) == 2:
             models[label] = (int8_model, sizes["int8"], sizes["packed"])
+    if not a.no_ort:
+        import onnx
+        path = os.path.join(a.out, f"{name}_ort_W8A8.onnx")
+        try:
+            ort_w8a8(a.model, {k: v[:a.calib_samples] for k, v in calib.items()}, path)
+            models[ORT] = (onnx.load(path), os.path.getsize(path), os.path.getsize(path))
+        except Exception as exc:  # onnxruntime's quantizer refuses some models
+            skipped.append(f"{ORT}: {str(exc).splitlines()[0][:200]}")
     rows = []
-    for b in (1, 32):
+    batches = [int(b) for b in a.batches.split(",")]
+    for b in batches:
         feeds = {k: np.repeat(v[:1], b, 0) if len(v) < b else v[:b] for k, v in calib.items()}
         for t in (1, 2):
-            runs = a.runs if b == 1 else max(5, a.runs // 4)
+            runs = a.runs if b == 1 else max(5, a.runs // b)
             lat = latencies({k: m for k, (m, _, _) in models.items()}, feeds, t, runs)
             for label, (_, s8, sp) in models.items():
                 rows.append((label, b, t, lat[label] * 1e3, lat["float"] / lat[label], s8, sp))
-    print(f"model {name}; median of {a.runs} runs at batch 1, {max(5, a.runs // 4)} at batch 32, the models "
-          "timed in turn each round; speed-up = float latency / model latency, same run\n")
+    print(f"model {name}; median of {a.runs} runs at batch 1, max(5, {a.runs} // batch) at larger batches, the "
+          "models timed in turn each round; speed-up = float latency / model latency, same run\n")
     print("| model | batch | threads | latency ms | speed-up vs float | file bytes (int8) | file bytes (packed) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -90,7 +133,7 @@ def main():
     print("| model | file | weights | per-channel | rest | counted weight bytes | file / counted |")
     print("|---|---|---|---|---|---|---|")
     for label in models:
-        if label == "float":
+        if label in ("float", ORT):
             continue
         import onnx
         from packptq_onnx.exporters import qdq
@@ -105,6 +148,20 @@ def main():
         size, counted = os.path.getsize(path), qdq.weight_bytes(m)
         print(f"| {label} | {size:,} | {part['w']:,} | {part['c']:,} | {size - part['w'] - part['c']:,} | "
               f"{counted:,.0f} | {size / counted:.2f} |")
+    from packptq_onnx import ortview
+    print("\nWhat onnxruntime runs after its optimisation (packptq inspect OUT --runtime): nodes by kind, and "
+          "the float nodes left between a DequantizeLinear and a QuantizeLinear\n")
+    print("| model | integer | (de)quantize | float | float between DQ and Q |")
+    print("|---|---|---|---|---|")
+    for label, (m, _, _) in models.items():
+        import onnx
+        path = os.path.join(a.out, f"{name}_runtime_view.onnx")
+        onnx.save(m, path)
+        sm = ortview.summary(path)
+        k, fb = sm["by_kind"], sm["float_between_qdq"]
+        ops = ", ".join(f"{op} {c}" for op, c in sorted(fb["by_op"].items(), key=lambda x: -x[1]))
+        left = f"{fb['count']} ({ops})" if ops else "0"
+        print(f"| {label} | {k['integer']} | {k['conversion']} | {k['float']} | {left} |")
     for line in skipped:
         print(f"\nskipped {line}")
 
