@@ -40,16 +40,28 @@ def ort_w8a8(model_path: str, calib: dict, out: str) -> str:
         def get_next(self):
             return next(self.batches, None)
 
+    import onnxruntime
+
     pre = out + ".pre.onnx"
     try:
         quant_pre_process(model_path, pre, skip_symbolic_shape=True)
-        src = pre
+        sources = [pre, model_path]
     except Exception:
-        src = model_path
-    quantize_static(onnx.load(src), out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        sources = [model_path]
+    error = None
+    for src in sources:  # its output after quant_pre_process may not load (the direction classifier's)
+        try:
+            quantize_static(onnx.load(src), out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            onnxruntime.InferenceSession(out, providers=["CPUExecutionProvider"])
+            error = None
+            break
+        except Exception as exc:
+            error = exc
     if os.path.exists(pre):
         os.unlink(pre)
+    if error is not None:
+        raise error
     return out
 
 
