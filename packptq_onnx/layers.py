@@ -37,7 +37,7 @@ JOIN_BITS = 8     # their inputs: onnxruntime's QLinearAdd is an 8-bit kernel; a
 
 def find_layers(model, act_matmul: bool = True, joins: bool = True) -> list[Layer]:
     """Weighted layers, (act_matmul) MatMuls of two activations such as q.k^T and attn.v, and
-    (joins) residual Adds of two float activations whose output reaches a quantized input
+    (joins) residual Adds of two float activations, kept where `useful_joins` finds them worth it
     (docs/METHOD.md, "Integer joins")."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}

@@ -276,7 +276,7 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
 def split_iters(units: list[Unit], o: ReconOptions) -> list[int]:
     """Iterations per unit. --iters: the same for every unit. --iters-total T: equal compute in
     every mode. Layer-wise reconstruction gives each layer T x its share of the weights; a block or
-    pack unit gets the forward compute (MACs) that would spend on its layers, divided by the cost of
+    pack unit gets the forward compute (MACs) layer-wise would spend on its layers, divided by the cost of
     one of its own iterations: the MAC-weighted mean of its layers' iterations. So at one T, layer,
     block and pack modes run the same multiply-accumulates (a pack iteration runs all its blocks;
     counting iterations instead gave pack mode 2-3x block mode's time), and the layer mode's split
@@ -287,7 +287,7 @@ def split_iters(units: list[Unit], o: ReconOptions) -> list[int]:
 
 
 def unit_costs(units: list[Unit], qls, gm, args, iters_total: int | None) -> None:
-    """Each unit's weight elements, MACs per sample (one timed-free forward pass with hooks) and,
+    """Each unit's weight elements, MACs per sample (counted by hooks on one forward pass) and,
     under --iters-total, its compute-weighted layer iterations."""
     sizes = {q.layer.name: q.weight.numel() for q in qls}
     macs = layer_macs(gm, qls, args)
