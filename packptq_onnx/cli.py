@@ -124,6 +124,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--no-output-quant", action="store_true",
                    help="quantize layer inputs only (no 8-bit output quantizers; onnxruntime then cannot "
                    "fuse layers into integer kernels)")
+    q.add_argument("--no-joins", action="store_true",
+                   help="keep residual Adds float (default: an Add between quantized layers runs as "
+                   "QLinearAdd with 8-bit inputs; see docs/METHOD.md, 'Integer joins')")
     q.add_argument("--no-bias-correction", action="store_true",
                    help="keep the float bias (default: subtract the mean output shift that quantizing "
                    "each weight causes on the calibration data)")
@@ -206,7 +209,7 @@ def cmd_quantize(a) -> int:
                    target=targets.this_machine() if a.target == "this" else a.target, image=_image_opts(a), recon=recon,
                    max_pack_blocks=a.max_pack_blocks, resume=a.resume, mixed=_mixed_opts(a),
                    storage=a.storage, output_bits=None if a.no_output_quant else 8, strict=a.strict,
-                   input_shapes=_shapes(a), batch_axes=_axes(a),
+                   joins=not a.no_joins, input_shapes=_shapes(a), batch_axes=_axes(a),
                    bias_correction=not a.no_bias_correction, task=a.task,
                    metric=a.metric, guard=a.guard)
     if a.plot and not opts.mixed.enabled:

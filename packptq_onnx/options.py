@@ -38,6 +38,7 @@ class Options:
     resume: bool = False
     storage: str = "int8"      # "packed": INT4/INT2 weight initializers
     output_bits: int | None = 8  # output quantizer per layer so onnxruntime fuses it; None: off
+    joins: bool = True         # residual Adds between quantized layers as QLinearAdd (layers.useful_joins)
     strict: bool = False       # an op with no torch converter is an error instead of staying float
     mixed: MixedOptions = field(default_factory=MixedOptions)
     input_shapes: dict = field(default_factory=dict)  # name -> dims (None = dynamic), --input-shape

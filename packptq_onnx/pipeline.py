@@ -106,7 +106,7 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     for note in imp.notes[n_notes:]:
         log(f"warning: {note}")
     faithful = convert.prove_faithful(imp, gm, probe, batch_size=plan.run_batch or 64, fixed=bool(plan.run_batch))
-    layers = find_layers(imp.model, joins=opts.output_bits is not None)  # a join needs its output quantizer
+    layers = find_layers(imp.model, joins=opts.joins and opts.output_bits is not None)  # needs output quantizers
     decode = decode_layers(imp.model, layers)
     layers = useful_joins(imp.model, [l for l in layers if l.name not in decode])
     inside = controlflow.layers_in_control_flow(imp.model)

@@ -164,6 +164,12 @@ def test_inspect_runtime_shows_what_onnxruntime_left_in_float(tmp_path, capsys):
     assert ops[("QLinearConv", "integer")] >= 6 and rt["by_kind"]["conversion"] > 0
     assert ops[("QLinearAdd", "integer")] == 3  # the sample's three residual blocks
     assert rt["float_between_qdq"]["by_op"].get("Add", 0) == 0
+    # --no-joins: the Adds stay float, between DequantizeLinear and QuantizeLinear
+    assert main(["quantize", MODEL, "--calib", CALIB, "-o", out, "--method", "rtn", "--no-joins"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", out, "--runtime", "--json"]) == 0
+    rt = json.loads(capsys.readouterr().out)["runtime"]
+    assert rt["float_between_qdq"]["by_op"].get("Add", 0) == 3
     assert main(["inspect", MODEL, "--runtime"]) == 0
     text = capsys.readouterr().out
     assert "0 integer, 0 (de)quantize" in text and "nothing left in float between" in text
