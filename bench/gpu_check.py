@@ -5,7 +5,7 @@
 Data: 1024 calibration and 256 evaluation crops of the photos that scikit-image, scikit-learn and
 matplotlib ship (bench/photos.py; disjoint photos), built on the machine itself, since a GPU
 machine may reach no network. The model comes from `bench/models.py --out DIR` (or carry it there).
-Each method first runs 10 iterations per unit to measure its cost per iteration, then as many
+Each method first runs --probe-iters (10) iterations per unit to measure its cost per iteration, then as many
 iterations per unit as fit in its half of --minutes, and prints top-1 agreement with the float
 model on the evaluation crops, seconds per iteration and peak GPU memory. --device cpu runs the
 same on the CPU (a smoke test with small --samples).
@@ -28,8 +28,9 @@ def run(model, calib, evalp, out, method, iters, samples, device):
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    o = Options(wbits=4, abits=4, method=method, device=device, calib_samples=samples,
-                recon=reconstruct.ReconOptions(iters=iters))
+    bs = min(32, samples)
+    o = Options(wbits=4, abits=4, method=method, device=device, calib_samples=samples, batch_size=bs,
+                recon=reconstruct.ReconOptions(iters=iters, batch_size=bs))
     t0 = time.time()
     rep = quantize(model, calib, os.path.join(out, f"{method}_{iters}.onnx"), o, evalp, log=lambda *_: None).to_dict()
     units = rep["reconstruction"]["units"]
@@ -47,6 +48,7 @@ def main():
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--samples", type=int, default=1024)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--probe-iters", type=int, default=10, help="iterations per unit of the sizing run")
     ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu_check")
     a = ap.parse_args()
     import torch
@@ -59,19 +61,23 @@ def main():
     budget = a.minutes * 60 / 2
     rows = []
     for method in ("block", "pack"):
-        probe = run(a.model, paths["calib"], paths["eval"], a.out, method, 10, a.samples, a.device)
+        k = a.probe_iters
+        probe = run(a.model, paths["calib"], paths["eval"], a.out, method, k, a.samples, a.device)
         fixed = probe["seconds"] - probe["recon_seconds"]  # calibration, export, validation
-        per_unit_iter = probe["recon_seconds"] / (10 * probe["units"])  # with the caching passes: an upper bound
-        iters = max(10, int((budget - fixed) / max(per_unit_iter * probe["units"], 1e-9)))
-        rows += [probe, run(a.model, paths["calib"], paths["eval"], a.out, method, iters, a.samples, a.device)]
+        per_unit_iter = probe["recon_seconds"] / (k * probe["units"])  # with the caching passes: an upper bound
+        iters = max(k, int((budget - fixed) / max(per_unit_iter * probe["units"], 1e-9)))
+        probe["run"] = "sizing"
+        rows += [probe, dict(run(a.model, paths["calib"], paths["eval"], a.out, method, iters, a.samples, a.device),
+                             run="main")]
         print(json.dumps(rows[-1]), flush=True)
     name = torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"
     print(f"\nEfficientNet-Lite0 W4A4, {a.samples} calibration samples, {name}")
-    print("| method | iterations per unit | units | top-1 agreement | cosine | s / iteration | peak GPU MB | total s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| method | run | iterations per unit | units | top-1 agreement | cosine | s / iteration | peak GPU MB "
+          "| total s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['iters_per_unit']} | {r['units']} | {r['agreement']} | {r['cosine']} | "
-              f"{r['seconds_per_iteration']} | {r['peak_gpu_mb']} | {r['seconds']} |")
+        print(f"| {r['method']} | {r['run']} | {r['iters_per_unit']} | {r['units']} | {r['agreement']:.3f} | "
+              f"{r['cosine']:.4f} | {r['seconds_per_iteration']} | {r['peak_gpu_mb'] or '-'} | {r['seconds']} |")
     with open(os.path.join(a.out, "gpu_check.json"), "w") as f:
         json.dump(rows, f, indent=1)
 
