@@ -29,18 +29,10 @@ def ort_w8a8(model_path: str, calib: dict, out: str) -> str:
     """onnxruntime's own quantize_static W8A8 (QDQ, MinMax, uint8 activations, per-channel int8
     weights, after quant_pre_process), the export users compare us with."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            n = len(next(iter(calib.values())))
-            self.batches = iter([{k: v[i:i + 8] for k, v in calib.items()} for i in range(0, n, 8)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
     import onnxruntime
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from quantizers import _Reader  # bench/quantizers.py: the benchmark's calibration batches
 
     pre = out + ".pre.onnx"
     try:
@@ -51,7 +43,7 @@ def ort_w8a8(model_path: str, calib: dict, out: str) -> str:
     error = None
     for src in sources:  # its output after quant_pre_process may not load (the direction classifier's)
         try:
-            quantize_static(onnx.load(src), out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            quantize_static(onnx.load(src), out, _Reader(calib, 8), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
             onnxruntime.InferenceSession(out, providers=["CPUExecutionProvider"])
             error = None

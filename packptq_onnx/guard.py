@@ -160,8 +160,7 @@ def choose_ranges(qls, est: dict, candidates: dict) -> tuple[dict, list]:
     summed over the sites that share it. Returns the estimates of what is now in place, and the
     sites whose quantizer took min-max."""
     by = {q.layer.name: q for q in qls}
-    attr = {"input": "aq", "input2": "aq2", "output": "oq"}
-    owner = {k: getattr(by[k[0]], attr[k[1]]) for k in est if len(k) == 2}
+    owner = {k: getattr(by[k[0]], state.SITE_ATTR[k[1]]) for k in est if len(k) == 2}
     now, other = {}, {}
     for k, quantizer in owner.items():
         o = id(quantizer)

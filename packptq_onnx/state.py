@@ -133,13 +133,16 @@ def tie_inputs(qls: list[QuantLayer]) -> None:
             q.aq2 = p.oq
 
 
+# a guard site's part -> the QuantLayer attribute holding its quantizer
+SITE_ATTR = {"input": "aq", "input2": "aq2", "output": "oq"}
+
+
 def keep_float(qls, keys) -> None:
     """Remove these activation quantizers ((layer name, "input" | "input2" | "output")), and every
     quantizer object shared with them (a tied producer output), so that no later re-bitting brings
     them back."""
     by = {q.layer.name: q for q in qls}
-    attr = {"input": "aq", "input2": "aq2", "output": "oq"}
-    gone = {id(getattr(by[name], attr[part])) for name, part in keys}
+    gone = {id(getattr(by[name], SITE_ATTR[part])) for name, part in keys}
     for q in qls:
         if q.aq is not None and id(q.aq) in gone:
             q.aq, q.act_stats = None, None
