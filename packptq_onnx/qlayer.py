@@ -89,9 +89,15 @@ class QuantLayer(nn.Module):
         return w.T if self.transpose else w
 
     def bias_scale(self) -> torch.Tensor | None:
+        """a_scale * w_scale per output channel. A grouped ConvTranspose keeps its weight as
+        [C_in, C_out / groups, k...], so its per-channel scales (axis 1) number C_out / groups;
+        output channel o uses weight column o mod (C_out / groups), hence the scales repeat per group
+        (GTCRN's grouped deconvs, an unseen wheel model, stopped the export here)."""
         if not (self.quant_a and self.quant_w and self.aq is not None and self.wq is not None):
             return None
-        return self.aq.scale.detach() * self.wq.scale
+        s = self.aq.scale.detach() * self.wq.scale
+        n = self.float_bias.numel() if self.bias_path is not None else s.numel()
+        return s.repeat(n // s.numel()) if s.numel() not in (1, n) else s
 
     def forward(self, *args, **kwargs):
         args = list(args)

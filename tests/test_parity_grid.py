@@ -19,15 +19,18 @@ OPS = {
     "Gemm": ((4, 6), R.randn(5, 6), {"transB": 1}),
     "MatMul": ((4, 3, 6), R.randn(6, 5), {}),
     "ConvTranspose": ((4, 3, 5, 5), R.randn(3, 4, 3, 3), {"strides": [2, 2]}),
+    # weight [C_in, C_out / groups, k, k]: 2 per-channel scales, a bias of 4 (GTCRN's deconvs)
+    "GroupedConvTranspose": ((4, 4, 5, 5), R.randn(4, 2, 3, 3), {"strides": [2, 2], "group": 2}),
 }
 
 
 def _model(op, tmp_path):
     shape, w, attrs = OPS[op]
-    onnx_op = "Conv" if op == "DepthwiseConv" else op
-    inputs = ["h", "w"] + (["b"] if op in ("Conv", "Gemm") else [])
+    onnx_op = {"DepthwiseConv": "Conv", "GroupedConvTranspose": "ConvTranspose"}.get(op, op)
+    inputs = ["h", "w"] + (["b"] if op in ("Conv", "Gemm", "GroupedConvTranspose") else [])
+    n_bias = w.shape[1] * attrs["group"] if op == "GroupedConvTranspose" else w.shape[0]
     inits = [numpy_helper.from_array(w.astype(np.float32), "w"),
-             numpy_helper.from_array(R.randn(w.shape[0]).astype(np.float32), "b")]
+             numpy_helper.from_array(R.randn(n_bias).astype(np.float32), "b")]
     nodes = [helper.make_node("Tanh", ["x"], ["h"]),  # so the layer's input is an activation
              helper.make_node(onnx_op, inputs, ["y"], **attrs)]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *shape[1:]])],
