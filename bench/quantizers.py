@@ -165,7 +165,8 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
     if row.mixed:
         ab = tuple(sorted({row.abits, 8}))
         # stem and head at the uniform row's weight bits: the same budget and treatment as pack-W{w}A4
-        o.mixed = MixedOptions(avg_wbits=float(row.wbits), wbits=(2, 3, 4, 8), abits=ab,
+        # activation bits traded between packs at the uniform row's average (--avg-abits)
+        o.mixed = MixedOptions(avg_wbits=float(row.wbits), avg_abits=float(row.abits), wbits=(2, 3, 4, 8), abits=ab,
                                fixed_bits=row.wbits, fixed_abits=row.abits,
                                cache=out_path + ".sensitivity.json")
     rep = quantize(info["model"], info["calib"], out_path, o, log=lambda *_: None)

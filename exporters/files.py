@@ -50,3 +50,14 @@ def save_json(obj, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_text(text: str, path: str) -> None:
+    tmp = temp_beside(path, ".txt")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -3,8 +3,10 @@
 Per quantized layer: the weight becomes an int8 initializer (values limited to the layer's bit
 range) + DequantizeLinear(axis = output channel); the bias (when the input is quantized) an int32
 initializer at scale s_x*s_w + DequantizeLinear; the activation input QuantizeLinear(uint8) ->
-[Clip to 0..2^b-1 for b < 8] -> DequantizeLinear. onnxruntime fuses these groups into its
-integer kernels; the arithmetic equals packptq_onnx.quant's simulation.
+[Clip to 0..2^b-1 for b < 8] -> DequantizeLinear (16-bit activations: uint16 through
+onnxruntime's com.microsoft QuantizeLinear / DequantizeLinear, which every opset accepts).
+onnxruntime fuses the 2-8 bit groups into its integer kernels; the arithmetic equals
+packptq_onnx.quant's simulation.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from onnx import helper, numpy_helper
 from packptq_onnx.folding import drop_unused_initializers
 
 META_KEY = "packptq"
+MS_DOMAIN = "com.microsoft"
 STORAGES = ("int8", "packed")
 # packed storage: 3-4 bit weights as INT4 (opset 21), 2-bit as INT2 (opset 25); 5-8 bit stay int8
 PACKED = {2: (onnx.TensorProto.INT2, 25, 11), 3: (onnx.TensorProto.INT4, 21, 10), 4: (onnx.TensorProto.INT4, 21, 10)}
@@ -82,6 +85,8 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
             nodes.extend(_output_nodes(node, q, const, name))
     del g.node[:]
     g.node.extend(_live(nodes, {o.name for o in g.output}))
+    if any(n.domain == MS_DOMAIN for n in g.node) and all(o.domain != MS_DOMAIN for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     g.initializer.extend(inits)
     drop_unused_initializers(g)
     if meta is not None:
@@ -129,12 +134,13 @@ def _upgrade_for_packed(m: onnx.ModelProto, quants: list) -> onnx.ModelProto:
 
 
 def _act_qdq(tensor, bits, scale, zero, lname, tag, const, name) -> tuple[list, str]:
-    """QuantizeLinear(uint8) -> [Clip to 0..2^b-1] -> DequantizeLinear on `tensor`."""
+    """QuantizeLinear(uint8) -> [Clip to 0..2^b-1] -> DequantizeLinear on `tensor` (uint16 at 16 bits)."""
     out = []
+    wide = {"domain": MS_DOMAIN} if bits == 16 else {}
     s = const(f"{lname}.{tag}_scale", np.array(scale, np.float32))
-    z = const(f"{lname}.{tag}_zero", np.array(zero, np.uint8))
+    z = const(f"{lname}.{tag}_zero", np.array(zero, np.uint16 if bits == 16 else np.uint8))
     xq = name(f"{lname}.{tag}_q")
-    out.append(helper.make_node("QuantizeLinear", [tensor, s, z], [xq], name=name(f"{lname}.{tag}_Q")))
+    out.append(helper.make_node("QuantizeLinear", [tensor, s, z], [xq], name=name(f"{lname}.{tag}_Q"), **wide))
     if bits < 8:
         lo = const(f"{lname}.{tag}_qmin", np.array(0, np.uint8))
         hi = const(f"{lname}.{tag}_qmax", np.array(2 ** bits - 1, np.uint8))
@@ -142,7 +148,7 @@ def _act_qdq(tensor, bits, scale, zero, lname, tag, const, name) -> tuple[list, 
         out.append(helper.make_node("Clip", [xq, lo, hi], [xc], name=name(f"{lname}.{tag}_Clip")))
         xq = xc
     x_dq = name(f"{lname}.{tag}_dq")
-    out.append(helper.make_node("DequantizeLinear", [xq, s, z], [x_dq], name=name(f"{lname}.{tag}_DQ")))
+    out.append(helper.make_node("DequantizeLinear", [xq, s, z], [x_dq], name=name(f"{lname}.{tag}_DQ"), **wide))
     return out, x_dq
 
 

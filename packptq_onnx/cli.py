@@ -85,7 +85,12 @@ def _mixed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--avg-wbits", type=float, help="budget as average weight bits, e.g. 3.5")
     g.add_argument("--wbits-options", type=_ints, default=d.wbits, help="weight bits per pack (default 2,3,4,8)")
     g.add_argument("--abits-options", type=_ints, default=d.abits,
-                   help="activation bits per pack (default 4,8); activation memory stays at uniform --abits")
+                   help="activation bits per pack, 2..8 or 16 (default: --abits alone; 4,8,16 with a --target)")
+    g.add_argument("--avg-abits", type=float, help="limit: average activation bits, weighted by the elements "
+                   "each quantized layer reads per sample, e.g. 6")
+    g.add_argument("--bops", help="limit: bit-operations per sample (sum of MACs x wbits x abits), e.g. 40G")
+    g.add_argument("--max-drop", type=float, help="accuracy target: the metric may drop this much below the "
+                   "float model's (accuracy with labels, else --metric, else the task's agreement)")
     g.add_argument("--fixed-bits", type=int, default=d.fixed_bits, help="stem and head bits (default 8)")
     g.add_argument("--solver", choices=SOLVERS, default=d.solver)
     g.add_argument("--solver-time", type=float, default=d.time_limit, help="solver time limit, seconds")
@@ -104,7 +109,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", required=True, help=".npz (one array per input), .npy, or image folder")
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--wbits", type=int, default=8, help="weight bits, 2..8 (default 8)")
-    q.add_argument("--abits", type=int, default=8, help="activation bits, 2..8 (default 8)")
+    q.add_argument("--abits", type=int, default=8, help="activation bits, 2..8 or 16 (default 8)")
     q.add_argument("--method", default="pack", choices=METHODS,
                    help="rtn: round to nearest; adaround: layer-wise; block: BRECQ/QDrop blocks; "
                    "pack: Pack-PTQ packs (default)")
@@ -130,10 +135,11 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--no-bias-correction", action="store_true",
                    help="keep the float bias (default: subtract the mean output shift that quantizing "
                    "each weight causes on the calibration data)")
-    q.add_argument("--target", default="any",
+    q.add_argument("--target", action="append", default=[],
                    help="where the model will run, which sets the 8-bit weight range its integer kernels compute "
                    "exactly: any / x86-avx2 (default: [-64,63]), x86-vnni / arm64 / gpu ([-128,127]), or 'this' "
-                   "(the CPU running packptq)")
+                   "(the CPU running packptq); or an accuracy to reach on --eval, e.g. agreement>=0.99, "
+                   "cosine>=0.995, accuracy>=0.95, task>=0.9, metric>=X (both may be given)")
     q.add_argument("--guard", type=float, default=0.002, metavar="NSR",
                    help="an 8-bit activation quantizer predicted (first order) to cost an output more than this "
                    "share of its energy on its own stays float; the same estimate picks each one's range "
@@ -167,7 +173,13 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--wbits", type=int, default=4, help="bits at which blocks are scored (default 4)")
     i.add_argument("--abits", type=int, default=4, help="activation bits for scoring (default 4)")
     i.add_argument("--max-pack-blocks", type=int, help="cap on blocks per pack (default: no cap)")
-    i.add_argument("--plot", help="write a PNG of scores per block with pack boundaries")
+    i.add_argument("--plot", help="write a PNG of scores per block with pack boundaries (with --sensitivity: "
+                   "Omega per pack and option, and the costliest layers)")
+    i.add_argument("--sensitivity", action="store_true", help="with --calib: each pack, and each layer alone, "
+                   "quantized at every bit option; Omega and output cosine, layers ranked (docs/METHOD.md)")
+    i.add_argument("--wbits-options", type=_ints, default=(2, 3, 4, 8), help="for --sensitivity (default 2,3,4,8)")
+    i.add_argument("--abits-options", type=_ints, default=(4, 8, 16), help="for --sensitivity (default 4,8,16)")
+    i.add_argument("--sensitivity-cache", help="JSON file: reuse the measured table when nothing changed")
     i.add_argument("--batch-size", type=int, default=32)
     i.add_argument("--calib-samples", type=int, default=256)
     i.add_argument("--seed", type=int, default=0)
@@ -181,39 +193,63 @@ def _image_opts(a) -> dict:
     return {"image_size": a.image_size, "mean": a.mean, "std": a.std, "layout": a.layout}
 
 
-def _mixed_opts(a) -> MixedOptions:
-    from .solvers.ilp import parse_budget
+def _targets(a) -> tuple[str, object]:
+    """--target values: one hardware name (default any) and at most one accuracy target."""
+    from . import accuracy
+
+    hw = [t for t in a.target if not accuracy.is_target(t)]
+    acc = [t for t in a.target if accuracy.is_target(t)]
+    if len(hw) > 1 or len(acc) > 1 or (acc and a.max_drop is not None):
+        raise UsageError("give at most one hardware --target and one accuracy target (--target METRIC>=X "
+                         "or --max-drop)")
+    goal = accuracy.parse(acc[0]) if acc else None
+    if a.max_drop is not None:
+        goal = accuracy.from_drop(a.max_drop)
+    return (hw[0] if hw else "any"), goal
+
+
+def _mixed_opts(a, goal=None) -> MixedOptions:
+    from .quant import ACT_BITS
+    from .solvers.ilp import parse_budget, parse_count
 
     if a.budget and a.avg_wbits:
         raise UsageError("give either --budget or --avg-wbits, not both")
-    for b in (*a.wbits_options, *a.abits_options, a.fixed_bits):
+    for b in (*a.wbits_options, a.fixed_bits):
         if not 2 <= b <= 8:
-            raise UsageError(f"bit options must be between 2 and 8, got {b}")
+            raise UsageError(f"weight bit options must be between 2 and 8, got {b}")
+    for b in a.abits_options or ():
+        if b not in ACT_BITS:
+            raise UsageError(f"activation bit options must be between 2 and 8, or 16, got {b}")
     if a.avg_wbits is not None and not 2 <= a.avg_wbits <= 8:
         raise UsageError(f"--avg-wbits must be between 2 and 8, got {a.avg_wbits}")
+    if a.avg_abits is not None and not 2 <= a.avg_abits <= 16:
+        raise UsageError(f"--avg-abits must be between 2 and 16, got {a.avg_abits}")
     return MixedOptions(budget=parse_budget(a.budget) if a.budget else None, avg_wbits=a.avg_wbits,
+                        avg_abits=a.avg_abits, bops=parse_count(a.bops, "--bops") if a.bops else None,
                         wbits=a.wbits_options, abits=a.abits_options, fixed_bits=a.fixed_bits,
-                        solver=a.solver, time_limit=a.solver_time, cache=a.sensitivity_cache)
+                        solver=a.solver, time_limit=a.solver_time, cache=a.sensitivity_cache, target=goal)
 
 
 def cmd_quantize(a) -> int:
     from .exporters.files import save_json
     from .pipeline import Options, quantize
 
+    hw, goal = _targets(a)
     recon = ReconOptions(iters=a.iters, iters_total=a.iters_total, batch_size=a.batch_size,
                          lr_round=a.lr_round, lr_scale=a.lr_scale, round_weight=a.round_weight,
                          drop_prob=a.drop_prob)
     opts = Options(wbits=a.wbits, abits=a.abits, method=a.method, seed=a.seed, device=a.device,
                    batch_size=a.batch_size, calib_samples=a.calib_samples,
-                   reduce_range=targets.reduce_range(a.target) and not a.full_range_weights,
-                   target=targets.this_machine() if a.target == "this" else a.target, image=_image_opts(a), recon=recon,
-                   max_pack_blocks=a.max_pack_blocks, resume=a.resume, mixed=_mixed_opts(a),
+                   reduce_range=targets.reduce_range(hw) and not a.full_range_weights,
+                   target=targets.this_machine() if hw == "this" else hw, image=_image_opts(a), recon=recon,
+                   max_pack_blocks=a.max_pack_blocks, resume=a.resume, mixed=_mixed_opts(a, goal),
                    storage=a.storage, output_bits=None if a.no_output_quant else 8, strict=a.strict,
                    joins=not a.no_joins, input_shapes=_shapes(a), batch_axes=_axes(a),
                    bias_correction=not a.no_bias_correction, task=a.task,
                    metric=a.metric, guard=a.guard)
     if a.plot and not opts.mixed.enabled:
-        raise UsageError("--plot shows the mixed-precision choice: give --budget or --avg-wbits")
+        raise UsageError("--plot shows the mixed-precision choice: give a limit (--budget, --avg-wbits, "
+                         "--avg-abits, --bops) or an accuracy --target")
     report = quantize(a.model, a.calib, a.output, opts, a.eval, a.labels, log=print)
     if a.plot:
         from .exporters.plots import plot_bits

@@ -21,11 +21,14 @@ def cmd_inspect(a) -> int:
             "inputs": [{"name": i.name, "shape": i.shape, "dtype": str(i.dtype)} for i in imp.inputs],
             "outputs": imp.outputs, "quantizable_layers": [l.name for l in layers],
             "packptq": read_meta(imp.original)}
+    if a.sensitivity and not a.calib:
+        raise UsageError("--sensitivity measures on calibration data: give --calib")
     if a.calib:
         info.update(_packs(a, print if not a.json else (lambda *_: None)))
     if a.runtime:
         info["runtime"] = _runtime(a.model)
     if a.json:
+        info.pop("_sensitivity", None)
         print(json.dumps(info, indent=2, default=str))
         return 0
     print(f"{a.model}: opset {info['opset']}, {info['nodes']} nodes, {layer_count(layers)}")
@@ -38,6 +41,9 @@ def cmd_inspect(a) -> int:
         print(_annotation_table(meta))
     if a.calib:
         print(_pack_table(info))
+    if a.sensitivity:
+        from .ranking import table
+        print(table(info.pop("_sensitivity")))
     if a.runtime:
         from .ortview import table
         print(table(info["runtime"]))
@@ -92,11 +98,39 @@ def _packs(a, log) -> dict:
                      for pk in res.packs],
            "scoring": {"wbits": a.wbits, "abits": a.abits, "samples": p.n_samples,
                        "seconds": round(res.seconds, 3)}}
-    if a.plot:
+    if a.sensitivity:
+        rep = _sensitivity(a, p, opts, res)
+        out["sensitivity"], out["_sensitivity"] = rep.to_dict(), rep
+    if a.plot and a.sensitivity:
+        from .exporters.plots import plot_sensitivity
+        plot_sensitivity(a.plot, out["_sensitivity"])
+    elif a.plot:
         from .exporters.plots import plot_packs
         plot_packs(a.plot, [b["name"] for b in blocks], [b["score"] for b in blocks],
                    [b["sensitivity"] for b in blocks], res.packs)
     return out
+
+
+def _sensitivity(a, p, opts, res):
+    import itertools
+    import os
+
+    from .progress import bar
+    from .quant import ACT_BITS
+    from .ranking import measure_report
+
+    for b in a.wbits_options:
+        if not 2 <= b <= 8:
+            raise UsageError(f"weight bit options must be between 2 and 8, got {b}")
+    for b in a.abits_options:
+        if b not in ACT_BITS:
+            raise UsageError(f"activation bit options must be between 2 and 8, or 16, got {b}")
+    options = list(itertools.product(a.wbits_options, a.abits_options))
+    pack_layers = [[n for b in pk.blocks for n in res.units.blocks[b].layers] for pk in res.packs]
+    fp = f"{os.path.abspath(a.model)}:{os.path.getsize(a.model)}:{os.path.abspath(a.calib)}:{p.n_samples}:{a.seed}"
+    groups = len(pack_layers) + sum(1 for q in p.qls if q.layer.fixed_abits is None)
+    return measure_report(p.gm, p.qls, pack_layers, options, lambda: p.batches(opts), p.n_samples,
+                          a.sensitivity_cache, fp, progress=lambda it: bar(it, "sensitivity", groups))
 
 
 def _pack_table(info: dict) -> str:

@@ -13,6 +13,7 @@ from .errors import UsageError
 from .exporters.qdq import STORAGES
 from .mixed import MixedOptions
 from .onnx_import import ImportedModel
+from .quant import ACT_BITS
 from .reconstruct import ReconOptions
 from .solvers.ilp import SOLVERS
 from .tasks import TASKS, load_metric
@@ -54,9 +55,10 @@ DEVICES = ("cpu", "cuda")
 
 
 def check_options(o: Options) -> None:
-    for what, b in (("--wbits", o.wbits), ("--abits", o.abits)):
-        if not 2 <= b <= 8:
-            raise UsageError(f"{what} must be between 2 and 8, got {b}")
+    if not 2 <= o.wbits <= 8:
+        raise UsageError(f"--wbits must be between 2 and 8, got {o.wbits}")
+    if o.abits not in ACT_BITS:
+        raise UsageError(f"--abits must be between 2 and 8, or 16, got {o.abits}")
     if o.method not in METHODS:
         raise UsageError(f"unknown --method {o.method!r} (available: {', '.join(METHODS)})")
     r = o.recon

@@ -167,14 +167,63 @@ def analyse(p: Prepared, opts: Options, max_pack_blocks: int | None = None, log=
 
 
 def allocate(p: Prepared, opts: Options, analysis: Analysis, model_path: str, calib_path: str,
-             log=print) -> MixedResult:
-    from .mixed import allocate as solve_bits
+             log=print, es=None, out_path: str | None = None) -> MixedResult:
+    """Bits per pack under the user's limits, or the cheapest that meets the accuracy target (es:
+    accuracy.EvalSet); the target's Pareto front is written beside out_path."""
+    from . import accuracy, mixed, state
 
+    mo = opts.mixed
     fp = (f"{os.path.abspath(model_path)}:{os.path.getsize(model_path)}:{os.path.abspath(calib_path)}:"
           f"{p.n_samples}:{opts.seed}:W{opts.wbits}A{opts.abits}:{opts.max_pack_blocks}:{opts.output_bits}:"
           f"{opts.bias_correction}")
-    return solve_bits(p.gm, p.qls, analysis.packs, analysis.units, lambda: p.batches(opts), opts.mixed,
-                      opts.abits, fp, log)
+    batches = lambda: p.batches(opts)  # noqa: E731
+    plan = mixed.prepare(p.gm, p.qls, analysis.packs, analysis.units, batches, mo, opts.abits, fp, log)
+    if mo.target is None:
+        alloc = mixed.solve(plan.table, plan.costs, plan.limits, mo)
+        mixed.apply(p.qls, plan, alloc.choice)
+        mixed.log_choice(plan, alloc.choice, log)
+        return mixed.result(plan, alloc, mo, mixed.describe_limits(mo))
+
+    def stem_abits(bits):
+        for q in plan.fixed:
+            state.set_bits(q, mo.fixed_bits, bits)
+        return mixed.costs(p.gm, p.qls, plan.pack_layers, plan.fixed, plan.options, mo.fixed_bits, bits,
+                           next(iter(batches())))
+
+    alloc, points, chosen = accuracy.search(plan, mo, mo.target, es, opts, lambda ch: mixed.apply(p.qls, plan, ch),
+                                            lambda: candidate(p, opts), stem_abits, log)
+    search = accuracy.as_dict(points, mo.target, chosen, alloc is not None, es.float_value)
+    log(accuracy.front_table(points, mo.target, chosen))
+    prefix = os.path.splitext(out_path)[0] + ".front"
+    files.save_json(search, prefix + ".json")
+    files.save_text(accuracy.front_table(points, mo.target, chosen) + "\n", prefix + ".md")
+    try:
+        from .exporters.plots import plot_front
+        plot_front(prefix + ".png", points, mo.target, chosen)
+    except UsageError as exc:
+        log(f"note: no front plot ({exc})")
+    if alloc is None:
+        raise accuracy.TargetNotMet(
+            f"target {mo.target.text()} not reached: the best allocation checked scores {mo.target.metric} "
+            f"{chosen.metric:.4f} ({chosen.weight_bytes / 1e3:.1f} kB, A{chosen.avg_abits:.2f}); nothing written "
+            f"but the front, {prefix}.md")
+    mixed.log_choice(plan, alloc.choice, log)
+    log(f"chosen: the cheapest checked allocation that meets {mo.target.text()} ({mo.target.metric} "
+        f"{chosen.metric:.4f}, {chosen.bops / 1e9:.4g} GBOPs)")
+    res = mixed.result(plan, alloc, mo, f"target {mo.target.text()}")
+    res.search = search
+    return res
+
+
+def candidate(p: Prepared, opts: Options):
+    """The export of the simulation as it stands (no annotations), samples first, for a check in
+    onnxruntime on the eval data."""
+    from .records import export_records
+
+    out = qdq.write_qdq(p.imp.model, export_records(p.qls), storage=opts.storage)
+    layout.undo(out)
+    shapes.restore_io(out, p.file_model)
+    return layout.samples_first(out, p.axes)
 
 
 def reconstruct_model(p: Prepared, opts: Options, ckpt: str, log=print, analysis: Analysis | None = None,
@@ -215,8 +264,15 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
     check_options(opts)
     check_output(model_path, out_path)
     t0 = time.time()
+    target = opts.mixed.target
+    if target is not None and not eval_path:
+        raise UsageError(f"--target {target.text()} is measured on held-out data: give --eval")
     p = prepare(model_path, calib_path, opts, log)
     imp, gm, qls, calib, names = p.imp, p.gm, p.qls, p.calib, p.names
+    es = None
+    if target is not None:
+        from . import accuracy
+        es = accuracy.eval_set(imp, imp.original, target, eval_path, labels_path, opts, p.declared, log)
     ckpt = out_path + ".ckpt"
     units = find_units(p) if opts.method in ("block", "pack") or opts.mixed.enabled else None
     analysis = mixed = recon = None
@@ -225,7 +281,11 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
         log(f"{len(analysis.units.blocks)} blocks in {len(analysis.packs)} packs: "
             + " ".join("[" + ",".join(str(b) for b in pk.blocks) + "]" for pk in analysis.packs))
     if opts.mixed.enabled:
-        mixed = allocate(p, opts, analysis, model_path, calib_path, log)
+        mixed = allocate(p, opts, analysis, model_path, calib_path, log, es, out_path)
+        from .ranking import at_current_bits
+        mixed.ranking = at_current_bits(gm, qls, lambda: p.batches(opts))
+        log("costliest layers at their bits (alone, rest float): " + ", ".join(
+            f"{r['layer']} W{r['wbits'] or '-'}A{r['abits'] or '-'} cos {r['cosine']:.4f}" for r in mixed.ranking[:3]))
     if opts.method != "rtn":
         recon = reconstruct_model(p, opts, ckpt, log, analysis, units)
     gm.to("cpu")
@@ -243,6 +303,8 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
     packs = pack_infos(analysis, records, mixed)
     meta = {"version": __version__, "packs": [asdict(x) for x in packs],
             "budget": None if mixed is None else mixed.budget_bytes,
+            "allocation": None if mixed is None else {"chosen_for": mixed.chosen_for, "limits": mixed.limits,
+                                                      "predicted": mixed.predicted},
             "layers": [{"node": r.layer.name, "op": r.layer.op, "wbits": r.wbits, "abits": r.abits}
                        for r in records],
             "calibration": {"file": os.path.basename(calib_path), "samples": p.n_samples},
@@ -281,6 +343,13 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
         except Exception as exc:  # the model is written: keep it, and the report, and say what failed
             msg = str(exc) if isinstance(exc, UsageError) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             report.evaluation_error = {"message": msg, "usage": isinstance(exc, UsageError)}
+    if es is not None:  # the written model against the target (candidates were checked before reconstruction)
+        from .accuracy import check
+        v, _ = check(es, target, layout.samples_first(out, p.axes), opts)
+        mixed.search["final"] = {"value": v, "met": target.passes(v), "method": opts.method}
+        log(f"written model: {target.metric} {v:.4f} on the eval data, "
+            + ("meets the target" if target.passes(v) else f"misses the target {target.text()} after {opts.method} "
+               "reconstruction (the candidate checked before it met it)"))
     report.seconds["total"] = round(time.time() - t0, 3)
     report.peak_rss_mb = peak_rss_mb()  # over the whole run, evaluation included
     return report

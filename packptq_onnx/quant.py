@@ -2,7 +2,8 @@
 
 q = clamp(round_half_even(x / s) + z, qmin, qmax);  x~ = (q - z) * s.
 Weights: symmetric (z = 0), per output channel, signed b-bit range in an int8 container.
-Activations: asymmetric uint8 container, clamped to [0, 2^b - 1], per tensor.
+Activations: asymmetric uint8 container, clamped to [0, 2^b - 1], per tensor; 16-bit activations
+(the last resort of mixed precision and accuracy targets) use a uint16 container.
 Ranges start from an Lp (p = 2.4) search over 80 shrinking candidates (docs/METHOD.md, "Quantizers").
 WeightQuantizer and ActQuantizer are the modules the simulated layers hold; which of them a layer
 holds, and whether it is on, is packptq_onnx.state's business alone.
@@ -26,9 +27,12 @@ def weight_qrange(bits: int, reduce_range: bool = False) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+ACT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+
+
 def act_qrange(bits: int) -> tuple[int, int]:
-    if not 2 <= bits <= 8:
-        raise ValueError(f"activation bits must be 2..8, got {bits}")
+    if bits not in ACT_BITS:
+        raise ValueError(f"activation bits must be 2..8 or 16, got {bits}")
     return 0, 2 ** bits - 1
 
 

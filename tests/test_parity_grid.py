@@ -65,7 +65,7 @@ def test_parity_grid(prepared, op, storage):
     imp, gm, qls, feeds = prepared(op)
     assert len(qls) == 1 and qls[0].layer.act_input == "h"
     for wbits in range(2, 9):
-        for abits in range(2, 9):
+        for abits in (*range(2, 9), 16):  # 16: uint16 through com.microsoft Q/DQ
             calibrate(gm, qls, imp.model, data.batches(feeds, ["x"], 8), wbits, abits, True, 0)
             recs = export_records(qls)
             assert recs[0].w_int.min() >= -(2 ** (wbits - 1)) and recs[0].w_int.max() <= 2 ** (wbits - 1) - 1

@@ -1,0 +1,127 @@
+"""Which packs and layers cost the accuracy: the ranked sensitivity report (docs/METHOD.md,
+"Sensitivity report").
+
+Each pack, and each quantized layer on its own, is quantized alone (everything else float) at
+every (wbits, abits) option, and the calibration outputs are compared with float: Omega (KL for
+classifier outputs, MSE otherwise; the quantity the bit allocation minimises) and the output
+cosine. Layers are ranked by Omega at the cheapest option. The table is cached in a JSON file, so a
+second look, or a bit allocation at another budget, costs nothing. `quantize` with mixed precision
+adds the one-at-a-time ranking of every layer at the bits it was given.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import mixed, state
+from .layers import is_join
+from .sensitivity import batch_size, loss_sum
+
+RANK_SAMPLES = 64  # samples for quantize's one-at-a-time ranking (a forward pass per layer)
+
+
+@dataclass
+class Item:
+    name: str
+    pack: int | None       # the pack holding the layer (None: stem or head)
+    layers: list           # the layers quantized together
+    omega: list            # per option
+    cosine: list           # per option: output cosine to float
+
+
+@dataclass
+class SensitivityReport:
+    options: list          # (wbits, abits)
+    samples: int
+    packs: list            # Item per pack
+    layers: list           # Item per quantized layer (joins excluded: their bits are fixed)
+    seconds: float
+
+    def ranked(self) -> list:
+        """Layers, the costliest first, by Omega at the cheapest option."""
+        k = min(range(len(self.options)), key=lambda i: self.options[i][0] * self.options[i][1])
+        return sorted(self.layers, key=lambda it: -it.omega[k])
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ranked": [it.name for it in self.ranked()]}
+
+
+def measure_report(gm, qls, pack_layers: list, opts: list, batches, n_samples: int, cache: str | None = None,
+                   fingerprint: str = "", progress=None) -> SensitivityReport:
+    key = json.dumps([fingerprint, pack_layers, [list(o) for o in opts]])
+    if cache and os.path.exists(cache):
+        try:
+            with open(cache) as f:
+                d = json.load(f)
+            if d.get("key") == key:
+                r = d["report"]
+                return SensitivityReport([tuple(o) for o in r["options"]], r["samples"],
+                                         [Item(**x) for x in r["packs"]], [Item(**x) for x in r["layers"]],
+                                         r["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    t0 = time.time()
+    pack_of = {n: i for i, names in enumerate(pack_layers) for n in names}
+    names = [q.layer.name for q in qls if not is_join(q.layer)]
+    groups = [list(x) for x in pack_layers] + [[n] for n in names]
+    cos: list = []
+    omega = mixed.measure(gm, qls, groups, opts, batches, cosine=cos, progress=progress)
+    items = [Item(f"pack{i}" if i < len(pack_layers) else g[0], i if i < len(pack_layers) else pack_of.get(g[0]),
+                  g, o, c) for i, (g, o, c) in enumerate(zip(groups, omega, cos))]
+    rep = SensitivityReport(list(opts), n_samples, items[:len(pack_layers)], items[len(pack_layers):],
+                            round(time.time() - t0, 3))
+    if cache:
+        from .exporters.files import save_json
+        save_json({"key": key, "report": asdict(rep)}, cache)
+    return rep
+
+
+@torch.no_grad()
+def at_current_bits(gm, qls, batches, samples: int = RANK_SAMPLES) -> list[dict]:
+    """Every quantized layer alone at the bits it holds now (the rest float), on the first
+    `samples` calibration samples: Omega and output cosine, the costliest first."""
+    data, n = [], 0
+    for args in batches():
+        data.append(args)
+        n += batch_size(args)
+        if n >= samples:
+            break
+    with state.quantized(qls, only=[]):
+        ref = [[t.detach() for t in mixed._outputs(gm(*args))] for args in data]
+    out = []
+    for q in qls:
+        tot, dots = 0.0, torch.zeros(3, dtype=torch.float64)
+        with state.quantized(qls, only=[q]):
+            for args, r in zip(data, ref):
+                got = mixed._outputs(gm(*args))
+                tot += float(loss_sum(got, r, batch_size(args)))
+                for x, y in zip(r, got):
+                    if x.is_floating_point():
+                        x, y = x.double().ravel(), y.double().ravel()
+                        dots += torch.stack([x @ y, x @ x, y @ y])
+        out.append({"layer": q.layer.name, "op": q.layer.op, "wbits": None if q.wq is None else q.wq.bits,
+                    "abits": None if q.aq is None else q.aq.bits, "omega": tot / max(n, 1),
+                    "cosine": float(dots[0] / (dots[1].sqrt() * dots[2].sqrt()).clamp_min(1e-300))})
+    return sorted(out, key=lambda d: -d["omega"])
+
+
+def table(rep: SensitivityReport, top: int = 15) -> str:
+    opts = [f"W{w}A{a}" for w, a in rep.options]
+    head = f"{'':<28}" + "".join(f"{o:>11}" for o in opts)
+    lines = [f"sensitivity: Omega with one pack (or one layer) quantized alone, on {rep.samples} samples "
+             f"({rep.seconds:.1f} s)", head]
+    for it in rep.packs:
+        lines.append(f"{it.name + f' ({len(it.layers)} layers)':<28}" + "".join(f"{v:>11.3g}" for v in it.omega))
+    ranked = rep.ranked()
+    lines.append(f"layers, costliest first (by Omega at the cheapest option; cosine to float there), top "
+                 f"{min(top, len(ranked))} of {len(ranked)}:")
+    k = min(range(len(rep.options)), key=lambda i: rep.options[i][0] * rep.options[i][1])
+    for it in ranked[:top]:
+        where = "stem/head" if it.pack is None else f"pack{it.pack}"
+        lines.append(f"{it.name[:27]:<28}" + "".join(f"{v:>11.3g}" for v in it.omega)
+                     + f"  {where}, cosine {it.cosine[k]:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""Accuracy targets, honest limits, 16-bit activations and the ranked sensitivity report (issue 25)."""
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+from conftest import SAMPLES
+from packptq_onnx.exporters import qdq
+from packptq_onnx.solvers import ilp
+
+from packptq_onnx import accuracy, mixed, runtime
+from packptq_onnx.cli import main
+from packptq_onnx.errors import UsageError
+from packptq_onnx.mixed import MixedOptions
+from packptq_onnx.pipeline import Options, quantize
+
+MODEL, CALIB = os.path.join(SAMPLES, "digits_resnet.onnx"), os.path.join(SAMPLES, "calib.npz")
+EVAL = os.path.join(SAMPLES, "eval.npz")
+
+
+def _agreement(path):
+    d = np.load(EVAL)
+    f = runtime.run(runtime.session(MODEL), {"image": d["image"]})[0]
+    q = runtime.run(runtime.session(path), {"image": d["image"]})[0]
+    return float((f.argmax(1) == q.argmax(1)).mean())
+
+
+def _pack_abits(meta) -> list:
+    """Per pack, the one activation width of its layers (joins keep their fixed 8 bits)."""
+    op = {x["node"]: (x["op"], x["abits"]) for x in meta["layers"]}
+    out = []
+    for p in meta["packs"]:
+        bits = {op[n][1] for n in p["nodes"] if op[n][0] != "Add"}
+        assert len(bits) == 1, bits
+        out.append(bits.pop())
+    return out
+
+
+def test_target_takes_the_cheapest_checked_allocation_that_meets_it(tmp_path):
+    out = str(tmp_path / "t.onnx")
+    goal = accuracy.parse("agreement>=0.99")
+    o = Options(method="rtn", mixed=MixedOptions(target=goal))
+    r = quantize(MODEL, CALIB, out, o, EVAL, log=lambda *_: None).to_dict()
+    s = r["mixed_precision"]["search"]
+    assert s["met"] and s["final"]["met"]
+    pts, chosen = s["points"], s["points"][s["chosen"]]
+    assert chosen["passed"] and chosen["metric"] >= 0.99
+    # no checked point that passes is cheaper in bit-operations
+    assert all(p["bops"] >= chosen["bops"] for p in pts if p["passed"])
+    # the written file really meets the target in onnxruntime, measured here independently
+    assert _agreement(out) >= 0.99
+    # and it is cheaper than the most accurate candidate (all 8-bit weights, 16-bit activations)
+    assert chosen["bops"] < max(p["bops"] for p in pts)
+    meta = qdq.read_meta(onnx.load(out))
+    assert meta["allocation"]["chosen_for"] == "target agreement>=0.99"
+    m = r["mixed_precision"]
+    assert _pack_abits(meta) == [m["options"][k][1] for k in m["choice"]]
+    front = json.load(open(str(tmp_path / "t.front.json")))
+    assert front["chosen"] == s["chosen"] and (tmp_path / "t.front.md").exists()
+    # every layer alone at its chosen bits, costliest first
+    rank = r["mixed_precision"]["ranking"]
+    assert len(rank) == len(r["layers"]) and rank == sorted(rank, key=lambda d: -d["omega"])
+
+
+def test_unreachable_target_exits_3_and_writes_no_model(tmp_path, capsys):
+    out = tmp_path / "t.onnx"
+    out.write_bytes(b"keep")
+    code = main(["quantize", MODEL, "--calib", CALIB, "--eval", EVAL, "-o", str(out), "--method", "rtn",
+                 "--target", "cosine>=0.9999999"])
+    err = capsys.readouterr().err
+    assert code == 3 and "not reached" in err and len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == b"keep"
+    front = json.load(open(str(tmp_path / "t.front.json")))
+    # the last resort was tried: 16-bit activations on the stem and head too
+    assert not front["met"] and any(p["stem_head_abits"] == 16 for p in front["points"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--target", "cosine>=0.99"], "give --eval"),
+    (["--eval", EVAL, "--target", "wer>=0.1"], "cannot read --target"),
+    (["--eval", EVAL, "--target", "agreement<=0.9"], "use >="),
+    (["--eval", CALIB, "--target", "accuracy>=0.9"], "needs labels"),
+    (["--eval", EVAL, "--target", "metric>=0.9"], "needs --metric"),
+    (["--eval", EVAL, "--max-drop", "0.01", "--target", "task>=0.9"], "at most one"),
+    (["--avg-wbits", "3", "--abits-options", "4,32"], "or 16"),
+    (["--avg-wbits", "3", "--bops", "lots"], "cannot read --bops"),
+])
+def test_target_and_limit_errors_are_one_line_before_measuring(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setattr(mixed, "measure", lambda *a, **k: pytest.fail("measured before the check"))
+    code = main(["quantize", MODEL, "--calib", CALIB, "-o", str(tmp_path / "o.onnx"), "--method", "rtn", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_activation_and_bops_limits_hold_in_the_written_model(tmp_path):
+    o = Options(method="rtn", abits=8, mixed=MixedOptions(abits=(4, 8, 16), avg_abits=7.0))
+    r = quantize(MODEL, CALIB, str(tmp_path / "a.onnx"), o, log=lambda *_: None).to_dict()
+    m = r["mixed_precision"]
+    assert m["predicted"]["avg_abits"] <= 7.0 + 1e-9
+    chosen = [m["options"][k] for k in m["choice"]]
+    assert any(a < 8 for _, a in chosen)  # the limit bites: some pack goes below A8
+    # the written layers carry those bits
+    assert _pack_abits(r) == [a for _, a in chosen]
+    # a bit-operation limit halfway between the cheapest and the W8A8 cost is met
+    c = m["predicted"]["bops"]
+    o2 = Options(method="rtn", abits=8, mixed=MixedOptions(abits=(4, 8), bops=0.6 * c))
+    r2 = quantize(MODEL, CALIB, str(tmp_path / "b.onnx"), o2, log=lambda *_: None).to_dict()
+    assert r2["mixed_precision"]["predicted"]["bops"] <= 0.6 * c + 1e-6
+
+
+def test_limits_that_cannot_hold_together_name_each_smallest_value():
+    # two packs; option 0 is small in weights and large in activations, option 1 the reverse
+    c = mixed.Costs([[10, 100], [10, 100]], [[400, 40], [400, 40]], [[1, 1], [1, 1]],
+                    {"weight_bytes": 0, "act_bits": 0, "bops": 0}, 80, 100)
+    lims = [mixed.Limit("weight_bytes", "--budget", 50, str), mixed.Limit("act_bits", "--avg-abits", 300, str)]
+    with pytest.raises(UsageError) as exc:  # each alone is feasible, both together are not
+        mixed.check_limits(c, lims)
+    msg = str(exc.value)
+    # brute force: act <= 300 leaves only (1, 1): 200 weight bytes; weights <= 50 only (0, 0): 800 act bits
+    assert "--budget 200" in msg and "--avg-abits 800" in msg
+    mixed.check_limits(c, [lims[0]])
+    mixed.check_limits(c, [lims[1]])
+
+
+def test_smallest_each_equals_brute_force():
+    import itertools
+    t1, t2 = [[3, 1, 2], [5, 2, 1]], [[1, 4, 2], [1, 3, 6]]
+    rows = [(t1, 3.0, "a"), (t2, 4.0, "b")]
+    best = ilp.smallest_each(rows)
+    pairs = list(itertools.product(range(3), range(3)))
+    tot = lambda t, ch: sum(t[p][k] for p, k in enumerate(ch))  # noqa: E731
+    assert best["a"] == min(tot(t1, ch) for ch in pairs if tot(t2, ch) <= 4)
+    assert best["b"] == min(tot(t2, ch) for ch in pairs if tot(t1, ch) <= 3)
+
+
+def test_16_bit_activations_run_in_onnxruntime_and_beat_8_bit(tmp_path):
+    cos = {}
+    for a in (8, 16):
+        out = str(tmp_path / f"a{a}.onnx")
+        r = quantize(MODEL, CALIB, out, Options(method="rtn", wbits=8, abits=a), EVAL, log=lambda *_: None)
+        assert r.parity_layers["max_code_diff"] <= 1 and all(p["ok"] for p in r.parity)
+        cos[a] = r.to_dict()["validation"][0]["cosine"]
+    m = onnx.load(str(tmp_path / "a16.onnx"))
+    wide = [n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.domain == "com.microsoft"]
+    assert wide and any(o.domain == "com.microsoft" for o in m.opset_import)
+    zeros = {i.name: i.data_type for i in m.graph.initializer}
+    assert all(zeros[n.input[2]] == onnx.TensorProto.UINT16 for n in wide)
+    assert cos[16] > cos[8]
+
+
+def test_inspect_sensitivity_ranks_layers_and_reuses_its_cache(tmp_path, capsys, monkeypatch):
+    cache = str(tmp_path / "s.json")
+    args = ["inspect", MODEL, "--calib", CALIB, "--calib-samples", "64", "--sensitivity", "--json",
+            "--wbits-options", "2,8", "--abits-options", "4,16", "--sensitivity-cache", cache]
+    assert main(args) == 0
+    info = json.loads(capsys.readouterr().out)
+    s = info["sensitivity"]
+    assert [tuple(o) for o in s["options"]] == [(2, 4), (2, 16), (8, 4), (8, 16)]
+    for it in s["packs"] + s["layers"]:  # 8-bit weights never cost more than 2-bit ones at equal A
+        o = it["omega"]
+        assert o[2] <= o[0] * 1.001 and o[3] <= o[1] * 1.001 and it["cosine"][3] >= it["cosine"][0]
+    omega0 = {it["name"]: it["omega"][0] for it in s["layers"]}
+    assert s["ranked"] == sorted(omega0, key=lambda n: -omega0[n]) and len(s["packs"]) == len(info["packs"])
+    monkeypatch.setattr(mixed, "measure", lambda *a, **k: pytest.fail("measured again"))
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["sensitivity"] == s
