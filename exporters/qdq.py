@@ -165,6 +165,11 @@ def _layer_nodes(node, q, const, weight_const, name) -> list:
                 out += nodes
         return out
     out = []
+    if q.wbits == 0:  # fallen back to float: the weight and bias stay as they are
+        if q.abits is not None:
+            nodes, node.input[0] = _act_qdq(node.input[0], q.abits, q.a_scale, q.a_zero, lname, "x", const, name)
+            out += nodes
+        return out
     # weight: integer initializer (int8 container, or INT4/INT2 packed) -> DequantizeLinear(axis)
     w_q = weight_const(f"{lname}.w_int{q.wbits}", q.w_int, q.wbits)
     w_s = const(f"{lname}.w_scale", q.w_scale.astype(np.float32))

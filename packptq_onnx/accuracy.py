@@ -4,10 +4,12 @@
 lower is better) or `--max-drop 0.01`: the cheapest allocation whose export, run in onnxruntime on
 the --eval data, meets the target. Candidates come from the integer program on the measured
 sensitivities: the least Omega under a decreasing ladder of bit-operation limits (and the user's
-own limits). The most accurate candidate is checked first (if it fails, the stem and head take
-16-bit activations too; if that fails, nothing reaches the target: exit 3, nothing written); then a
-bisection over the ladder finds the cheapest candidate that passes. Every checked candidate is a
-point of the Pareto front (metric vs weight bytes, BOPs and measured onnxruntime time).
+own limits). The most accurate candidate is checked first. If it fails, the stem and head take
+16-bit activations too; if that fails, the costliest layers (each alone at its bits) fall back to
+float, 1, 2, 4, ... of them, on the most accurate allocation; if even all of them fail, nothing
+reaches the target: exit 3, nothing written. Otherwise (no layer float) a bisection over the ladder
+finds the cheapest candidate that passes. Every checked candidate is a point of the Pareto front
+(metric vs weight bytes, BOPs and measured onnxruntime time).
 Candidates are checked at round-to-nearest; reconstruction runs afterwards at the chosen bits.
 """
 from __future__ import annotations
@@ -146,6 +148,7 @@ class Point:
     bops: float
     ms_per_sample: float   # onnxruntime's time on the eval data (batches of 64), per sample
     stem_head_abits: int
+    float_layers: int = 0  # layers fallen back to float (the last resort)
     front: bool = False
 
 
@@ -181,40 +184,76 @@ def ladder(plan, mo) -> list[ilp.Allocation]:
     return sorted(found.values(), key=lambda a: (c.total("bops", a.choice), a.objective))
 
 
-def search(plan, mo, target: Target, es: EvalSet, opts, apply, export, set_stem_abits, log=print):
-    """The cheapest ladder allocation whose export meets the target. apply(choice) sets the bits,
-    export() returns the candidate's ONNX model, set_stem_abits(bits) re-bits stem and head (and
-    returns the Costs that follow). Returns (allocation, points, met)."""
+@dataclass
+class Hooks:
+    """What the search does to the simulation, given by the pipeline: apply(choice) sets the packs'
+    bits; export() returns the candidate's ONNX model; stem_abits(bits) re-bits stem and head and
+    returns the Costs that follow; rank() names the layers costliest first (each alone at its bits);
+    fall_back(names) leaves those layers float and returns what that adds to (weight bytes, act
+    bits, BOPs)."""
+    apply: object
+    export: object
+    stem_abits: object
+    rank: object
+    fall_back: object
+
+
+def search(plan, mo, target: Target, es: EvalSet, opts, hooks: Hooks, log=print):
+    """The cheapest ladder allocation whose export meets the target; returns (allocation or None,
+    points, the chosen point or the best one, names of the layers fallen back to float)."""
     cands = ladder(plan, mo)
     points: dict = {}
-    stem_a = mo.fixed_abits or mo.fixed_bits
+    state = {"stem": mo.fixed_abits or mo.fixed_bits, "float": [], "extra": (0.0, 0.0, 0.0)}
 
     def evaluate(i):
-        key = (i, stem_a)
+        key = (i, state["stem"], len(state["float"]))
         if key not in points:
             a = cands[i]
-            apply(a.choice)
-            v, ms = check(es, target, export(), opts)
+            hooks.apply(a.choice)
+            v, ms = check(es, target, hooks.export(), opts)
             s = plan.costs.summary(a.choice)
-            points[key] = Point(list(a.choice), v, target.passes(v), s["weight_bytes"], s["avg_wbits"],
-                                s["avg_abits"], s["bops"], ms, stem_a)
-            log(f"  candidate {len(points)}: {target.metric} {v:.4f} ({'meets' if points[key].passed else 'misses'} "
-                f"the target), {s['weight_bytes'] / 1e3:.1f} kB, A{s['avg_abits']:.2f}, {s['bops'] / 1e9:.4g} GBOPs")
+            eb, ea, eo = state["extra"]
+            c = plan.costs
+            p = Point(list(a.choice), v, target.passes(v), s["weight_bytes"] + eb,
+                      (s["weight_bytes"] + eb) * 8 / max(c.weight_elements, 1),
+                      s["avg_abits"] + ea / max(c.act_elements, 1), s["bops"] + eo, ms, state["stem"],
+                      len(state["float"]))
+            points[key] = p
+            log(f"  candidate {len(points)}: {target.metric} {v:.5f} ({'meets' if p.passed else 'misses'} the "
+                f"target), {p.weight_bytes / 1e3:.1f} kB, A{p.avg_abits:.2f}, {p.bops / 1e9:.4g} GBOPs"
+                + (f", {p.float_layers} layer(s) float" if p.float_layers else ""))
         return points[key].passed
 
     log(f"accuracy target {target.text()}: {len(cands)} candidate allocations from the integer program")
     top = len(cands) - 1
     met = evaluate(top)
-    if not met and stem_a < 16 and any(a == 16 for _, a in plan.options):
-        stem_a = 16
+    room = not plan.limits  # the last resorts add bytes and bit-operations: only without user limits
+    if not met and not room:
+        log("  the most accurate allocation within the limits misses the target; the last resorts (16-bit "
+            "stem and head, float layers) would break the limits")
+    if not met and room and state["stem"] < 16 and any(a == 16 for _, a in plan.options):
+        state["stem"] = 16
         log("  the most accurate allocation misses the target: stem and head take 16-bit activations too")
-        plan.costs = set_stem_abits(16)
+        plan.costs = hooks.stem_abits(16)
         met = evaluate(top)
+    if not met and room:  # the last resort: the costliest layers compute in float, 1, 2, 4, ... of them
+        ranked = hooks.rank()
+        k = 0
+        log(f"  still missed: layers fall back to float, costliest first ({', '.join(ranked[:3])}, ...)")
+        while not met and k < len(ranked):
+            new = ranked[k:max(1, 2 * k)]
+            k += len(new)
+            state["extra"] = tuple(x + y for x, y in zip(state["extra"], hooks.fall_back(new)))
+            state["float"] += new
+            met = evaluate(top)
+    _mark_front(points, target)
     if not met:
         sign = 1 if target.op == ">=" else -1
         best = max(points.values(), key=lambda p: (not math.isnan(p.metric), sign * p.metric))
-        _mark_front(points, target)
-        return None, list(points.values()), best
+        return None, list(points.values()), best, state["float"]
+    if state["float"]:
+        hooks.apply(cands[top].choice)  # the fallbacks were tried on the most accurate allocation only
+        return cands[top], list(points.values()), points[(top, state["stem"], len(state["float"]))], state["float"]
     lo, hi = 0, top
     while lo < hi:
         mid = (lo + hi) // 2
@@ -223,23 +262,26 @@ def search(plan, mo, target: Target, es: EvalSet, opts, apply, export, set_stem_
         else:
             lo = mid + 1
     _mark_front(points, target)
-    apply(cands[hi].choice)
-    return cands[hi], list(points.values()), points[(hi, stem_a)]
+    hooks.apply(cands[hi].choice)
+    return cands[hi], list(points.values()), points[(hi, state["stem"], 0)], []
 
 
 def _mark_front(points: dict, target: Target) -> None:
-    """A point is on the front when no other is at most as costly in BOPs and better in the metric."""
+    """A point is on the front when no other is at most as costly in BOPs and at least as good in the
+    metric, and better in one of the two."""
     ps = list(points.values())
     for p in ps:
-        p.front = not any(q is not p and q.bops <= p.bops and target.better(q.metric, p.metric) for q in ps)
+        p.front = not any(q is not p and q.bops <= p.bops and not target.better(p.metric, q.metric)
+                          and (q.bops < p.bops or target.better(q.metric, p.metric)) for q in ps)
 
 
 def front_table(points: list, target: Target, chosen) -> str:
-    rows = [("", target.metric, "weights kB", "avg wbits", "avg abits", "GBOPs", "ms/sample", "front")]
+    rows = [("", target.metric, "weights kB", "avg wbits", "avg abits", "GBOPs", "ms/sample", "stem/head A",
+             "float layers", "front")]
     for p in sorted(points, key=lambda p: p.bops):
-        rows.append(("->" if p is chosen else "", f"{p.metric:.4f}", f"{p.weight_bytes / 1e3:.1f}",
+        rows.append(("->" if p is chosen else "", f"{p.metric:.5f}", f"{p.weight_bytes / 1e3:.1f}",
                      f"{p.avg_wbits:.2f}", f"{p.avg_abits:.2f}", f"{p.bops / 1e9:.4g}", f"{p.ms_per_sample:.3f}",
-                     "*" if p.front else ""))
+                     str(p.stem_head_abits), str(p.float_layers), "*" if p.front else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 

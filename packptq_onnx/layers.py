@@ -142,6 +142,7 @@ class LayerQuant:
     input_from: str | None = None  # read this tensor (the producer's quantized output) as it is
     input2_from: str | None = None  # the same for a join's second input
     pack: int | None = None
+    float_weights: int = 0  # weight elements left float (a layer fallen back to float)
 
 
 # transformer float ops that an 8-bit output quantizer in front of them only hurts: normalisation,

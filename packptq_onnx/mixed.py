@@ -66,6 +66,7 @@ class MixedResult:
     chosen_for: str = ""               # the budget or the target the allocation was chosen for
     search: dict | None = None         # accuracy target: the candidates checked in onnxruntime
     ranking: list | None = None        # every layer alone at its chosen bits, costliest first (ranking.py)
+    float_layers: list = field(default_factory=list)  # layers an accuracy target left float (last resort)
 
     def chosen(self, pack_id: int) -> tuple[int, int, float]:
         """(wbits, abits, Omega) chosen for a pack."""

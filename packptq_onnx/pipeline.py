@@ -190,8 +190,12 @@ def allocate(p: Prepared, opts: Options, analysis: Analysis, model_path: str, ca
         return mixed.costs(p.gm, p.qls, plan.pack_layers, plan.fixed, plan.options, mo.fixed_bits, bits,
                            next(iter(batches())))
 
-    alloc, points, chosen = accuracy.search(plan, mo, mo.target, es, opts, lambda ch: mixed.apply(p.qls, plan, ch),
-                                            lambda: candidate(p, opts), stem_abits, log)
+    from .ranking import at_current_bits
+
+    hooks = accuracy.Hooks(lambda ch: mixed.apply(p.qls, plan, ch), lambda: candidate(p, opts), stem_abits,
+                           lambda: [r["layer"] for r in at_current_bits(p.gm, p.qls, batches) if r["omega"] > 0],
+                           _fall_back(p, next(iter(batches()))))
+    alloc, points, chosen, floated = accuracy.search(plan, mo, mo.target, es, opts, hooks, log)
     search = accuracy.as_dict(points, mo.target, chosen, alloc is not None, es.float_value)
     log(accuracy.front_table(points, mo.target, chosen))
     prefix = os.path.splitext(out_path)[0] + ".front"
@@ -205,14 +209,45 @@ def allocate(p: Prepared, opts: Options, analysis: Analysis, model_path: str, ca
     if alloc is None:
         raise accuracy.TargetNotMet(
             f"target {mo.target.text()} not reached: the best allocation checked scores {mo.target.metric} "
-            f"{chosen.metric:.4f} ({chosen.weight_bytes / 1e3:.1f} kB, A{chosen.avg_abits:.2f}); nothing written "
+            f"{chosen.metric:.5f} ({chosen.weight_bytes / 1e3:.1f} kB, A{chosen.avg_abits:.2f}); nothing written "
             f"but the front, {prefix}.md")
     mixed.log_choice(plan, alloc.choice, log)
     log(f"chosen: the cheapest checked allocation that meets {mo.target.text()} ({mo.target.metric} "
-        f"{chosen.metric:.4f}, {chosen.bops / 1e9:.4g} GBOPs)")
+        f"{chosen.metric:.5f}, {chosen.bops / 1e9:.4g} GBOPs)")
     res = mixed.result(plan, alloc, mo, f"target {mo.target.text()}")
-    res.search = search
+    res.search, res.float_layers = search, floated
+    res.predicted = {k: getattr(chosen, k) for k in ("weight_bytes", "avg_wbits", "avg_abits", "bops")}
+    res.predicted_bytes = chosen.weight_bytes  # the fallbacks' float weights included
+    if floated:
+        log(f"  {len(floated)} layer(s) compute in float: {', '.join(floated[:8])}"
+            + (" ..." if len(floated) > 8 else ""))
     return res
+
+
+def _fall_back(p: Prepared, args):
+    """The search's last resort: fall_back(names) leaves those layers float and returns what that
+    adds to (weight bytes, activation bits, BOPs) per sample, measured on one batch."""
+    from . import mixed, state
+    from .reconstruct import layer_macs
+
+    by = {q.layer.name: q for q in p.qls}
+    seen = {}
+
+    def fall_back(names):
+        if not seen:
+            seen["macs"], seen["acts"] = layer_macs(p.gm, p.qls, args), mixed.act_elements(p.gm, p.qls, args)
+        extra = [0.0, 0.0, 0.0]
+        for n in names:
+            q = by[n]
+            w = q.wq.bits if q.wq is not None else 32
+            a = q.aq.bits if q.aq is not None else 32
+            extra[1] += seen["acts"].get(n, 0) * (32 - a)
+            if q.layer.has_weight:
+                extra[0] += q.weight.numel() * (32 - w) / 8
+                extra[2] += seen["macs"].get(n, 0) * (32 * 32 - w * a)
+            state.fall_back(q)
+        return tuple(extra)
+    return fall_back
 
 
 def candidate(p: Prepared, opts: Options):
@@ -248,8 +283,11 @@ def reconstruct_model(p: Prepared, opts: Options, ckpt: str, log=print, analysis
 
 
 def weight_bytes(records) -> dict:
-    n = sum(r.w_int.size for r in records)
-    q = sum(r.w_int.size * r.wbits for r in records) / 8
+    """Weight bytes of the quantized layers: float32, and as written (layers fallen back to float at
+    4 bytes per weight)."""
+    f = sum(r.float_weights for r in records)
+    n = sum(r.w_int.size for r in records) + f
+    q = sum(r.w_int.size * r.wbits for r in records) / 8 + 4 * f
     return {"float32": 4 * n, "quantized": int(np.ceil(q)), "elements": int(n)}
 
 
@@ -305,8 +343,8 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
             "budget": None if mixed is None else mixed.budget_bytes,
             "allocation": None if mixed is None else {"chosen_for": mixed.chosen_for, "limits": mixed.limits,
                                                       "predicted": mixed.predicted},
-            "layers": [{"node": r.layer.name, "op": r.layer.op, "wbits": r.wbits, "abits": r.abits}
-                       for r in records],
+            "layers": [{"node": r.layer.name, "op": r.layer.op, "wbits": r.wbits, "abits": r.abits,
+                        **({"float": True} if r.float_weights else {})} for r in records],
             "calibration": {"file": os.path.basename(calib_path), "samples": p.n_samples},
             "parity": {"outputs": {x.output: x.max_abs_diff for x in par},
                        "layers_max_code_diff": per_layer.max_code_diff}}

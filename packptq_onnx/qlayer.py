@@ -59,6 +59,7 @@ class QuantLayer(nn.Module):
         self.aq2: ActQuantizer | None = None  # second input of an activation x activation MatMul
         self.oq: ActQuantizer | None = None  # output quantizer: lets onnxruntime fuse the layer
         self.quant_w = self.quant_a = False
+        self.float_fallback = False  # weights and inputs left float for accuracy (state.fall_back)
         # calibration statistics, to rebuild the input quantizers at other bits
         self.act_stats: Stats | None = None
         self.act_stats2: Stats | None = None

@@ -13,9 +13,10 @@ def export_records(qls: list[QuantLayer], packs: dict | None = None):
     """The exact integers and scales the simulation uses, per layer, for the QDQ writer."""
     out = []
     for q in qls:
-        if q.wq is None:  # activation x activation MatMul: no weight
+        if q.wq is None:  # activation x activation MatMul or join: no weight; or a layer fallen back to float
             rec = LayerQuant(q.layer, 0, np.zeros(0, np.int8), np.zeros(0, np.float32),
-                             pack=(packs or {}).get(q.layer.name))
+                             pack=(packs or {}).get(q.layer.name),
+                             float_weights=q.weight.numel() if q.layer.has_weight else 0)
             if q.aq2 is not None:
                 rec.a2_scale, rec.a2_zero = float(q.aq2.scale), int(q.aq2.zero)
                 rec.input2_from = shared_input(q, second=True)

@@ -43,7 +43,7 @@ def pack_infos(analysis, records, mixed: MixedResult | None) -> list[PackInfo]:
         out.append(PackInfo(pk.id, [analysis.units.blocks[b].name for b in pk.blocks],
                             [r.layer.name for r in recs], sorted({r.wbits for r in recs if r.wbits}),
                             sorted({r.abits for r in recs if r.abits}),
-                            sum(r.w_int.size * r.wbits / 8 for r in recs),
+                            sum(r.w_int.size * r.wbits / 8 + 4 * r.float_weights for r in recs),
                             [analysis.scores[b].score for b in pk.blocks], pk.omega,
                             None if mixed is None else mixed.chosen(pk.id)[2]))
     return out

@@ -45,12 +45,12 @@ def quantized(qls, only=None, weights: bool = True, acts: bool = True):
 def snapshot(qls):
     """On exit, every layer's switches and quantizer objects are those of the entry (the sharing
     between layers with them): a measurement may re-bit or drop quantizers inside."""
-    saved = [(q, q.quant_w, q.quant_a, q.wq, q.aq, q.aq2, q.oq) for q in qls]
+    saved = [(q, q.quant_w, q.quant_a, q.wq, q.aq, q.aq2, q.oq, q.float_fallback) for q in qls]
     try:
         yield
     finally:
-        for q, w, a, wq, aq, aq2, oq in saved:
-            q.quant_w, q.quant_a, q.wq, q.aq, q.aq2, q.oq = w, a, wq, aq, aq2, oq
+        for q, w, a, wq, aq, aq2, oq, ff in saved:
+            q.quant_w, q.quant_a, q.wq, q.aq, q.aq2, q.oq, q.float_fallback = w, a, wq, aq, aq2, oq, ff
 
 
 @contextmanager
@@ -78,7 +78,10 @@ def clear(q: QuantLayer) -> None:
 
 def set_bits(q: QuantLayer, wbits: int | None, abits: int | None) -> None:
     """Re-initialise (round to nearest) the weight and/or input quantizer of a layer at new bits
-    (a layer with fixed input bits, a join, keeps them whatever `abits` asks)."""
+    (a layer with fixed input bits, a join, keeps them whatever `abits` asks; a layer fallen back
+    to float stays float)."""
+    if q.float_fallback:
+        return
     if abits is not None and q.layer.fixed_abits is not None:
         abits = q.layer.fixed_abits
     if wbits is not None and q.layer.has_weight:
@@ -131,6 +134,14 @@ def tie_inputs(qls: list[QuantLayer]) -> None:
         p = q.links.fed_by2  # a join's second input
         if p is not None and p.oq is not None and q.aq2 is not None and q.aq2.bits == p.oq.bits:
             q.aq2 = p.oq
+
+
+def fall_back(q: QuantLayer) -> None:
+    """The last resort of an accuracy target: the layer computes in float (float weight and bias,
+    float input); its output quantizer stays, so the layers reading it are unchanged. No later
+    re-bitting brings its quantizers back."""
+    q.float_fallback = True
+    q.wq = q.aq = q.aq2 = None
 
 
 # a guard site's part -> the QuantLayer attribute holding its quantizer

@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 import pytest
 from conftest import SAMPLES
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from packptq_onnx.exporters import qdq
 from packptq_onnx.solvers import ilp
 
@@ -166,3 +168,68 @@ def test_inspect_sensitivity_ranks_layers_and_reuses_its_cache(tmp_path, capsys,
     monkeypatch.setattr(mixed, "measure", lambda *a, **k: pytest.fail("measured again"))
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["sensitivity"] == s
+
+
+@st.composite
+def limited(draw):
+    """Random packs x options with three cost tables, fixed stem/head costs and random limits."""
+    groups, nopt = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    table = lambda lo, hi: [[float(draw(st.integers(lo, hi))) for _ in range(nopt)] for _ in range(groups)]  # noqa: E731
+    cost = [[draw(st.floats(0, 10)) for _ in range(nopt)] for _ in range(groups)]
+    c = mixed.Costs(table(1, 40), table(1, 40), table(0, 40),
+                    {"weight_bytes": float(draw(st.integers(0, 9))), "act_bits": float(draw(st.integers(0, 9))),
+                     "bops": float(draw(st.integers(0, 9)))}, 100, 100)
+    keys = draw(st.lists(st.sampled_from(["weight_bytes", "act_bits", "bops"]), min_size=1, max_size=3, unique=True))
+    lims = [mixed.Limit(k, f"--{k}", float(draw(st.integers(0, 170))), str) for k in keys]
+    return cost, c, lims
+
+
+@settings(max_examples=120, deadline=None)
+@given(limited())
+def test_limits_never_exceeded_and_allocation_optimal(inst):
+    import itertools
+    cost, c, lims = inst
+    choices = list(itertools.product(*[range(len(r)) for r in cost]))
+    ok = [ch for ch in choices if all(c.total(lim.key, ch) <= lim.total + 1e-9 for lim in lims)]
+    try:
+        a = mixed.solve(cost, c, lims, MixedOptions())
+    except UsageError:
+        assert not ok  # an error only when no choice fits
+        return
+    assert all(c.total(lim.key, a.choice) <= lim.total + 1e-6 for lim in lims)
+    assert a.objective == pytest.approx(min(sum(cost[p][k] for p, k in enumerate(ch)) for ch in ok), abs=1e-6)
+
+
+def test_front_is_monotone(tmp_path):
+    goal = accuracy.parse("cosine>=0.999")
+    r = quantize(MODEL, CALIB, str(tmp_path / "f.onnx"), Options(method="rtn", mixed=MixedOptions(target=goal)),
+                 EVAL, log=lambda *_: None).to_dict()
+    pts = r["mixed_precision"]["search"]["points"]
+    front = sorted((p for p in pts if p["front"]), key=lambda p: p["bops"])
+    assert len(pts) >= 3 and front
+    assert all(a["metric"] < b["metric"] for a, b in zip(front, front[1:]))
+    # every point off the front is dominated by a front point: no dearer-and-worse point is on it
+    for p in pts:
+        if not p["front"]:
+            assert any(f["bops"] <= p["bops"] and f["metric"] >= p["metric"] for f in front)
+
+
+def test_float_fallback_is_the_last_resort_and_exports_float_layers(tmp_path):
+    out = str(tmp_path / "f.onnx")
+    goal = accuracy.parse("cosine>=0.9999")  # W8A16 everywhere reaches 0.99988 on the sample
+    r = quantize(MODEL, CALIB, out, Options(method="rtn", mixed=MixedOptions(target=goal)), EVAL,
+                 log=lambda *_: None).to_dict()
+    m = r["mixed_precision"]
+    floated = m["float_layers"]
+    assert floated and m["search"]["met"] and m["search"]["final"]["value"] >= 0.9999
+    pts = m["search"]["points"]
+    # tried in order: all 16-bit first, float layers only after every quantized candidate missed
+    assert all(not p["passed"] for p in pts if p["float_layers"] == 0)
+    model = onnx.load(out)
+    init = {i.name: i for i in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.name in floated]
+    assert len(nodes) == len(floated)
+    for node in nodes:  # the weight is the float initializer itself, not a DequantizeLinear output
+        assert node.input[1] in init and init[node.input[1]].data_type == onnx.TensorProto.FLOAT
+    assert r["parity_layers"]["max_code_diff"] <= 1 and all(p["ok"] for p in r["parity"])
+    assert r["weight_bytes"]["quantized"] > 37_800  # the float layer counts 4 bytes per weight
