@@ -105,7 +105,8 @@ def run_row(model: str, name: str, args: list, info: dict, a, cache: dict) -> di
             ["--method", "rtn"]
         cmd = [sys.executable, "-m", "packptq_onnx.cli", "quantize", info["model"], "--calib", info["calib"],
                "--eval", info["eval"], "--calib-samples", str(a.calib_samples), "--batch-size", "16",
-               "-o", out + ".onnx", "--report", out + ".report.json", *method, *args]
+               "-o", out + ".onnx", "--report", out + ".report.json", *method, *args,
+               "--sensitivity-cache", os.path.join(a.out, "rows", f"{model}.sensitivity.json")]
         if model == "rec":
             cmd += ["--input-shape", "x:N,3,48,320"]
         t0 = time.time()
