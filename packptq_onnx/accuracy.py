@@ -286,6 +286,21 @@ def front_table(points: list, target: Target, chosen) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def write_front(prefix: str, search: dict, points: list, target: Target, chosen, log=print) -> None:
+    """Print the front, and write it as PREFIX.md, PREFIX.json and PREFIX.png (without matplotlib: no PNG)."""
+    from .exporters import files
+
+    text = front_table(points, target, chosen)
+    log(text)
+    files.save_json(search, prefix + ".json")
+    files.save_text(text + "\n", prefix + ".md")
+    try:
+        from .exporters.plots import plot_front
+        plot_front(prefix + ".png", points, target, chosen)
+    except UsageError as exc:
+        log(f"note: no front plot ({exc})")
+
+
 def as_dict(points: list, target: Target, chosen, met: bool, float_value: float) -> dict:
     return {"target": target.text(), "metric": target.metric, "threshold": target.value, "met": met,
             "float_value": float_value, "chosen": None if chosen is None else points.index(chosen),

@@ -106,21 +106,29 @@ def measure(gm, qls, pack_layers: list[list[str]], opts: list[tuple[int, int]], 
                 for q in own:
                     state.set_bits(q, w, a)
                 state.match_output_bits(qls)  # outputs read by the group at its input bits
-                tot, dots = 0.0, torch.zeros(3, dtype=torch.float64)
-                with state.quantized(qls, only=own):
-                    for args, r in zip(data, ref):
-                        got = _outputs(gm(*args))
-                        tot += float(loss_sum(got, r, batch_size(args)))
-                        for x, y in zip(r, got):
-                            if x.is_floating_point():
-                                x, y = x.double().ravel(), y.double().ravel()
-                                dots += torch.stack([x @ y, x @ x, y @ y])
-                row.append(tot / n)
-                cos.append(float(dots[0] / (dots[1].sqrt() * dots[2].sqrt()).clamp_min(1e-300)))
+                loss, c = output_cost(gm, qls, own, data, ref)
+                row.append(loss / n)
+                cos.append(c)
             table.append(row)
             if cosine is not None:
                 cosine.append(cos)
     return table
+
+
+@torch.no_grad()
+def output_cost(gm, qls, only, data, ref) -> tuple[float, float]:
+    """With only these layers quantized: the summed output loss over the batches (sensitivity's
+    loss_sum) and the cosine of all floating outputs to the float ones, taken together."""
+    tot, dots = 0.0, torch.zeros(3, dtype=torch.float64)
+    with state.quantized(qls, only=only):
+        for args, r in zip(data, ref):
+            got = _outputs(gm(*args))
+            tot += float(loss_sum(got, r, batch_size(args)))
+            for x, y in zip(r, got):
+                if x.is_floating_point():
+                    x, y = x.double().ravel(), y.double().ravel()
+                    dots += torch.stack([x @ y, x @ x, y @ y])
+    return tot, float(dots[0] / (dots[1].sqrt() * dots[2].sqrt()).clamp_min(1e-300))
 
 
 def act_elements(gm, qls, args) -> dict[str, int]:

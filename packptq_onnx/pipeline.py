@@ -170,7 +170,7 @@ def allocate(p: Prepared, opts: Options, analysis: Analysis, model_path: str, ca
              log=print, es=None, out_path: str | None = None) -> MixedResult:
     """Bits per pack under the user's limits, or the cheapest that meets the accuracy target (es:
     accuracy.EvalSet); the target's Pareto front is written beside out_path."""
-    from . import accuracy, mixed, state
+    from . import mixed
 
     mo = opts.mixed
     fp = (f"{os.path.abspath(model_path)}:{os.path.getsize(model_path)}:{os.path.abspath(calib_path)}:"
@@ -183,6 +183,17 @@ def allocate(p: Prepared, opts: Options, analysis: Analysis, model_path: str, ca
         mixed.apply(p.qls, plan, alloc.choice)
         mixed.log_choice(plan, alloc.choice, log)
         return mixed.result(plan, alloc, mo, mixed.describe_limits(mo))
+    return _search(p, opts, plan, es, out_path, log)
+
+
+def _search(p: Prepared, opts: Options, plan, es, out_path: str, log=print) -> MixedResult:
+    """The accuracy target's search (accuracy.search) on this model; the front written beside
+    out_path; TargetNotMet (exit 3) when nothing reaches it."""
+    from . import accuracy, mixed, state
+    from .ranking import at_current_bits
+
+    mo = opts.mixed
+    batches = lambda: p.batches(opts)  # noqa: E731
 
     def stem_abits(bits):
         for q in plan.fixed:
@@ -190,22 +201,13 @@ def allocate(p: Prepared, opts: Options, analysis: Analysis, model_path: str, ca
         return mixed.costs(p.gm, p.qls, plan.pack_layers, plan.fixed, plan.options, mo.fixed_bits, bits,
                            next(iter(batches())))
 
-    from .ranking import at_current_bits
-
     hooks = accuracy.Hooks(lambda ch: mixed.apply(p.qls, plan, ch), lambda: candidate(p, opts), stem_abits,
                            lambda: [r["layer"] for r in at_current_bits(p.gm, p.qls, batches) if r["omega"] > 0],
                            _fall_back(p, next(iter(batches()))))
     alloc, points, chosen, floated = accuracy.search(plan, mo, mo.target, es, opts, hooks, log)
     search = accuracy.as_dict(points, mo.target, chosen, alloc is not None, es.float_value)
-    log(accuracy.front_table(points, mo.target, chosen))
     prefix = os.path.splitext(out_path)[0] + ".front"
-    files.save_json(search, prefix + ".json")
-    files.save_text(accuracy.front_table(points, mo.target, chosen) + "\n", prefix + ".md")
-    try:
-        from .exporters.plots import plot_front
-        plot_front(prefix + ".png", points, mo.target, chosen)
-    except UsageError as exc:
-        log(f"note: no front plot ({exc})")
+    accuracy.write_front(prefix, search, points, mo.target, chosen, log)
     if alloc is None:
         raise accuracy.TargetNotMet(
             f"target {mo.target.text()} not reached: the best allocation checked scores {mo.target.metric} "

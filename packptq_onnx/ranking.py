@@ -19,7 +19,7 @@ import torch
 
 from . import mixed, state
 from .layers import is_join
-from .sensitivity import batch_size, loss_sum
+from .sensitivity import batch_size
 
 RANK_SAMPLES = 64  # samples for quantize's one-at-a-time ranking (a forward pass per layer)
 
@@ -94,18 +94,9 @@ def at_current_bits(gm, qls, batches, samples: int = RANK_SAMPLES) -> list[dict]
         ref = [[t.detach() for t in mixed._outputs(gm(*args))] for args in data]
     out = []
     for q in qls:
-        tot, dots = 0.0, torch.zeros(3, dtype=torch.float64)
-        with state.quantized(qls, only=[q]):
-            for args, r in zip(data, ref):
-                got = mixed._outputs(gm(*args))
-                tot += float(loss_sum(got, r, batch_size(args)))
-                for x, y in zip(r, got):
-                    if x.is_floating_point():
-                        x, y = x.double().ravel(), y.double().ravel()
-                        dots += torch.stack([x @ y, x @ x, y @ y])
+        loss, cos = mixed.output_cost(gm, qls, [q], data, ref)
         out.append({"layer": q.layer.name, "op": q.layer.op, "wbits": None if q.wq is None else q.wq.bits,
-                    "abits": None if q.aq is None else q.aq.bits, "omega": tot / max(n, 1),
-                    "cosine": float(dots[0] / (dots[1].sqrt() * dots[2].sqrt()).clamp_min(1e-300))})
+                    "abits": None if q.aq is None else q.aq.bits, "omega": loss / max(n, 1), "cosine": cos})
     return sorted(out, key=lambda d: -d["omega"])
 
 
