@@ -128,9 +128,8 @@ def _sensitivity(a, p, opts, res):
     options = list(itertools.product(a.wbits_options, a.abits_options))
     pack_layers = [[n for b in pk.blocks for n in res.units.blocks[b].layers] for pk in res.packs]
     fp = f"{os.path.abspath(a.model)}:{os.path.getsize(a.model)}:{os.path.abspath(a.calib)}:{p.n_samples}:{a.seed}"
-    groups = len(pack_layers) + sum(1 for q in p.qls if q.layer.fixed_abits is None)
     return measure_report(p.gm, p.qls, pack_layers, options, lambda: p.batches(opts), p.n_samples,
-                          a.sensitivity_cache, fp, progress=lambda it: bar(it, "sensitivity", groups))
+                          a.sensitivity_cache, fp, progress=lambda it: bar(it, "sensitivity", len(it)))
 
 
 def _pack_table(info: dict) -> str:

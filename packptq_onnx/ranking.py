@@ -1,12 +1,13 @@
 """Which packs and layers cost the accuracy: the ranked sensitivity report (docs/METHOD.md,
 "Sensitivity report").
 
-Each pack, and each quantized layer on its own, is quantized alone (everything else float) at
-every (wbits, abits) option, and the calibration outputs are compared with float: Omega (KL for
-classifier outputs, MSE otherwise; the quantity the bit allocation minimises) and the output
-cosine. Layers are ranked by Omega at the cheapest option. The table is cached in a JSON file, so a
-second look, or a bit allocation at another budget, costs nothing. `quantize` with mixed precision
-adds the one-at-a-time ranking of every layer at the bits it was given.
+Each pack (on every calibration sample) and each quantized layer on its own (on the first 64,
+since there are many) is quantized alone, everything else float, at every (wbits, abits) option,
+and the calibration outputs are compared with float: Omega (KL for classifier outputs, MSE
+otherwise; the quantity the bit allocation minimises) and the output cosine. Layers are ranked by
+Omega at the cheapest option. The table is cached in a JSON file, so a second look costs nothing.
+`quantize` with mixed precision adds the one-at-a-time ranking of every layer at the bits it was
+given.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class SensitivityReport:
     packs: list            # Item per pack
     layers: list           # Item per quantized layer (joins excluded: their bits are fixed)
     seconds: float
+    layer_samples: int = 0  # layers are measured on the first RANK_SAMPLES calibration samples
 
     def ranked(self) -> list:
         """Layers, the costliest first, by Omega at the cheapest option."""
@@ -61,35 +63,44 @@ def measure_report(gm, qls, pack_layers: list, opts: list, batches, n_samples: i
                 r = d["report"]
                 return SensitivityReport([tuple(o) for o in r["options"]], r["samples"],
                                          [Item(**x) for x in r["packs"]], [Item(**x) for x in r["layers"]],
-                                         r["seconds"])
+                                         r["seconds"], r.get("layer_samples", 0))
         except (OSError, ValueError, KeyError, TypeError):
             pass
     t0 = time.time()
     pack_of = {n: i for i, names in enumerate(pack_layers) for n in names}
     names = [q.layer.name for q in qls if not is_join(q.layer)]
-    groups = [list(x) for x in pack_layers] + [[n] for n in names]
-    cos: list = []
-    omega = mixed.measure(gm, qls, groups, opts, batches, cosine=cos, progress=progress)
-    items = [Item(f"pack{i}" if i < len(pack_layers) else g[0], i if i < len(pack_layers) else pack_of.get(g[0]),
-                  g, o, c) for i, (g, o, c) in enumerate(zip(groups, omega, cos))]
-    rep = SensitivityReport(list(opts), n_samples, items[:len(pack_layers)], items[len(pack_layers):],
-                            round(time.time() - t0, 3))
+    cos_p: list = []
+    cos_l: list = []
+    omega_p = mixed.measure(gm, qls, [list(x) for x in pack_layers], opts, batches, cosine=cos_p, progress=progress)
+    omega_l = mixed.measure(gm, qls, [[n] for n in names], opts, lambda: first(batches, RANK_SAMPLES), cosine=cos_l,
+                            progress=progress)
+    rep = SensitivityReport(list(opts), n_samples,
+                            [Item(f"pack{i}", i, list(g), o, c)
+                             for i, (g, o, c) in enumerate(zip(pack_layers, omega_p, cos_p))],
+                            [Item(n, pack_of.get(n), [n], o, c) for n, o, c in zip(names, omega_l, cos_l)],
+                            round(time.time() - t0, 3), min(n_samples, RANK_SAMPLES))
     if cache:
         from .exporters.files import save_json
         save_json({"key": key, "report": asdict(rep)}, cache)
     return rep
 
 
+def first(batches, samples: int):
+    """The batches that hold the first `samples` samples."""
+    n = 0
+    for args in batches():
+        yield args
+        n += batch_size(args)
+        if n >= samples:
+            return
+
+
 @torch.no_grad()
 def at_current_bits(gm, qls, batches, samples: int = RANK_SAMPLES) -> list[dict]:
     """Every quantized layer alone at the bits it holds now (the rest float), on the first
     `samples` calibration samples: Omega and output cosine, the costliest first."""
-    data, n = [], 0
-    for args in batches():
-        data.append(args)
-        n += batch_size(args)
-        if n >= samples:
-            break
+    data = list(first(batches, samples))
+    n = sum(batch_size(args) for args in data)
     with state.quantized(qls, only=[]):
         ref = [[t.detach() for t in mixed._outputs(gm(*args))] for args in data]
     out = []
@@ -104,7 +115,7 @@ def table(rep: SensitivityReport, top: int = 15) -> str:
     opts = [f"W{w}A{a}" for w, a in rep.options]
     head = f"{'':<28}" + "".join(f"{o:>11}" for o in opts)
     lines = [f"sensitivity: Omega with one pack (or one layer) quantized alone, on {rep.samples} samples "
-             f"({rep.seconds:.1f} s)", head]
+             f"(layers: the first {rep.layer_samples}; {rep.seconds:.1f} s)", head]
     for it in rep.packs:
         lines.append(f"{it.name + f' ({len(it.layers)} layers)':<28}" + "".join(f"{v:>11.3g}" for v in it.omega))
     ranked = rep.ranked()
