@@ -92,6 +92,7 @@ def _mixed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-drop", type=float, help="accuracy target: the metric may drop this much below the "
                    "float model's (accuracy with labels, else --metric, else the task's agreement)")
     g.add_argument("--fixed-bits", type=int, default=d.fixed_bits, help="stem and head bits (default 8)")
+    g.add_argument("--fixed-abits", type=int, help="stem and head activation bits (default: --fixed-bits)")
     g.add_argument("--solver", choices=SOLVERS, default=d.solver)
     g.add_argument("--solver-time", type=float, default=d.time_limit, help="solver time limit, seconds")
     g.add_argument("--sensitivity-cache", help="JSON file: reuse measured sensitivities at another budget")
@@ -217,7 +218,7 @@ def _mixed_opts(a, goal=None) -> MixedOptions:
     for b in (*a.wbits_options, a.fixed_bits):
         if not 2 <= b <= 8:
             raise UsageError(f"weight bit options must be between 2 and 8, got {b}")
-    for b in a.abits_options or ():
+    for b in (*(a.abits_options or ()), *([a.fixed_abits] if a.fixed_abits is not None else [])):
         if b not in ACT_BITS:
             raise UsageError(f"activation bit options must be between 2 and 8, or 16, got {b}")
     if a.avg_wbits is not None and not 2 <= a.avg_wbits <= 8:
@@ -227,6 +228,7 @@ def _mixed_opts(a, goal=None) -> MixedOptions:
     return MixedOptions(budget=parse_budget(a.budget) if a.budget else None, avg_wbits=a.avg_wbits,
                         avg_abits=a.avg_abits, bops=parse_count(a.bops, "--bops") if a.bops else None,
                         wbits=a.wbits_options, abits=a.abits_options, fixed_bits=a.fixed_bits,
+                        fixed_abits=a.fixed_abits,
                         solver=a.solver, time_limit=a.solver_time, cache=a.sensitivity_cache, target=goal)
 
 
