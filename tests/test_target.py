@@ -87,6 +87,8 @@ def test_unreachable_target_exits_3_and_writes_no_model(tmp_path, capsys):
     (["--eval", EVAL, "--max-drop", "0.01", "--target", "task>=0.9"], "at most one"),
     (["--avg-wbits", "3", "--abits-options", "4,32"], "or 16"),
     (["--avg-wbits", "3", "--bops", "lots"], "cannot read --bops"),
+    (["--avg-wbits", "3", "--fixed-abits", "9"], "or 16"),
+    (["--avg-wbits", "3", "--avg-abits", "2", "--abits-options", "4,8"], "--avg-abits is infeasible: the smallest"),
 ])
 def test_target_and_limit_errors_are_one_line_before_measuring(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.setattr(mixed, "measure", lambda *a, **k: pytest.fail("measured before the check"))
