@@ -8,8 +8,9 @@ table can be filled over several sessions. Row kinds:
   uniform   W{w}A{a} everywhere: the reference curve at equal weight bytes
   target    --target METRIC>=X (or --max-drop): the chosen point and the Pareto front it checked
   limits    --avg-wbits / --avg-abits with activation options 4, 8, 16
-  worst-k   the recognizer at W4A4 with only the k layers that `inspect --sensitivity` ranks worst
-            (Omega at W4A4, each layer alone) given 8-bit activations (in-process, no CLI flag)
+  worst-k   the recognizer at W8A4 with only the k layers that `inspect --sensitivity` ranks worst
+            (Omega at W8A4, each layer alone) given 8-bit activations (in-process, no CLI flag);
+            8-bit weights, so that what remains is the 4-bit activations' loss
 The bench scores (exact lines, accuracy, Spearman) come from bench/tasks.py, as in RESULTS.md.
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ ROWS = {
             ("worst-k", None)],
 }
 WORST_K = (1, 2, 4, 8, 16)
+WORST_W = 8
 
 
 def rows_for(model: str) -> list:
@@ -134,32 +136,33 @@ def run_row(model: str, name: str, args: list, info: dict, a, cache: dict) -> di
 
 
 def worst_k(model: str, info: dict, a, cache: dict) -> dict:
-    """W4A4 with only the k worst layers (Omega at W4A4, each alone) at 8-bit activations."""
+    """W8A4 with only the k worst layers (Omega at W8A4, each alone) at 8-bit activations."""
     from packptq_onnx import state
     from packptq_onnx.pipeline import Options, analyse, candidate, prepare
     from packptq_onnx.ranking import measure_report
 
-    opts = Options(wbits=4, abits=4, method="rtn", calib_samples=a.calib_samples, batch_size=16,
+    opts = Options(wbits=WORST_W, abits=4, method="rtn", calib_samples=a.calib_samples, batch_size=16,
                    input_shapes={"x": [None, 3, 48, 320]})
     p = prepare(info["model"], info["calib"], opts, log=lambda *_: None)
     an = analyse(p, opts, log=lambda *_: None)
     pack_layers = [[n for b in pk.blocks for n in an.units.blocks[b].layers] for pk in an.packs]
     t0 = time.time()
-    rep = measure_report(p.gm, p.qls, pack_layers, [(4, 4), (4, 8)], lambda: p.batches(opts), p.n_samples)
+    rep = measure_report(p.gm, p.qls, pack_layers, [(WORST_W, 4), (WORST_W, 8)], lambda: p.batches(opts),
+                         p.n_samples)
     ranked = [it.name for it in rep.ranked()]
     res = {"ranked": ranked[:max(WORST_K)], "report_seconds": round(time.time() - t0, 1), "k": {}}
     tmp = os.path.join(a.out, "rows", f"{model}.worst.onnx")
     import onnx
     for k in (0, *WORST_K):
         for q in p.qls:
-            state.set_bits(q, 4, 8 if q.layer.name in ranked[:k] else 4)
+            state.set_bits(q, WORST_W, 8 if q.layer.name in ranked[:k] else 4)
         state.tie_inputs(p.qls)
         onnx.save(candidate(p, opts), tmp)
         res["k"][k] = bench_scores(model, info, tmp, cache)
         res["k"][k]["a8_elements_share"] = _a8_share(p, opts, ranked[:k])
         print(f"  worst-{k} at A8: {res['k'][k]}", flush=True)
     for q in p.qls:
-        state.set_bits(q, 4, 8)
+        state.set_bits(q, WORST_W, 8)
     state.tie_inputs(p.qls)
     onnx.save(candidate(p, opts), tmp)
     res["all_a8"] = bench_scores(model, info, tmp, cache)
@@ -238,15 +241,16 @@ def report(a) -> str:
                              f"{'-' if u is None else u['name'] + ' ' + _f(u[search_key])} | {beat} |")
         wk = _load(a, model, "worst-k")
         if wk:
-            lines += ["", f"**{model}: W4A4 with only the k worst layers at A8** (ranked by `inspect --sensitivity`: "
-                      "Omega at W4A4, each layer alone). Worst first: " + ", ".join(f"`{n}`" for n in wk["ranked"][:8]),
+            lines += ["", f"**{model}: W{WORST_W}A4 with only the k worst layers at A8** (ranked by `inspect "
+                      f"--sensitivity`: Omega at W{WORST_W}A4, each layer alone). Worst first: "
+                      + ", ".join(f"`{n}`" for n in wk["ranked"][:8]),
                       "", "| k | share of activation elements at A8 | line_acc | line agreement with float | cer |",
                       "|---|---|---|---|---|"]
             for k, v in wk["k"].items():
                 lines.append(f"| {k} | {v['a8_elements_share']:.3f} | {_f(v.get('line_acc'))} | "
                              f"{_f(v.get('line_agree'))} | {_f(v.get('cer'))} |")
             v = wk["all_a8"]
-            lines.append(f"| all (W4A8) | 1.000 | {_f(v.get('line_acc'))} | {_f(v.get('line_agree'))} | "
+            lines.append(f"| all (W{WORST_W}A8) | 1.000 | {_f(v.get('line_acc'))} | {_f(v.get('line_agree'))} | "
                          f"{_f(v.get('cer'))} |")
         lines.append("")
     return "\n".join(lines)
