@@ -133,14 +133,15 @@ def output_cost(gm, qls, only, data, ref) -> tuple[float, float]:
 
 def act_elements(gm, qls, args) -> dict[str, int]:
     """Elements per sample entering each quantized layer's activation quantizers (both inputs of a
-    join or an activation MatMul)."""
+    join or an activation MatMul); an input the guard keeps float counts nothing."""
     counts: dict = {}
     n = max(batch_size(args), 1)
 
     def count(q):
         def fn(_m, inputs):
             k = 2 if q.layer.act_input2 is not None else 1
-            counts[q.layer.name] = sum(t.numel() for t in inputs[:k] if torch.is_tensor(t)) / n
+            counts[q.layer.name] = sum(t.numel() for t, quantizer in zip(inputs[:k], (q.aq, q.aq2))
+                                       if torch.is_tensor(t) and quantizer is not None) / n
         return fn
     with torch.no_grad(), state.capture(pre=[(q, count(q)) for q in qls]):
         gm(*args)
