@@ -42,7 +42,7 @@ ROWS = {
             ("limits-pack", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8,16", *REC_FIXED]),
             ("maxdrop", ["--max-drop", "0.01"]),
             ("w4-target", ["--avg-wbits", "4", "--abits-options", "4,8,16", *REC_FIXED, "--target", "task>=0.8"]),
-            ("limits-fine", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8,16", *REC_FIXED,
+            ("limits-fine", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8", *REC_FIXED,
                              "--max-pack-blocks", "1", "--target", "task>=0.8"]),
             ("worst-k", None)],
 }
