@@ -36,15 +36,15 @@ ROWS = {
     "minilm": [("target", ["--target", "cosine>=0.99"])],
     # the head MatMul holds 30% of the recognizer's weights: at the default 8 fixed bits it alone
     # spends 2.4 of the 4 average bits, so these rows fix stem and head at W4A8
-    "rec": [("limits", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8,16", *REC_FIXED]),
+    "rec": [("maxdrop", ["--max-drop", "0.01"]),
+            ("worst-k", None),
+            ("w4-target", ["--avg-wbits", "4", "--abits-options", "4,8,16", *REC_FIXED, "--target", "task>=0.8"]),
+            ("limits", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8,16", *REC_FIXED]),
             ("limits-target", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8,16", *REC_FIXED,
                                "--target", "task>=0.8"]),
-            ("limits-pack", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8,16", *REC_FIXED]),
-            ("maxdrop", ["--max-drop", "0.01"]),
-            ("w4-target", ["--avg-wbits", "4", "--abits-options", "4,8,16", *REC_FIXED, "--target", "task>=0.8"]),
             ("limits-fine", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8", *REC_FIXED,
                              "--max-pack-blocks", "1", "--target", "task>=0.8"]),
-            ("worst-k", None)],
+            ("limits-pack", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8,16", *REC_FIXED])],
 }
 WORST_K = (1, 2, 4, 8, 16)
 WORST_W = 8

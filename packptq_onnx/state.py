@@ -137,11 +137,16 @@ def tie_inputs(qls: list[QuantLayer]) -> None:
 
 
 def fall_back(q: QuantLayer) -> None:
-    """The last resort of an accuracy target: the layer computes in float (float weight and bias,
-    float input); its output quantizer stays, so the layers reading it are unchanged. No later
-    re-bitting brings its quantizers back."""
+    """The last resort of an accuracy target: the layer computes in float, from a float input to a
+    float output (float weight and bias). Its input's producers drop their output quantizers, and
+    it drops its own; a quantized layer that shared one keeps the quantizer object as its own input
+    quantizer (so it computes exactly as before, and the writer gives it its own Q/DQ). No later
+    re-bitting brings these quantizers back."""
     q.float_fallback = True
-    q.wq = q.aq = q.aq2 = None
+    q.wq = q.aq = q.aq2 = q.oq = None
+    for p in (q.links.fed_by, q.links.fed_by2):
+        if p is not None:
+            p.oq = None
 
 
 # a guard site's part -> the QuantLayer attribute holding its quantizer

@@ -69,13 +69,14 @@ def test_unreachable_target_exits_3_and_writes_no_model(tmp_path, capsys):
     out = tmp_path / "t.onnx"
     out.write_bytes(b"keep")
     code = main(["quantize", MODEL, "--calib", CALIB, "--eval", EVAL, "-o", str(out), "--method", "rtn",
-                 "--target", "cosine>=0.9999999"])
+                 "--target", "agreement>=1.01"])
     err = capsys.readouterr().err
     assert code == 3 and "not reached" in err and len(err.strip().splitlines()) == 1
     assert out.read_bytes() == b"keep"
     front = json.load(open(str(tmp_path / "t.front.json")))
-    # the last resort was tried: 16-bit activations on the stem and head too
+    # the last resorts were tried: 16-bit activations on the stem and head, then every layer float
     assert not front["met"] and any(p["stem_head_abits"] == 16 for p in front["points"])
+    assert max(p["float_layers"] for p in front["points"]) == 12  # 9 quantizable layers and 3 joins
 
 
 @pytest.mark.parametrize("args,message", [
