@@ -5,8 +5,9 @@ lower is better) or `--max-drop 0.01`: the cheapest allocation whose export, run
 the --eval data, meets the target. Candidates come from the integer program on the measured
 sensitivities: the least Omega under a decreasing ladder of bit-operation limits (and the user's
 own limits). The most accurate candidate is checked first. If it fails, the stem and head take
-16-bit activations too; if that fails, the costliest layers (each alone at its bits) fall back to
-float, 1, 2, 4, ... of them, on the most accurate allocation; if even all of them fail, nothing
+16-bit activations too; if that fails, layers fall back to float on the most accurate allocation,
+the most rewarding first (ranking.float_gains), 1, 2, 4, ... of them, then a bisection for the
+fewest that pass; if even all of them fail, nothing
 reaches the target: exit 3, nothing written. Otherwise (no layer float) a bisection over the ladder
 finds the cheapest candidate that passes. Every checked candidate is a point of the Pareto front
 (metric vs weight bytes, BOPs and measured onnxruntime time).
@@ -188,14 +189,15 @@ def ladder(plan, mo) -> list[ilp.Allocation]:
 class Hooks:
     """What the search does to the simulation, given by the pipeline: apply(choice) sets the packs'
     bits; export() returns the candidate's ONNX model; stem_abits(bits) re-bits stem and head and
-    returns the Costs that follow; rank() names the layers costliest first (each alone at its bits);
-    fall_back(names) leaves those layers float and returns what that adds to (weight bytes, act
-    bits, BOPs)."""
+    returns the Costs that follow; rank() names the layers in the order they should fall back to
+    float; fall_back(names) leaves those layers float and returns what that adds to (weight bytes,
+    act bits, BOPs); saved() is a context that puts every quantizer back on exit."""
     apply: object
     export: object
     stem_abits: object
     rank: object
     fall_back: object
+    saved: object
 
 
 def search(plan, mo, target: Target, es: EvalSet, opts, hooks: Hooks, log=print):
@@ -236,16 +238,27 @@ def search(plan, mo, target: Target, es: EvalSet, opts, hooks: Hooks, log=print)
         log("  the most accurate allocation misses the target: stem and head take 16-bit activations too")
         plan.costs = hooks.stem_abits(16)
         met = evaluate(top)
-    if not met and room:  # the last resort: the costliest layers compute in float, 1, 2, 4, ... of them
+    if not met and room:  # the last resort: layers compute in float, 1, 2, 4, ... of them, then bisect
         ranked = hooks.rank()
-        k = 0
-        log(f"  still missed: layers fall back to float, costliest first ({', '.join(ranked[:3])}, ...)")
-        while not met and k < len(ranked):
-            new = ranked[k:max(1, 2 * k)]
-            k += len(new)
-            state["extra"] = tuple(x + y for x, y in zip(state["extra"], hooks.fall_back(new)))
-            state["float"] += new
-            met = evaluate(top)
+        log(f"  still missed: layers fall back to float, the most rewarding first ({', '.join(ranked[:3])}, ...)")
+
+        def with_float(k):
+            with hooks.saved():
+                state["extra"], state["float"] = hooks.fall_back(ranked[:k]), ranked[:k]
+                return evaluate(top)
+        k, fail = 1, 0
+        while ranked and not with_float(k):
+            if k == len(ranked):
+                ranked = []
+                break
+            fail, k = k, min(2 * k, len(ranked))
+        met = bool(ranked)
+        while met and k - fail > 1:  # the fewest float layers between the last miss and the first pass
+            mid = (fail + k) // 2
+            fail, k = (fail, mid) if with_float(mid) else (mid, k)
+        if met:
+            state["extra"], state["float"] = hooks.fall_back(ranked[:k]), ranked[:k]
+            evaluate(top)
     _mark_front(points, target)
     if not met:
         sign = 1 if target.op == ">=" else -1

@@ -190,7 +190,7 @@ def _search(p: Prepared, opts: Options, plan, es, out_path: str, log=print) -> M
     """The accuracy target's search (accuracy.search) on this model; the front written beside
     out_path; TargetNotMet (exit 3) when nothing reaches it."""
     from . import accuracy, mixed, state
-    from .ranking import at_current_bits
+    from .ranking import float_gains
 
     mo = opts.mixed
     batches = lambda: p.batches(opts)  # noqa: E731
@@ -202,8 +202,8 @@ def _search(p: Prepared, opts: Options, plan, es, out_path: str, log=print) -> M
                            next(iter(batches())))
 
     hooks = accuracy.Hooks(lambda ch: mixed.apply(p.qls, plan, ch), lambda: candidate(p, opts), stem_abits,
-                           lambda: [r["layer"] for r in at_current_bits(p.gm, p.qls, batches) if r["omega"] > 0],
-                           _fall_back(p, next(iter(batches()))))
+                           lambda: [r["layer"] for r in float_gains(p.gm, p.qls, batches)],
+                           _fall_back(p, next(iter(batches()))), lambda: state.snapshot(p.qls))
     alloc, points, chosen, floated = accuracy.search(plan, mo, mo.target, es, opts, hooks, log)
     search = accuracy.as_dict(points, mo.target, chosen, alloc is not None, es.float_value)
     prefix = os.path.splitext(out_path)[0] + ".front"

@@ -111,6 +111,29 @@ def at_current_bits(gm, qls, batches, samples: int = RANK_SAMPLES) -> list[dict]
     return sorted(out, key=lambda d: -d["omega"])
 
 
+@torch.no_grad()
+def float_gains(gm, qls, batches, samples: int = RANK_SAMPLES) -> list[dict]:
+    """With every layer quantized as it is now: how much the output loss falls when one layer
+    alone falls back to float (state.fall_back), on the first `samples` calibration samples; the
+    largest gain first. This ranks by what reverting buys in the whole quantized model, where
+    interactions count (NNCF's accuracy control reverts quantizer groups the same way); the
+    one-at-a-time Omega ranks by what quantizing a layer costs in an otherwise float model."""
+    data = list(first(batches, samples))
+    with state.quantized(qls, only=[]):
+        ref = [[t.detach() for t in mixed._outputs(gm(*args))] for args in data]
+    base, _ = mixed.output_cost(gm, qls, None, data, ref)
+    n = max(sum(batch_size(args) for args in data), 1)
+    out = []
+    for q in qls:
+        if q.float_fallback:
+            continue
+        with state.snapshot(qls):
+            state.fall_back(q)
+            loss, cos = mixed.output_cost(gm, qls, None, data, ref)
+        out.append({"layer": q.layer.name, "gain": (base - loss) / n, "cosine": cos})
+    return sorted(out, key=lambda d: -d["gain"])
+
+
 def table(rep: SensitivityReport, top: int = 15) -> str:
     opts = [f"W{w}A{a}" for w, a in rep.options]
     head = f"{'':<28}" + "".join(f"{o:>11}" for o in opts)
