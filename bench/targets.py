@@ -208,7 +208,9 @@ def report(a) -> str:
              "Made by `python bench/targets.py --out DIR` (rows cached; " + f"{a.calib_samples} calibration samples, "
              "round to nearest unless a row says pack; eval split never seen by calibration). "
              "Search metric: what `--target` measures in onnxruntime (agreement / cosine / the task's line "
-             "agreement); bench metric: the task's own score from bench/tasks.py.", ""]
+             "agreement); bench metric: the task's own score from bench/tasks.py. ms/sample: onnxruntime's time "
+             "on the eval data while the candidate was checked (batches of 64; a rough figure on a shared 2-core "
+             "machine, bench/LATENCY.md has careful ones).", ""]
     for model in a.models.split(","):
         bench_key, search_key = METRIC[model]
         uni = []
@@ -239,13 +241,19 @@ def report(a) -> str:
                       f"{_f((s.get('final') or {}).get('value'))}. Checked candidates:", "",
                       f"| {search_key} | weight kB | avg wbits | avg abits | GBOPs | ms/sample | front | best uniform "
                       "at <= bytes | beats it |", "|---|---|---|---|---|---|---|---|---|"]
+            wins = []
             for i, p in sorted(enumerate(s["points"]), key=lambda x: x[1]["bops"]):
                 u = _uniform_at(uni, p["weight_bytes"], search_key)
                 beat = "-" if u is None else ("yes" if p["metric"] > u[search_key] else "no")
+                if p["front"]:
+                    wins.append(beat)
                 lines.append(f"| {_f(p['metric'])}{' (chosen)' if i == s['chosen'] else ''} | "
                              f"{p['weight_bytes'] / 1e3:.1f} | {p['avg_wbits']:.2f} | {p['avg_abits']:.2f} | "
                              f"{p['bops'] / 1e9:.4g} | {p['ms_per_sample']:.3f} | {'*' if p['front'] else ''} | "
                              f"{'-' if u is None else u['name'] + ' ' + _f(u[search_key])} | {beat} |")
+            lines += ["", f"Front points that beat the best uniform row at no more weight bytes: "
+                      f"{wins.count('yes')} of {len(wins)}" + (f" ({wins.count('-')} smaller than every uniform row)"
+                                                               if '-' in wins else "") + "."]
         wk = _load(a, model, "worst-k")
         if wk:
             lines += ["", f"**{model}: W{WORST_W}A4 with only the k worst layers at A8** (ranked by `inspect "
