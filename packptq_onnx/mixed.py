@@ -270,6 +270,9 @@ def prepare(gm, qls, packs, units, batches, mo: MixedOptions, abits_uniform: int
     c = costs(gm, qls, pack_layers, fixed, opts, mo.fixed_bits, fixed_a, next(iter(batches())))
     lims = limits(mo, c)
     check_limits(c, lims, mo.solver)  # before the costly sensitivity measurement
+    if len(pack_layers) == 1:
+        log("warning: one pack holds every block, so each allocation is a uniform one; --max-pack-blocks K "
+            "gives the allocation packs to trade between")
     if len({a for _, a in opts}) > 1 and mo.avg_abits is None and mo.bops is None and mo.target is None:
         log("warning: several --abits-options but no activation limit (--avg-abits, --bops or --target): "
             "every pack takes the highest")
