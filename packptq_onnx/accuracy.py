@@ -20,6 +20,8 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from . import data, runtime, validate
 from .errors import UsageError
 from .solvers import ilp
@@ -151,6 +153,23 @@ class Point:
     stem_head_abits: int
     float_layers: int = 0  # layers fallen back to float (the last resort)
     front: bool = False
+
+
+def proxy(target: Target, es: EvalSet, opts):
+    """The target's metric as score(float outputs, quantized outputs) on any data, higher better
+    (accuracy becomes agreement: calibration data has no labels), for the metrics that read an
+    argmax or a decision; None for cosine and SQNR, which the output loss already follows (on the
+    sample, ranking by calibration cosine left 10 layers float where the loss left 8)."""
+    if target.metric in ("cosine", "sqnr"):
+        return None
+    name = "agreement" if target.metric == "accuracy" else target.metric
+    sign = 1.0 if target.op == ">=" else -1.0
+
+    def score(ref, got):
+        samples = {"samples": np.zeros(len(ref[0]))}  # the samples' count: outputs are samples first
+        v = scores(EvalSet(samples, None, ref, list(es.names), 0.0, es.metric_fn), got, opts)[name]
+        return 0.0 if v is None or math.isnan(v) else sign * v
+    return score
 
 
 def check(es: EvalSet, target: Target, model, opts) -> tuple[float, float]:

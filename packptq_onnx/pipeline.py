@@ -202,7 +202,8 @@ def _search(p: Prepared, opts: Options, plan, es, out_path: str, log=print) -> M
                            next(iter(batches())))
 
     hooks = accuracy.Hooks(lambda ch: mixed.apply(p.qls, plan, ch), lambda: candidate(p, opts), stem_abits,
-                           lambda: [r["layer"] for r in float_gains(p.gm, p.qls, batches)],
+                           lambda: [r["layer"] for r in float_gains(p.gm, p.qls, batches,
+                                                                     score=accuracy.proxy(mo.target, es, opts))],
                            _fall_back(p, next(iter(batches()))), lambda: state.snapshot(p.qls))
     alloc, points, chosen, floated = accuracy.search(plan, mo, mo.target, es, opts, hooks, log)
     search = accuracy.as_dict(points, mo.target, chosen, alloc is not None, es.float_value)

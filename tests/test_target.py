@@ -236,3 +236,28 @@ def test_float_fallback_is_the_last_resort_and_exports_float_layers(tmp_path):
         assert node.input[1] in init and init[node.input[1]].data_type == onnx.TensorProto.FLOAT
     assert r["parity_layers"]["max_code_diff"] <= 1 and all(p["ok"] for p in r["parity"])
     assert r["weight_bytes"]["quantized"] > 37_800  # the float layer counts 4 bytes per weight
+
+
+def test_float_gains_rank_by_the_target_metric_then_the_loss():
+    import torch
+
+    from packptq_onnx import data, state
+    from packptq_onnx.pipeline import prepare
+    from packptq_onnx.ranking import float_gains
+
+    o = Options(method="rtn", wbits=2, abits=2, batch_size=32)
+    p = prepare(MODEL, CALIB, o, log=lambda *_: None)
+    score = lambda ref, got: float((ref[0].argmax(1) == got[0].argmax(1)).mean())  # noqa: E731
+    rank = float_gains(p.gm, p.qls, lambda: p.batches(o), samples=64, score=score)
+    keys = [(-r["score_gain"], -r["gain"]) for r in rank]
+    assert keys == sorted(keys) and len(rank) == len(p.qls) and rank[0]["score_gain"] > 0
+    # the top layer's gain, measured independently: agreement on the same 64 samples with it float
+    x = torch.from_numpy(data.take(p.calib, 64)["image"])
+    with torch.no_grad(), state.quantized(p.qls, only=[]):
+        f = p.gm(x).numpy()
+    with torch.no_grad(), state.snapshot(p.qls), state.quantized(p.qls):
+        q0 = p.gm(x).numpy()
+        state.fall_back(next(q for q in p.qls if q.layer.name == rank[0]["layer"]))
+        q1 = p.gm(x).numpy()
+    assert rank[0]["score_gain"] == pytest.approx(score([f], [q1]) - score([f], [q0]))
+    assert accuracy.proxy(accuracy.parse("cosine>=0.9"), None, o) is None
