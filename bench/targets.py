@@ -42,11 +42,11 @@ ROWS = {
     # spends 2.4 of the 4 average bits, so these rows fix stem and head at W4A8
     "rec": [("maxdrop", ["--max-drop", "0.01"]),
             ("worst-k", None),
-            ("w4-target", ["--avg-wbits", "4", "--abits-options", "4,8,16", *REC_FIXED, "--target", "task>=0.8"]),
             ("W8A5", ["--wbits", "8", "--abits", "5"]),
             ("W8A6", ["--wbits", "8", "--abits", "6"]),
             ("limits-a56", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,5,6,8", *REC_FIXED,
                             "--target", "task>=0.8"]),
+            ("w4-target", ["--avg-wbits", "4", "--abits-options", "4,8,16", *REC_FIXED, "--target", "task>=0.8"]),
             ("limits", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8,16", *REC_FIXED]),
             ("limits-target", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8,16", *REC_FIXED,
                                "--target", "task>=0.8"]),
