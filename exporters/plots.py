@@ -85,7 +85,7 @@ def plot_sensitivity(path: str, rep, top: int = 15) -> None:
     axes[0].set_yscale("log")
     axes[0].set_ylabel("Ω (pack alone)")
     axes[0].legend(fontsize=7)
-    k = min(range(len(rep.options)), key=lambda i: rep.options[i][0] * rep.options[i][1])
+    k = rep.cheapest
     ranked = rep.ranked()[:top]
     axes[1].barh(range(len(ranked))[::-1], [max(it.omega[k], 1e-12) for it in ranked])
     axes[1].set_yticks(range(len(ranked))[::-1], [it.name[:28] for it in ranked], fontsize=7)

@@ -278,12 +278,13 @@ def search(plan, mo, target: Target, es: EvalSet, opts, hooks: Hooks, log=print)
         if met:
             state["extra"], state["float"] = hooks.fall_back(ranked[:k]), ranked[:k]
             evaluate(top)
-    _mark_front(points, target)
     if not met:
+        _mark_front(points, target)
         sign = 1 if target.op == ">=" else -1
         best = max(points.values(), key=lambda p: (not math.isnan(p.metric), sign * p.metric))
         return None, list(points.values()), best, state["float"]
     if state["float"]:
+        _mark_front(points, target)
         hooks.apply(cands[top].choice)  # the fallbacks were tried on the most accurate allocation only
         return cands[top], list(points.values()), points[(top, state["stem"], len(state["float"]))], state["float"]
     lo, hi = 0, top

@@ -94,8 +94,7 @@ def measure(gm, qls, pack_layers: list[list[str]], opts: list[tuple[int, int]], 
     it was found. cosine: a list that receives, per group and option, the output cosine to float."""
     by_name = {q.layer.name: q for q in qls}
     data = list(batches())
-    with state.quantized(qls, only=[]):
-        ref = [[t.detach() for t in _outputs(gm(*args))] for args in data]
+    ref = float_outputs(gm, qls, data)
     n = sum(batch_size(args) for args in data)
     table = []
     with state.snapshot(qls):
@@ -116,13 +115,23 @@ def measure(gm, qls, pack_layers: list[list[str]], opts: list[tuple[int, int]], 
 
 
 @torch.no_grad()
-def output_cost(gm, qls, only, data, ref) -> tuple[float, float]:
-    """With only these layers quantized: the summed output loss over the batches (sensitivity's
-    loss_sum) and the cosine of all floating outputs to the float ones, taken together."""
+def float_outputs(gm, qls, data) -> list:
+    """The float model's outputs on these batches (every quantizer off)."""
+    with state.quantized(qls, only=[]):
+        return [[t.detach() for t in _outputs(gm(*args))] for args in data]
+
+
+@torch.no_grad()
+def output_cost(gm, qls, only, data, ref, keep: list | None = None) -> tuple[float, float]:
+    """With only these layers quantized (None: all): the summed output loss over the batches
+    (sensitivity's loss_sum) and the cosine of all floating outputs to the float ones, taken
+    together. keep: a list that receives the quantized outputs of each batch."""
     tot, dots = 0.0, torch.zeros(3, dtype=torch.float64)
     with state.quantized(qls, only=only):
         for args, r in zip(data, ref):
             got = _outputs(gm(*args))
+            if keep is not None:
+                keep.append([t.detach() for t in got])
             tot += float(loss_sum(got, r, batch_size(args)))
             for x, y in zip(r, got):
                 if x.is_floating_point():
@@ -157,6 +166,8 @@ class Costs:
     fixed: dict                    # the same three for the stem/head layers
     weight_elements: float         # of every quantized layer (for average bits)
     act_elements: float
+    acts: dict = field(default_factory=dict)  # per layer: activation elements quantized, per sample
+    macs: dict = field(default_factory=dict)  # per layer: MACs per sample
 
     def total(self, what: str, choice: list) -> float:
         return self.fixed[what] + sum(getattr(self, what)[p][k] for p, k in enumerate(choice))
@@ -168,11 +179,16 @@ class Costs:
                 "bops": self.total("bops", choice)}
 
 
-def costs(gm, qls, pack_layers, fixed, opts, fixed_w, fixed_a, args) -> Costs:
+def layer_counts(gm, qls, args) -> tuple[dict, dict]:
+    """Per layer and sample: activation elements quantized (act_elements) and MACs, from one batch."""
     from .reconstruct import layer_macs
 
+    return act_elements(gm, qls, args), layer_macs(gm, qls, args)
+
+
+def costs(qls, pack_layers, fixed, opts, fixed_w, fixed_a, acts: dict, macs: dict) -> Costs:
+    """The cost tables from the per-layer counts (layer_counts) at these options and stem/head bits."""
     by = {q.layer.name: q for q in qls}
-    acts, macs = act_elements(gm, qls, args), layer_macs(gm, qls, args)
 
     def of(names, w, a):
         wb = ab = bo = 0.0
@@ -190,7 +206,7 @@ def costs(gm, qls, pack_layers, fixed, opts, fixed_w, fixed_a, args) -> Costs:
     f = of([q.layer.name for q in fixed], fixed_w, fixed_a)
     return Costs([[c[0] for c in row] for row in per], [[c[1] for c in row] for row in per],
                  [[c[2] for c in row] for row in per], dict(zip(("weight_bytes", "act_bits", "bops"), f)),
-                 sum(q.weight.numel() for q in qls if q.layer.has_weight), sum(acts.values()))
+                 sum(q.weight.numel() for q in qls if q.layer.has_weight), sum(acts.values()), acts, macs)
 
 
 @dataclass
@@ -267,7 +283,7 @@ def prepare(gm, qls, packs, units, batches, mo: MixedOptions, abits_uniform: int
     for q in fixed:
         state.set_bits(q, mo.fixed_bits, fixed_a)
     opts = options(mo, abits_uniform)
-    c = costs(gm, qls, pack_layers, fixed, opts, mo.fixed_bits, fixed_a, next(iter(batches())))
+    c = costs(qls, pack_layers, fixed, opts, mo.fixed_bits, fixed_a, *layer_counts(gm, qls, next(iter(batches()))))
     lims = limits(mo, c)
     check_limits(c, lims, mo.solver)  # before the costly sensitivity measurement
     if len(pack_layers) == 1:

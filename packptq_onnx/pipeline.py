@@ -198,13 +198,13 @@ def _search(p: Prepared, opts: Options, plan, es, out_path: str, log=print) -> M
     def stem_abits(bits):
         for q in plan.fixed:
             state.set_bits(q, mo.fixed_bits, bits)
-        return mixed.costs(p.gm, p.qls, plan.pack_layers, plan.fixed, plan.options, mo.fixed_bits, bits,
-                           next(iter(batches())))
+        c = plan.costs
+        return mixed.costs(p.qls, plan.pack_layers, plan.fixed, plan.options, mo.fixed_bits, bits, c.acts, c.macs)
 
     hooks = accuracy.Hooks(lambda ch: mixed.apply(p.qls, plan, ch), lambda: candidate(p, opts), stem_abits,
                            lambda: [r["layer"] for r in float_gains(p.gm, p.qls, batches,
                                                                      score=accuracy.proxy(mo.target, es, opts))],
-                           _fall_back(p, next(iter(batches()))), lambda: state.snapshot(p.qls))
+                           _fall_back(p, plan.costs), lambda: state.snapshot(p.qls))
     alloc, points, chosen, floated = accuracy.search(plan, mo, mo.target, es, opts, hooks, log)
     search = accuracy.as_dict(points, mo.target, chosen, alloc is not None, es.float_value)
     prefix = os.path.splitext(out_path)[0] + ".front"
@@ -227,27 +227,24 @@ def _search(p: Prepared, opts: Options, plan, es, out_path: str, log=print) -> M
     return res
 
 
-def _fall_back(p: Prepared, args):
+def _fall_back(p: Prepared, c):
     """The search's last resort: fall_back(names) leaves those layers float and returns what that
-    adds to (weight bytes, activation bits, BOPs) per sample, measured on one batch."""
-    from . import mixed, state
-    from .reconstruct import layer_macs
+    adds to (weight bytes, activation bits, BOPs) per sample, from the plan's per-layer counts c
+    (mixed.Costs)."""
+    from . import state
 
     by = {q.layer.name: q for q in p.qls}
-    seen = {}
 
     def fall_back(names):
-        if not seen:
-            seen["macs"], seen["acts"] = layer_macs(p.gm, p.qls, args), mixed.act_elements(p.gm, p.qls, args)
         extra = [0.0, 0.0, 0.0]
         for n in names:
             q = by[n]
             w = q.wq.bits if q.wq is not None else 32
             a = q.aq.bits if q.aq is not None else 32
-            extra[1] += seen["acts"].get(n, 0) * (32 - a)
+            extra[1] += c.acts.get(n, 0) * (32 - a)
             if q.layer.has_weight:
                 extra[0] += q.weight.numel() * (32 - w) / 8
-                extra[2] += seen["macs"].get(n, 0) * (32 * 32 - w * a)
+                extra[2] += c.macs.get(n, 0) * (32 * 32 - w * a)
             state.fall_back(q)
         return tuple(extra)
     return fall_back

@@ -43,10 +43,14 @@ class SensitivityReport:
     seconds: float
     layer_samples: int = 0  # layers are measured on the first RANK_SAMPLES calibration samples
 
+    @property
+    def cheapest(self) -> int:
+        """The index of the cheapest option (least wbits x abits)."""
+        return min(range(len(self.options)), key=lambda i: self.options[i][0] * self.options[i][1])
+
     def ranked(self) -> list:
         """Layers, the costliest first, by Omega at the cheapest option."""
-        k = min(range(len(self.options)), key=lambda i: self.options[i][0] * self.options[i][1])
-        return sorted(self.layers, key=lambda it: -it.omega[k])
+        return sorted(self.layers, key=lambda it: -it.omega[self.cheapest])
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ranked": [it.name for it in self.ranked()]}
@@ -101,8 +105,7 @@ def at_current_bits(gm, qls, batches, samples: int = RANK_SAMPLES) -> list[dict]
     `samples` calibration samples: Omega and output cosine, the costliest first."""
     data = list(first(batches, samples))
     n = sum(batch_size(args) for args in data)
-    with state.quantized(qls, only=[]):
-        ref = [[t.detach() for t in mixed._outputs(gm(*args))] for args in data]
+    ref = mixed.float_outputs(gm, qls, data)
     out = []
     for q in qls:
         loss, cos = mixed.output_cost(gm, qls, [q], data, ref)
@@ -123,17 +126,14 @@ def float_gains(gm, qls, batches, samples: int = RANK_SAMPLES, score=None) -> li
     reverts quantizer groups the same way); the one-at-a-time Omega ranks by what quantizing a
     layer costs in an otherwise float model."""
     data = list(first(batches, samples))
-    with state.quantized(qls, only=[]):
-        ref = [[t.detach() for t in mixed._outputs(gm(*args))] for args in data]
+    ref = mixed.float_outputs(gm, qls, data)
+    join = lambda outs: [torch.cat([o[i] for o in outs]).cpu().numpy() for i in range(len(outs[0]))]  # noqa: E731
+    ref_np = join(ref) if score is not None else None
 
     def measured():
-        loss, cos = mixed.output_cost(gm, qls, None, data, ref)
-        if score is None:
-            return loss, 0.0
-        with state.quantized(qls):
-            got = [[t.detach() for t in mixed._outputs(gm(*args))] for args in data]
-        join = lambda outs: [torch.cat([o[i] for o in outs]).cpu().numpy() for i in range(len(outs[0]))]  # noqa: E731
-        return loss, float(score(join(ref), join(got)))
+        got: list = []
+        loss, _ = mixed.output_cost(gm, qls, None, data, ref, keep=got)
+        return loss, 0.0 if score is None else float(score(ref_np, join(got)))
     base_loss, base_score = measured()
     n = max(sum(batch_size(args) for args in data), 1)
     out = []
@@ -157,7 +157,7 @@ def table(rep: SensitivityReport, top: int = 15) -> str:
     ranked = rep.ranked()
     lines.append(f"layers, costliest first (by Omega at the cheapest option; cosine to float there), top "
                  f"{min(top, len(ranked))} of {len(ranked)}:")
-    k = min(range(len(rep.options)), key=lambda i: rep.options[i][0] * rep.options[i][1])
+    k = rep.cheapest
     for it in ranked[:top]:
         where = "stem/head" if it.pack is None else f"pack{it.pack}"
         lines.append(f"{it.name[:27]:<28}" + "".join(f"{v:>11.3g}" for v in it.omega)
