@@ -7,7 +7,7 @@ import traceback
 
 from . import targets
 from .errors import UsageError
-from .options import DEVICES, METHODS, SOLVERS, STORAGES, TASKS, MixedOptions, ReconOptions
+from .options import DEVICES, METHODS, SOLVERS, STORAGES, TASKS, MixedOptions, ReconOptions, check_bit_options
 
 
 def _floats(text: str) -> list[float]:
@@ -210,17 +210,12 @@ def _targets(a) -> tuple[str, object]:
 
 
 def _mixed_opts(a, goal=None) -> MixedOptions:
-    from .quant import ACT_BITS
     from .solvers.ilp import parse_budget, parse_count
 
     if a.budget and a.avg_wbits:
         raise UsageError("give either --budget or --avg-wbits, not both")
-    for b in (*a.wbits_options, a.fixed_bits):
-        if not 2 <= b <= 8:
-            raise UsageError(f"weight bit options must be between 2 and 8, got {b}")
-    for b in (*(a.abits_options or ()), *([a.fixed_abits] if a.fixed_abits is not None else [])):
-        if b not in ACT_BITS:
-            raise UsageError(f"activation bit options must be between 2 and 8, or 16, got {b}")
+    check_bit_options((*a.wbits_options, a.fixed_bits),
+                      (*(a.abits_options or ()), *([a.fixed_abits] if a.fixed_abits is not None else [])))
     if a.avg_wbits is not None and not 2 <= a.avg_wbits <= 8:
         raise UsageError(f"--avg-wbits must be between 2 and 8, got {a.avg_wbits}")
     if a.avg_abits is not None and not 2 <= a.avg_abits <= 16:

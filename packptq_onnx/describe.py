@@ -23,6 +23,9 @@ def cmd_inspect(a) -> int:
             "packptq": read_meta(imp.original)}
     if a.sensitivity and not a.calib:
         raise UsageError("--sensitivity measures on calibration data: give --calib")
+    if a.sensitivity:
+        from .options import check_bit_options
+        check_bit_options(a.wbits_options, a.abits_options)  # before the long work
     if a.calib:
         info.update(_packs(a, print if not a.json else (lambda *_: None)))
     if a.runtime:
@@ -116,15 +119,8 @@ def _sensitivity(a, p, opts, res):
     import os
 
     from .progress import bar
-    from .quant import ACT_BITS
     from .ranking import measure_report
 
-    for b in a.wbits_options:
-        if not 2 <= b <= 8:
-            raise UsageError(f"weight bit options must be between 2 and 8, got {b}")
-    for b in a.abits_options:
-        if b not in ACT_BITS:
-            raise UsageError(f"activation bit options must be between 2 and 8, or 16, got {b}")
     options = list(itertools.product(a.wbits_options, a.abits_options))
     pack_layers = [[n for b in pk.blocks for n in res.units.blocks[b].layers] for pk in res.packs]
     fp = f"{os.path.abspath(a.model)}:{os.path.getsize(a.model)}:{os.path.abspath(a.calib)}:{p.n_samples}:{a.seed}"

@@ -19,7 +19,7 @@ from .solvers.ilp import SOLVERS
 from .tasks import TASKS, load_metric
 
 __all__ = ["DEVICES", "METHODS", "SOLVERS", "STORAGES", "TASKS", "MixedOptions", "Options", "ReconOptions",
-           "check_memory", "check_options", "check_output"]
+           "check_bit_options", "check_memory", "check_options", "check_output"]
 
 
 @dataclass
@@ -79,6 +79,16 @@ def check_options(o: Options) -> None:
         load_metric(o.metric)
     if o.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch sees no CUDA GPU (install a CUDA build of torch)")
+
+
+def check_bit_options(wbits=(), abits=()) -> None:
+    """--wbits-options / --fixed-bits: 2..8; --abits-options / --fixed-abits: 2..8 or 16."""
+    for b in wbits:
+        if not 2 <= b <= 8:
+            raise UsageError(f"weight bit options must be between 2 and 8, got {b}")
+    for b in abits:
+        if b not in ACT_BITS:
+            raise UsageError(f"activation bit options must be between 2 and 8, or 16, got {b}")
 
 
 def available_memory() -> int:
