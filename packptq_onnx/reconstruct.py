@@ -261,7 +261,7 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     for q in weighted:
         q.wq.harden()
     after = evaluate()
-    kept_rtn = after > before or no_grad
+    kept_rtn = no_grad or not after <= before  # a NaN loss (learning diverged) counts as worse
     if kept_rtn:  # never leave a unit worse than round-to-nearest on the data it was judged on
         for q in weighted:
             q.wq.round_to_nearest()
