@@ -63,6 +63,7 @@ class UnitResult:
     kept_rtn: bool = False      # learning made the unit worse on calibration data: RTN state kept
     no_gradient: bool = False   # its output does not depend differentiably on what it learns
     gmacs: float = 0.0          # forward compute spent: iterations x batch x unit MACs / 1e9
+    nonfinite_steps: int = 0    # steps whose loss or gradients held NaN/inf (those entries were not applied)
 
 
 @dataclass
@@ -229,6 +230,7 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(iters, 1), eta_min=0) if opt_s else None
     it = bar(range(iters), unit.name, iters)
     no_grad = False
+    nonfinite = 0
     for t in it:
         arr = cache.batch(draw(), device)
         xs = []
@@ -248,7 +250,12 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
         for opt in (opt_v, opt_s):
             if opt:
                 opt.zero_grad()
+        if not torch.isfinite(loss):  # skip the step: nothing is learned from a diverged batch
+            nonfinite += 1
+            continue
         loss.backward()
+        if _zero_nonfinite(params_v + params_s):
+            nonfinite += 1
         if opt_v:
             opt_v.step()
         if opt_s:
@@ -270,7 +277,21 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
         after = evaluate()
     cache.close()
     return UnitResult(unit.name, 0 if no_grad else iters, before, after, time.time() - t0, kept_rtn=kept_rtn,
-                      no_gradient=no_grad)
+                      no_gradient=no_grad, nonfinite_steps=nonfinite)
+
+
+def _zero_nonfinite(params) -> bool:
+    """Set NaN/inf gradient entries to zero; True when there were any. A float op the unit keeps can
+    have an infinite derivative where quantization makes its input exactly zero (sqrt(x) or x**0.5 of a
+    quantized magnitude: 0 x inf = NaN in backward) while the forward pass stays finite; one such entry
+    made Adam's state NaN and every later step NaN (basic-pitch's note model: NaN gradients at step 0).
+    Zero is a subgradient there, and the entries that are finite still learn."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one sync per step
+        return False
+    for g in grads:
+        torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+    return True
 
 
 def split_iters(units: list[Unit], o: ReconOptions) -> list[int]:
@@ -364,6 +385,8 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
         kept = "  (kept round-to-nearest: learning did not help)" if r.kept_rtn else ""
         if r.no_gradient:
             kept = "  (skipped: no gradient reaches its output; kept round-to-nearest)"
+        if r.nonfinite_steps:
+            kept += f"  ({r.nonfinite_steps} steps with NaN/inf gradients: those entries set to 0)"
         spent, estimated = spent + r.seconds, estimated + est[i]
         left = sum(est[i + 1:]) * spent / max(estimated, 1e-9)
         eta = f"  ~{fmt_seconds(left)} left" if i + 1 < len(units) else ""

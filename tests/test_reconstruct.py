@@ -1,8 +1,10 @@
 """Reconstruction: learns, exports exactly what it simulated, resumes to the identical result."""
 import os
 
+import nets
 import numpy as np
 import pytest
+import torch
 from conftest import SAMPLES
 from packptq_onnx.exporters import qdq
 
@@ -170,3 +172,41 @@ def test_iters_total_gives_every_mode_equal_compute():
     w = q.weight
     out_elems = w.shape[0] * 8 * 8  # digits: 8x8 images, 'same' padding
     assert macs[q.layer.name] == out_elems * w[0].numel()
+
+
+class _SqrtNet(torch.nn.Module):
+    """... conv -> sqrt(y ** 2) -> conv ...: where the input is zero and the convs have no bias, y is
+    exactly 0 (no bias correction here), so backward gives inf x 0 = NaN while the forward pass stays finite."""
+    input_shape = (3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c0, self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.c2, self.c3 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+        with torch.no_grad():
+            self.c0.bias.zero_()
+            self.c1.bias.zero_()
+
+    def forward(self, x):
+        y = self.c2(torch.sqrt(self.c1(torch.relu(self.c0(x))) ** 2))
+        return self.fc(self.c3(torch.relu(y)).mean((2, 3)))
+
+
+def test_nan_gradients_do_not_stop_learning(tmp_path):
+    net = _SqrtNet().eval()
+    model = nets.export(net, tmp_path / "sqrt.onnx")
+    calib = tmp_path / "c.npz"
+    x = nets.inputs(net, n=64)["x"]
+    x[:, :, :, :4] = 0  # c1's output is exactly 0 in the first columns
+    np.savez(calib, x=x)
+    o = Options(wbits=3, abits=4, method="block", calib_samples=64, batch_size=16, bias_correction=False,
+                recon=reconstruct.ReconOptions(iters=30))
+    p = prepare(model, str(calib), o, log=lambda *_: None)
+    res = reconstruct_model(p, o, str(tmp_path / "x.ckpt"), log=lambda *_: None)
+    hit = [u for u in res.units if u.nonfinite_steps]
+    assert hit, "the Sqrt unit should see NaN gradients"
+    for u in res.units:
+        assert np.isfinite(u.loss_after) and u.loss_after <= u.loss_before
+    assert any(not u.kept_rtn and u.loss_after < u.loss_before for u in hit)  # it still learned
