@@ -25,6 +25,39 @@ def test_act_fake_quant_round_trip(x, bits, scale, zero):
     assert np.allclose(codes, np.round(codes), atol=1e-3)  # on the integer grid
 
 
+def _autograd_fake_quant(x, scale, zero, qmin, qmax):
+    """The formula autograd differentiates: round passes its gradient straight through."""
+    t = x / scale
+    q = torch.clamp((torch.round(t) - t).detach() + t + zero, qmin, qmax)
+    return (q - zero) * scale
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.integers(1, 300), elements=finite), st.integers(2, 8),
+       st.floats(0.0009765625, 8.0, width=32), st.integers(0, 255), st.booleans())
+def test_fused_fake_quant_equals_autograd(x, bits, scale, zero, on_grid):
+    """Same values, the same input gradient and the same LSQ scale gradient (to float rounding) as the autograd formula,
+    also for inputs exactly on the grid's half steps and ends (where rounding and clamping switch)."""
+    qmin, qmax = quant.act_qrange(bits)
+    zero = float(min(zero, qmax))
+    if on_grid:  # codes k + 0.5 and the range ends, where round and clamp change branch
+        k = np.random.RandomState(len(x)).randint(qmin - 3, qmax + 3, size=x.shape)
+        x = ((k + 0.5 * (np.arange(x.size) % 2) - zero) * np.float32(scale)).astype(np.float32)
+    g = torch.from_numpy(np.random.RandomState(1).randn(*x.shape).astype(np.float32))
+    res = []
+    for fn in (quant.fake_quant, _autograd_fake_quant):
+        xt = torch.from_numpy(x.copy()).requires_grad_()
+        s = torch.tensor(scale, dtype=torch.float32, requires_grad=True)
+        y = fn(xt, s, torch.tensor(zero), qmin, qmax)
+        y.backward(g)
+        res.append((y.detach(), xt.grad, s.grad))
+    (y1, gx1, gs1), (y2, gx2, gs2) = res
+    assert torch.equal(y1, y2)
+    assert torch.equal(gx1 == 0, gx2 == 0)  # the same entries pass; autograd's g * s / s is off by an ulp
+    assert torch.allclose(gx1, gx2, rtol=1e-6, atol=0)
+    assert torch.allclose(gs1, gs2, rtol=1e-4, atol=1e-4 * float(g.abs().sum()) * 1e-3)
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(2, 8), st.integers(1, 6), st.integers(1, 50), st.integers(0, 2**31 - 1))
 def test_weight_scale_search_never_worse_than_max(bits, channels, size, seed):
