@@ -94,6 +94,9 @@ def main() -> None:
         rs = [r for _, kk, _, _, _, r in rows if kk == k]
         if rs:
             print(f"median ratio, {k} units: {statistics.median(rs):.1f} ({len(rs)} units)")
+    it_sum, fl_sum = sum(r[3] for r in rows), sum(r[4] for r in rows)
+    print(f"all units, one iteration each: {1e3 * it_sum:.0f} ms against {1e3 * fl_sum:.0f} ms float "
+          f"fwd+bwd, ratio {it_sum / fl_sum:.1f}")
 
 
 if __name__ == "__main__":
