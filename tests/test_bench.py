@@ -138,3 +138,24 @@ def test_checks_read_off_the_rows():
     rows["adaround-W4A4"] = row(0.05, 0.6)  # below rtn now
     text = "\n".join(checks(TASKS["rec"], {"rows": rows}))
     assert "pack 0.4000: pack ≥ block > adaround > rtn does not hold" in text
+
+
+def test_convergence_table_from_cached_rows(tmp_path):
+    """bench/converge.py runs bench/run.py rows at two budgets and tables each cached row's metric."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "converge.py"), "--out", str(tmp_path / "out"),
+           "--results", str(tmp_path), "--models", "sample", "--iters", "8,24", "--samples", "16",
+           "--bits", "W4A4", "--methods", "rtn,pack"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = {}
+    for d, _, files in os.walk(tmp_path / "out" / "sample"):
+        for f in files:
+            if f.endswith(".json") and f.startswith(("pack-", "rtn-")):
+                r = json.loads(open(os.path.join(d, f)).read())
+                rows[(r["method"], r["config"]["iters_total"])] = r["scores"]["accuracy"]
+    assert set(rows) == {("rtn", 8), ("pack", 8), ("pack", 24)}
+    md = (tmp_path / "CONVERGENCE.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| pack | 16 |"))
+    cells = [c.strip().split(" ")[0] for c in line.strip("|").split("|")[2:]]
+    assert [float(c) for c in cells] == [round(rows[("pack", 8)], 4), round(rows[("pack", 24)], 4)]
+    assert (tmp_path / "converge_sample.png").stat().st_size > 0

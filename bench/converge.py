@@ -1,0 +1,134 @@
+"""Convergence: task metric against reconstruction work, per method (issue 24, item 3).
+
+    python bench/converge.py --out DIR [--models cls] [--iters 300,1000,3000] [--samples 256]
+                             [--bits W4A4,W4A8] [--methods rtn,adaround,block,pack] [--report-only]
+
+Every point is one row of bench/run.py (rtn / adaround / block / pack at the given bits) at
+`--iters-total N` and `--calib-samples S`, so rows are cached exactly as there (DIR/<task>/<config>/)
+and the table fills over several runs. --iters-total is a compute budget: adaround, block and pack
+spend the same multiply-accumulates at one N (reconstruct.split_iters). rtn does no iterations and is
+run once per sample count. Writes bench/CONVERGENCE.md and bench/converge_<task>.png (metric against
+minutes of quantization, one line per method and sample count).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from tasks import TASKS  # noqa: E402
+
+
+def run_points(a, task: str) -> None:
+    for s in a.samples:
+        for n in a.iters:
+            methods = [m for m in a.methods if m != "rtn" or n == a.iters[0]]
+            rows = ",".join(f"{m}-{b}" for m in methods for b in a.bits)
+            cmd = [sys.executable, os.path.join(HERE, "run.py"), "--out", a.out, "--models", task, "--rows", rows,
+                   "--calib-samples", str(s), "--iters-total", str(n), "--latency-runs", "5",
+                   "--results", os.path.join(a.out, "results-converge")]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=False)
+
+
+def points(out: str, task: str) -> list[dict]:
+    res = []
+    for f in glob.glob(os.path.join(out, task, "*", "*.json")):
+        with open(f) as fh:
+            r = json.load(fh)
+        if r.get("status") == "ok" and r.get("method") in ("rtn", "adaround", "block", "pack") and r.get("config"):
+            res.append(r)
+    return res
+
+
+def key_metric(task: str) -> str:
+    return TASKS[task].metrics[0]
+
+
+def report(a, tasks: list[str]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["# Convergence: metric against reconstruction work (issue 24)", "",
+             f"Made by `python bench/converge.py --out DIR --models {','.join(tasks)} --iters "
+             f"{','.join(map(str, a.iters))} --samples {','.join(map(str, a.samples))}` (2 CPU cores; rows "
+             "cached as bench/run.py rows). `iters` is `--iters-total`, a compute budget: adaround, block "
+             "and pack spend the same multiply-accumulates at one value. Cell: metric (minutes of "
+             "quantization). Code changes between runs invalidate rows, so every cell comes from the code "
+             "of the commit that wrote this file.", ""]
+    for task in tasks:
+        pts = points(a.out, task)
+        metric = key_metric(task)
+        if not pts:
+            continue
+        lines += [f"## {task}: {metric}", ""]
+        bits = sorted({p["bits"] for p in pts})
+        fig, axes = plt.subplots(1, len(bits), figsize=(5 * len(bits), 4), squeeze=False)
+        for ax, b in zip(axes[0], bits):
+            sel = [p for p in pts if p["bits"] == b]
+            samples = sorted({p["config"]["calib_samples"] for p in sel})
+            iters = sorted({p["config"]["iters_total"] for p in sel if p["method"] != "rtn"})
+            lines += [f"**{b}**", "", "| method | samples | " + " | ".join(f"{n} iters" for n in iters) + " |",
+                      "|---|---|" + "---|" * len(iters)]
+            for m in ("rtn", "adaround", "block", "pack"):
+                for s in samples:
+                    row = {p["config"]["iters_total"]: p for p in sel
+                           if p["method"] == m and p["config"]["calib_samples"] == s}
+                    if not row:
+                        continue
+                    if m == "rtn":
+                        p = next(iter(row.values()))
+                        cells = [f"{p['scores'][metric]:.4f} ({p['quantize_seconds'] / 60:.1f})"] * len(iters)
+                    else:
+                        cells = [f"{row[n]['scores'][metric]:.4f} ({row[n]['quantize_seconds'] / 60:.1f})"
+                                 if n in row else "–" for n in iters]
+                        xs = sorted(row)
+                        ax.plot([row[n]["quantize_seconds"] / 60 for n in xs],
+                                [row[n]["scores"][metric] for n in xs], "o-", label=f"{m} ({s} samples)")
+                    lines.append(f"| {m} | {s} | " + " | ".join(cells) + " |")
+                    if m == "rtn":
+                        ax.axhline(next(iter(row.values()))["scores"][metric], color="grey", ls="--",
+                                   label=f"rtn ({s} samples)")
+            lines.append("")
+            ax.set_title(f"{task} {b}")
+            ax.set_xlabel("quantization minutes (2 CPU cores)")
+            ax.set_ylabel(metric)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(a.results, f"converge_{task}.png"), dpi=90)
+        plt.close(fig)
+        lines += [f"![{task}](converge_{task}.png)", ""]
+    with open(os.path.join(a.results, "CONVERGENCE.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models", default="cls")
+    ap.add_argument("--iters", default="300,1000,3000")
+    ap.add_argument("--samples", default="256")
+    ap.add_argument("--bits", default="W4A4,W4A8")
+    ap.add_argument("--methods", default="rtn,adaround,block,pack")
+    ap.add_argument("--results", default=HERE)
+    ap.add_argument("--report-only", action="store_true")
+    a = ap.parse_args()
+    a.iters = [int(x) for x in a.iters.split(",")]
+    a.samples = [int(x) for x in a.samples.split(",")]
+    a.bits, a.methods = a.bits.split(","), a.methods.split(",")
+    tasks = a.models.split(",")
+    if not a.report_only:
+        for t in tasks:
+            run_points(a, t)
+    report(a, tasks)
+
+
+if __name__ == "__main__":
+    main()
