@@ -47,6 +47,30 @@ def points(out: str, task: str) -> list[dict]:
     return res
 
 
+def read_off(sel: list[dict], metric: str, iters: list[int]) -> list[str]:
+    """Per sample count: the order of the methods at the largest budget, and what the last step added."""
+    out = []
+    for s in sorted({p["config"]["calib_samples"] for p in sel}):
+        score = {(p["method"], p["config"]["iters_total"]): p["scores"][metric] for p in sel
+                 if p["config"]["calib_samples"] == s}
+        rtn = next((v for (m, _), v in score.items() if m == "rtn"), None)
+        top = max((n for (m, n) in score if m != "rtn"), default=None)
+        if top is None:
+            continue
+        have = [m for m in ("pack", "block", "adaround") if (m, top) in score]
+        ranked = sorted(have, key=lambda m: -score[(m, top)])
+        vals = [(m, score[(m, top)]) for m in ranked] + ([("rtn", rtn)] if rtn is not None else [])
+        order = f"{vals[0][0]} {vals[0][1]:.4f}" + "".join(
+            f" {'=' if v == u else '>'} {m} {v:.4f}" for (_, u), (m, v) in zip(vals, vals[1:]))
+        out.append(f"- {s} samples, {top} iterations: {order}")
+        prev = max((n for n in iters if n < top), default=None)
+        for m in have:
+            if prev is not None and (m, prev) in score:
+                d = score[(m, top)] - score[(m, prev)]
+                out.append(f"  - {m}: {prev} -> {top} iterations {d:+.4f} ({'still rising' if d > 0.005 else 'flat'})")
+    return out
+
+
 def key_metric(task: str) -> str:
     return TASKS[task].metrics[0]
 
@@ -62,7 +86,8 @@ def report(a, tasks: list[str]) -> None:
              "cached as bench/run.py rows). `iters` is `--iters-total`, a compute budget: adaround, block "
              "and pack spend the same multiply-accumulates at one value. Cell: metric (minutes of "
              "quantization). Code changes between runs invalidate rows, so every cell comes from the code "
-             "of the commit that wrote this file.", ""]
+             "of the commit that wrote this file. Minutes are wall time on a 2-core machine that sometimes ran "
+             "other work at the same time, so they are rough; the iterations are exact.", ""]
     for task in tasks:
         pts = points(a.out, task)
         metric = key_metric(task)
@@ -70,8 +95,9 @@ def report(a, tasks: list[str]) -> None:
             continue
         lines += [f"## {task}: {metric}", ""]
         bits = sorted({p["bits"] for p in pts})
-        fig, axes = plt.subplots(1, len(bits), figsize=(5 * len(bits), 4), squeeze=False)
-        for ax, b in zip(axes[0], bits):
+        fig, axes = plt.subplots(2, len(bits), figsize=(5 * len(bits), 8), squeeze=False)
+        for col, b in enumerate(bits):
+            ax, ax2 = axes[0][col], axes[1][col]
             sel = [p for p in pts if p["bits"] == b]
             samples = sorted({p["config"]["calib_samples"] for p in sel})
             iters = sorted({p["config"]["iters_total"] for p in sel if p["method"] != "rtn"})
@@ -90,17 +116,22 @@ def report(a, tasks: list[str]) -> None:
                         cells = [f"{row[n]['scores'][metric]:.4f} ({row[n]['quantize_seconds'] / 60:.1f})"
                                  if n in row else "–" for n in iters]
                         xs = sorted(row)
-                        ax.plot([row[n]["quantize_seconds"] / 60 for n in xs],
-                                [row[n]["scores"][metric] for n in xs], "o-", label=f"{m} ({s} samples)")
+                        ys = [row[n]["scores"][metric] for n in xs]
+                        ax.plot(xs, ys, "o-", label=f"{m} ({s} samples)")
+                        ax2.plot([row[n]["quantize_seconds"] / 60 for n in xs], ys, "o", label=f"{m} ({s} samples)")
                     lines.append(f"| {m} | {s} | " + " | ".join(cells) + " |")
                     if m == "rtn":
-                        ax.axhline(next(iter(row.values()))["scores"][metric], color="grey", ls="--",
-                                   label=f"rtn ({s} samples)")
-            lines.append("")
+                        for a_ in (ax, ax2):
+                            a_.axhline(next(iter(row.values()))["scores"][metric], color="grey", ls="--",
+                                       label=f"rtn ({s} samples)")
+            lines += [""] + read_off(sel, metric, iters) + [""]
             ax.set_title(f"{task} {b}")
-            ax.set_xlabel("quantization minutes (2 CPU cores)")
-            ax.set_ylabel(metric)
-            ax.legend(fontsize=7)
+            ax.set_xscale("log")
+            ax.set_xlabel("--iters-total (equal compute per method)")
+            ax2.set_xlabel("quantization minutes (2 CPU cores)")
+            for a_ in (ax, ax2):
+                a_.set_ylabel(metric)
+                a_.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(a.results, f"converge_{task}.png"), dpi=90)
         plt.close(fig)
