@@ -7,8 +7,9 @@ Every point is one row of bench/run.py (rtn / adaround / block / pack at the giv
 `--iters-total N` and `--calib-samples S`, so rows are cached exactly as there (DIR/<task>/<config>/)
 and the table fills over several runs. --iters-total is a compute budget: adaround, block and pack
 spend the same multiply-accumulates at one N (reconstruct.split_iters). rtn does no iterations and is
-run once per sample count. Writes bench/CONVERGENCE.md and bench/converge_<task>.png (metric against
-minutes of quantization, one line per method and sample count).
+run once per sample count. Writes bench/CONVERGENCE.md and bench/converge_<task>.png (the metric
+against the budget, log scale, and against minutes of quantization; one line per method and sample
+count).
 """
 from __future__ import annotations
 
