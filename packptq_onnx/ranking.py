@@ -50,7 +50,8 @@ class SensitivityReport:
 
     def ranked(self) -> list:
         """Layers, the costliest first, by Omega at the cheapest option."""
-        return sorted(self.layers, key=lambda it: -it.omega[self.cheapest])
+        k = self.cheapest
+        return sorted(self.layers, key=lambda it: -it.omega[k])
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ranked": [it.name for it in self.ranked()]}
@@ -131,9 +132,11 @@ def float_gains(gm, qls, batches, samples: int = RANK_SAMPLES, score=None) -> li
     ref_np = join(ref) if score is not None else None
 
     def measured():
+        if score is None:  # the loss alone: no outputs to keep
+            return mixed.output_cost(gm, qls, None, data, ref)[0], 0.0
         got: list = []
         loss, _ = mixed.output_cost(gm, qls, None, data, ref, keep=got)
-        return loss, 0.0 if score is None else float(score(ref_np, join(got)))
+        return loss, float(score(ref_np, join(got)))
     base_loss, base_score = measured()
     n = max(sum(batch_size(args) for args in data), 1)
     out = []
