@@ -13,7 +13,17 @@ import warnings
 
 from torch import nn
 
-from .ops import BatchNormAnyRank, Clamp, CumSum, Flatten, GlobalMaxPool, Reduce18, ReshapeAllowZero, Split18
+from .ops import (
+    BatchNormAnyRank,
+    Clamp,
+    CumSum,
+    Flatten,
+    GlobalAveragePool,
+    GlobalMaxPool,
+    Reduce18,
+    ReshapeAllowZero,
+    Split18,
+)
 
 
 def _forget(*packages: str) -> None:
@@ -129,6 +139,10 @@ def _global_max_pool(node, graph):
     return _result(GlobalMaxPool(), node)
 
 
+def _global_average_pool(node, graph):
+    return _result(GlobalAveragePool(), node)
+
+
 _reshape_base = _CONVERTER_REGISTRY[OperationDescription("", "Reshape", 14)]
 
 
@@ -210,6 +224,7 @@ def install() -> None:
     _register("Gelu", 20, _gelu20)
     _register("GlobalMaxPool", 1, _global_max_pool)
     _register("GlobalMaxPool", 22, _global_max_pool)
+    _register("GlobalAveragePool", 1, _global_average_pool, replace=True)
     for v in (5, 13, 14, 19, 21):
         _register("Reshape", v, _reshape, replace=True)
     for v in (11, 12, 13):

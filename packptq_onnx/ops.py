@@ -72,6 +72,16 @@ class GlobalMaxPool(nn.Module):
         return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
 
 
+class GlobalAveragePool(nn.Module):
+    """Mean over every axis after the channels, of the tensor it gets. onnx2torch's takes the axes from
+    the input's value_info, and a value_info with a type but no shape reads as rank 0: no axes, so
+    torch.mean reduced everything (an unseen wheel model, g2p-id's BERT, whose LayerNorm means are
+    GlobalAveragePools on [N, T, C]: (1, 1, 1) instead of (N, T, 1), cosine 0.938)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
 class ReshapeAllowZero(nn.Module):
     def forward(self, x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
         return torch.reshape(x, [int(s) for s in shape.tolist()])

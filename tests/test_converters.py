@@ -65,6 +65,25 @@ def test_global_max_pool(tmp_path):
     _check(tmp_path, helper.make_node("GlobalMaxPool", ["x"], ["y"]), X4, 17)
 
 
+@pytest.mark.parametrize("x", [X3, X4], ids=["rank3", "rank4"])
+def test_global_average_pool_of_a_tensor_of_unknown_rank(tmp_path, x):
+    """Reshape to a shape of data-dependent length: the pool's input has a type but no shape (so it
+    was in a BERT from a wheel). onnx2torch's converter then averaged over every axis, batch included."""
+    keep = numpy_helper.from_array(np.ones(x.ndim, bool), "keep")
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Compress", ["shape", "keep"], ["s"]),
+             helper.make_node("Reshape", ["x", "s"], ["t"]), helper.make_node("GlobalAveragePool", ["t"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [f"d{i}" for i in range(x.ndim)])],
+                          initializer=[keep])
+    path = str(tmp_path / "m.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), path)
+    imp = onnx_import.load(path)
+    ref = runtime.run(runtime.session(imp.original), {"x": x})[0]
+    got = convert.torch_run(convert.to_torch(imp), {"x": x}, ["x"])[0]
+    assert ref.shape == x.shape[:2] + (1,) * (x.ndim - 2) and got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=1e-6, rtol=1e-5)
+
+
 def test_greater_or_equal_16(tmp_path):
     node = helper.make_node("GreaterOrEqual", ["x", "t"], ["y"])
     _check(tmp_path, node, X4, 16, [("t", np.array(0.1, np.float32))])
