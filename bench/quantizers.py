@@ -146,7 +146,7 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
     from packptq_onnx.pipeline import Options, quantize
     from packptq_onnx.reconstruct import ReconOptions
 
-    method = "pack" if row.mixed else row.method.replace("-fullrange", "").replace("-fine", "")
+    method = "pack" if row.mixed else row.method.split("-")[0]  # pack-fine, pack-cap4, rtn-fullrange, ...
     o = Options(reduce_range=not row.full_range, wbits=row.wbits, abits=row.abits, method=method, seed=cfg["seed"],
                 calib_samples=cfg["calib_samples"], batch_size=min(cfg["batch_size"], cfg["calib_samples"]),
                 recon=ReconOptions(iters_total=cfg["iters_total"],
@@ -182,6 +182,10 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
         res["recon_iters"] = sum(u.iters for u in units)
         res["recon_units"] = len(units)
         res["recon_losses"] = [(u.name, u.loss_before, u.loss_after) for u in units]
+        res["recon_seconds"] = rep.reconstruction.seconds
+        res["recon_unit_seconds"] = [u.seconds for u in units]
+    if rep.packs:
+        res["pack_blocks"] = [len(pk.blocks) for pk in rep.packs]
     if rep.mixed_precision is not None:
         mp = rep.mixed_precision
         res["mixed"] = {"budget_bytes": mp.budget_bytes, "counted_bytes": mp.counted_bytes,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 BITS = ((8, 8), (4, 8), (4, 4), (3, 4), (3, 3))
 OURS = ("rtn", "adaround", "block", "pack")
+CAPS = (2, 4, 8)
 
 
 @dataclass
@@ -48,6 +49,9 @@ def all_rows() -> list[Row]:
         rows.append(Row(f"pack-mixed-W{w}", "ours", "pack-mixed", w, 4, mixed=True))
         rows.append(Row(f"pack-mixed-fine-W{w}", "ours", "pack-mixed-fine", w, 4, mixed=True, max_pack_blocks=3))
         rows.append(Row(f"pack-fine-W{w}A4", "ours", "pack-fine", w, 4, max_pack_blocks=3))
+    for k in CAPS:  # packs of at most k blocks (issue 24, item 5: bench/pack_cap.py)
+        for w, a in ((4, 8), (4, 4)):
+            rows.append(Row(f"pack-cap{k}-W{w}A{a}", "ours", f"pack-cap{k}", w, a, max_pack_blocks=k))
     return rows
 
 
