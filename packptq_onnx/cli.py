@@ -7,7 +7,17 @@ import traceback
 
 from . import targets
 from .errors import UsageError
-from .options import DEVICES, METHODS, SOLVERS, STORAGES, TASKS, MixedOptions, ReconOptions, check_bit_options
+from .options import (
+    DEFAULT_BATCH,
+    DEVICES,
+    METHODS,
+    SOLVERS,
+    STORAGES,
+    TASKS,
+    MixedOptions,
+    ReconOptions,
+    check_bit_options,
+)
 
 
 def _floats(text: str) -> list[float]:
@@ -120,7 +130,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--report", help="write the JSON report here")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", choices=DEVICES, default="cpu")
-    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--batch-size", type=int, help="samples per batch (default 32, or all when fewer)")
     q.add_argument("--calib-samples", type=int, default=1024, help="use at most this many samples")
     q.add_argument("--storage", choices=STORAGES, default="int8",
                    help="int8: weights in int8 containers (fast, fused by onnxruntime); packed: INT4/INT2 "
@@ -181,7 +191,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--wbits-options", type=_ints, default=(2, 3, 4, 8), help="for --sensitivity (default 2,3,4,8)")
     i.add_argument("--abits-options", type=_ints, default=(4, 8, 16), help="for --sensitivity (default 4,8,16)")
     i.add_argument("--sensitivity-cache", help="JSON file: reuse the measured table when nothing changed")
-    i.add_argument("--batch-size", type=int, default=32)
+    i.add_argument("--batch-size", type=int, help="samples per batch (default 32, or all when fewer)")
     i.add_argument("--calib-samples", type=int, default=256)
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--device", choices=DEVICES, default="cpu")
@@ -232,7 +242,7 @@ def cmd_quantize(a) -> int:
     from .pipeline import Options, quantize
 
     hw, goal = _targets(a)
-    recon = ReconOptions(iters=a.iters, iters_total=a.iters_total, batch_size=a.batch_size,
+    recon = ReconOptions(iters=a.iters, iters_total=a.iters_total, batch_size=a.batch_size or DEFAULT_BATCH,
                          lr_round=a.lr_round, lr_scale=a.lr_scale, round_weight=a.round_weight,
                          drop_prob=a.drop_prob)
     opts = Options(wbits=a.wbits, abits=a.abits, method=a.method, seed=a.seed, device=a.device,

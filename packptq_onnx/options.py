@@ -29,7 +29,7 @@ class Options:
     method: str = "pack"
     seed: int = 0
     device: str = "cpu"
-    batch_size: int = 32
+    batch_size: int | None = None  # None: DEFAULT_BATCH, or every calibration sample when there are fewer
     calib_samples: int = 1024
     reduce_range: bool = True   # 7-bit range for 8-bit weights: exact on AVX2 CPUs without VNNI
     target: str = "any"        # --target the range was chosen for (packptq_onnx.targets)
@@ -51,6 +51,7 @@ class Options:
 
 
 METHODS = ("rtn", "adaround", "block", "pack")
+DEFAULT_BATCH = 32
 DEVICES = ("cpu", "cuda")
 
 
@@ -70,7 +71,7 @@ def check_options(o: Options) -> None:
         raise UsageError("--max-pack-blocks must be at least 1")
     if o.storage not in STORAGES:
         raise UsageError(f"--storage must be one of {', '.join(STORAGES)}")
-    if o.batch_size < 1 or o.calib_samples < 1:
+    if (o.batch_size is not None and o.batch_size < 1) or o.calib_samples < 1:
         raise UsageError("--batch-size and --calib-samples must be positive")
     if o.task is not None:
         if o.task not in TASKS:

@@ -29,6 +29,7 @@ from .layers import (
 from .mixed import MixedResult
 from .onnx_import import ImportedModel
 from .options import (  # noqa: F401  (pipeline.Options and friends: the names users import)
+    DEFAULT_BATCH,
     METHODS,
     MixedOptions,
     Options,
@@ -96,6 +97,10 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     inp = load_inputs(model_path, calib_path, opts, log)
     imp, calib, plan = inp.imp, inp.calib, inp.plan
     names = [i.name for i in imp.inputs]
+    if opts.batch_size is None:  # not given: the default, or every sample when there are fewer
+        opts.batch_size = min(DEFAULT_BATCH, data.n_samples(calib))
+        if opts.batch_size < DEFAULT_BATCH:
+            log(f"note: {data.n_samples(calib)} calibration samples, so batches of {opts.batch_size}")
     if data.n_samples(calib) < opts.batch_size:
         raise UsageError(f"{calib_path} has {data.n_samples(calib)} samples, fewer than --batch-size "
                          f"{opts.batch_size}: give more calibration samples or a smaller --batch-size")

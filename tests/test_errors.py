@@ -105,6 +105,18 @@ def test_fewer_samples_than_batch(tmp_path, capsys):
     assert code == 2 and "5 samples, fewer than --batch-size 8" in err
 
 
+def test_few_samples_default_batch(tmp_path, capsys):
+    """Without --batch-size, 5 samples make batches of 5 (the default of 32 is for larger sets)."""
+    calib = tmp_path / "c.npz"
+    with np.load(CALIB) as z:
+        np.savez(calib, **{k: v[:5] for k, v in z.items()})
+    out = tmp_path / "o.onnx"
+    code = main(["quantize", MODEL, "--calib", str(calib), "-o", str(out), "--method", "rtn"])
+    cap = capsys.readouterr()
+    assert code == 0 and out.exists(), cap.err
+    assert "5 calibration samples, so batches of 5" in cap.out
+
+
 @pytest.mark.parametrize("dtype_case", ["strings", "int_for_float_ok", "empty"])
 def test_calibration_dtypes(tmp_path, capsys, dtype_case):
     calib = tmp_path / "c.npz"
