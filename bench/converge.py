@@ -38,12 +38,12 @@ def run_points(a, task: str) -> None:
             subprocess.run(cmd, check=False)
 
 
-def points(out: str, task: str) -> list[dict]:
+def points(out: str, task: str, methods=("rtn", "adaround", "block", "pack")) -> list[dict]:
     res = []
     for f in glob.glob(os.path.join(out, task, "*", "*.json")):
         with open(f) as fh:
             r = json.load(fh)
-        if r.get("status") == "ok" and r.get("method") in ("rtn", "adaround", "block", "pack") and r.get("config"):
+        if r.get("status") == "ok" and r.get("method") in methods and r.get("config"):
             res.append(r)
     return res
 

@@ -7,8 +7,11 @@ For every unit: the time of `--iters` reconstruction iterations (AdaRound + LSQ 
 backward, the optimiser steps, batches drawn from the unit cache) less the time of the same unit
 reconstructed with 0 iterations (the captures and the before/after evaluations), per iteration;
 beside it, the float unit's forward + backward on a batch of the same size (inputs requiring
-gradient, quantizers off), median of 5. The ratio is what the engine adds over the work itself;
-issue 24 asks to cut it. Prints a markdown table and the median ratio per unit kind.
+gradient, quantizers off), median of 5, without and with its weights' gradients (AdaRound learns
+per weight, so an iteration computes them; a float training step does too). The ratio is what the
+engine adds over the work itself; issue 24 asks to cut it. Prints a markdown table and the median
+ratio per unit kind. --compile: the compiled fake-quant kernels (ReconOptions.compile), timed on a
+second run of each unit, so that compiling is not counted.
 """
 from __future__ import annotations
 
@@ -30,9 +33,13 @@ def kind(name: str) -> str:
     return "pack" if name.startswith("pack") else "block" if name.startswith("block") else "layer"
 
 
-def float_pass(p, unit, batch, repeats: int = 5) -> float:
-    """Median seconds of the float unit's forward + backward on `batch` samples."""
+def float_pass(p, unit, batch, repeats: int = 5, weight_grads: bool = False) -> float:
+    """Median seconds of the float unit's forward + backward on `batch` samples; with weight_grads,
+    the gradients of its layers' weights too (a float training step's backward)."""
     sub, in_nodes, _ = subgraph(p.gm, p.imp.model, unit)
+    own = [q.weight for q in p.qls if q.layer.name in set(unit.layers) and q.layer.has_weight]
+    for w in own:
+        w.requires_grad_(weight_grads)
     feeds = data.take(p.calib, batch)
     with state.quantized(p.qls, only=[]):
         arrays = capture(p.gm, data.batches(feeds, p.names, batch), in_nodes, None)
@@ -47,6 +54,9 @@ def float_pass(p, unit, batch, repeats: int = 5) -> float:
             if loss.requires_grad:
                 loss.backward()
             times.append(time.perf_counter() - t0)
+    for w in own:
+        w.requires_grad_(False)
+        w.grad = None
     return statistics.median(times)
 
 
@@ -61,11 +71,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--input-shape", action="append", default=[])
+    ap.add_argument("--compile", action="store_true", help="compiled fake-quant kernels (ReconOptions.compile)")
     a = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())  # once, before any work
     shapes = dict(parse_input_shape(s) for s in a.input_shape)
     o = Options(wbits=a.wbits, abits=a.abits, method=a.method, calib_samples=a.samples, batch_size=a.batch_size,
-                recon=ReconOptions(batch_size=a.batch_size), input_shapes=shapes, guard=0.0)
+                recon=ReconOptions(batch_size=a.batch_size, compile=a.compile), input_shapes=shapes, guard=0.0)
     p = prepare(a.model, a.calib, o, log=lambda *_: None)
     layers = [q.layer for q in p.qls]
     units_struct, packs = (find_units(p), None) if a.method != "adaround" else (None, None)
@@ -76,27 +87,30 @@ def main() -> None:
     rows = []
     for i, u in enumerate(units):
         runs = {}
-        for iters in (0, a.iters):
+        for iters in (0, a.iters) + ((a.iters,) if a.compile else ()):  # compiled: the second run, compiled
             with state.snapshot(p.qls):
                 t0 = time.perf_counter()
                 reconstruct_unit(p.gm, p.imp.model, p.qls, u, batches, p.n_samples, iters, o.recon, i, "cpu", None)
                 runs[iters] = time.perf_counter() - t0
         per_iter = max(runs[a.iters] - runs[0], 0.0) / a.iters
-        fl = float_pass(p, u, min(a.batch_size, p.n_samples))
-        rows.append((u.name, kind(u.name), len(u.layers), per_iter, fl, per_iter / fl if fl > 0 else float("nan")))
+        bs = min(a.batch_size, p.n_samples)
+        fl, flw = float_pass(p, u, bs), float_pass(p, u, bs, weight_grads=True)
+        rows.append((u.name, kind(u.name), len(u.layers), per_iter, fl, per_iter / fl if fl > 0 else float("nan"),
+                     flw, per_iter / flw if flw > 0 else float("nan")))
     print(f"{a.model}: {a.method} W{a.wbits}A{a.abits}, batch {a.batch_size}, {a.iters} iterations per unit, "
-          f"{torch.get_num_threads()} threads")
-    print("| unit | kind | layers | iteration ms | float fwd+bwd ms | ratio |")
-    print("|---|---|---|---|---|---|")
-    for name, k, n, it, fl, r in rows:
-        print(f"| {name} | {k} | {n} | {1e3 * it:.1f} | {1e3 * fl:.1f} | {r:.1f} |")
+          f"{torch.get_num_threads()} threads" + (", compiled fake-quant" if a.compile else ""))
+    print("| unit | kind | layers | iteration ms | float fwd+bwd ms | ratio | with weight grads ms | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, k, n, it, fl, r, flw, rw in rows:
+        print(f"| {name} | {k} | {n} | {1e3 * it:.1f} | {1e3 * fl:.1f} | {r:.1f} | {1e3 * flw:.1f} | {rw:.1f} |")
     for k in ("layer", "block", "pack"):
-        rs = [r for _, kk, _, _, _, r in rows if kk == k]
+        rs = [r[5] for r in rows if r[1] == k]
         if rs:
             print(f"median ratio, {k} units: {statistics.median(rs):.1f} ({len(rs)} units)")
-    it_sum, fl_sum = sum(r[3] for r in rows), sum(r[4] for r in rows)
+    it_sum, fl_sum, flw_sum = (sum(r[i] for r in rows) for i in (3, 4, 6))
     print(f"all units, one iteration each: {1e3 * it_sum:.0f} ms against {1e3 * fl_sum:.0f} ms float "
-          f"fwd+bwd, ratio {it_sum / fl_sum:.1f}")
+          f"fwd+bwd, ratio {it_sum / fl_sum:.2f}; against {1e3 * flw_sum:.0f} ms with weight gradients, "
+          f"ratio {it_sum / flw_sum:.2f}")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,8 @@ def _recon_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--round-weight", type=float, default=d.round_weight, help="AdaRound regulariser weight")
     g.add_argument("--drop-prob", type=float, default=d.drop_prob, help="QDrop: chance of a quantized input")
     g.add_argument("--max-pack-blocks", type=int, help="cap on blocks per pack (default: no cap)")
+    g.add_argument("--no-compile", action="store_true", help="eager fake-quant kernels only (default: compiled "
+                   "with torch.compile where a C++ compiler works; same values, some 1.5x faster)")
     g.add_argument("--resume", action="store_true", help="continue from OUT.onnx.ckpt after an interruption")
 
 
@@ -244,7 +246,7 @@ def cmd_quantize(a) -> int:
     hw, goal = _targets(a)
     recon = ReconOptions(iters=a.iters, iters_total=a.iters_total, batch_size=a.batch_size or DEFAULT_BATCH,
                          lr_round=a.lr_round, lr_scale=a.lr_scale, round_weight=a.round_weight,
-                         drop_prob=a.drop_prob)
+                         drop_prob=a.drop_prob, compile=not a.no_compile)
     opts = Options(wbits=a.wbits, abits=a.abits, method=a.method, seed=a.seed, device=a.device,
                    batch_size=a.batch_size, calib_samples=a.calib_samples,
                    reduce_range=targets.reduce_range(hw) and not a.full_range_weights,

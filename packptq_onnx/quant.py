@@ -36,6 +36,71 @@ def act_qrange(bits: int) -> tuple[int, int]:
     return 0, 2 ** bits - 1
 
 
+class _Fused:
+    """Compiled (torch.compile) forms of the fake-quant kernels: one pass over x forward, one pass with
+    the scale's reduction backward, where eager runs four and six; on EfficientNet-Lite0 a whole
+    reconstruction iteration costs 1.9x its float forward + backward instead of 2.5x
+    (bench/RECON_SPEED.md). They compute the same values as the eager code (tests/test_quant.py);
+    the scale gradient's sum may round differently. Used for float32 activations of at least
+    MIN_ELEMENTS with one scale while `compiled(True)` is in force. The first call at each rank
+    compiles (some 20 s on 2 cores); a compiler that fails (no C++ toolchain, an unsupported device)
+    turns them off for the process and the eager kernels take over."""
+    MIN_ELEMENTS = 1 << 12  # smaller tensors: a compiled call costs about what the eager kernels do
+    on = False
+    broken: str | None = None
+    fwd = bwd = None
+
+    @classmethod
+    def ready(cls, x: torch.Tensor, scale: torch.Tensor) -> bool:
+        if (not cls.on or cls.broken or x.numel() < cls.MIN_ELEMENTS or x.dtype != torch.float32
+                or scale.numel() != 1):  # one scale per tensor: the backward sums over everything
+            return False
+        if cls.fwd is None:
+            cls.fwd, cls.bwd = torch.compile(_fq_fwd, dynamic=True), torch.compile(_fq_bwd, dynamic=True)
+        return True
+
+    @classmethod
+    def call(cls, fn, *args):
+        """fn's compiled form on args; None when compiling fails (then never again in this process)."""
+        try:
+            return getattr(cls, fn)(*args)
+        except Exception as e:  # noqa: BLE001  (any compiler failure: keep the eager kernels)
+            msg = str(e).strip().splitlines()
+            cls.broken = f"{type(e).__name__}: {msg[0][:200] if msg else ''}"
+            return None
+
+
+def _fq_fwd(x, scale, lo, hi):
+    return torch.clamp(torch.round(x / scale), lo, hi) * scale
+
+
+def _fq_bwd(g, x, scale, lo, hi):
+    t = x / scale
+    r = torch.round(t)
+    c = torch.clamp(r, lo, hi)
+    gx = torch.where(c == r, g, 0.0)
+    return gx, (g * c - gx * t).sum()
+
+
+class compiled:
+    """Context: the compiled fake-quant kernels on (for reconstruction's learning loop)."""
+
+    def __init__(self, on: bool = True):
+        self.want = on
+
+    def __enter__(self):
+        self.prev, _Fused.on = _Fused.on, self.want
+        return self
+
+    def __exit__(self, *exc):
+        _Fused.on = self.prev
+
+
+def compile_failure() -> str | None:
+    """Why the compiled kernels are off in this process (None: they are not)."""
+    return _Fused.broken
+
+
 class _FakeQuant(torch.autograd.Function):
     """Quantize-dequantize in two allocations, with the gradients written out (LSQ, Esser et al. 2020):
 
@@ -52,6 +117,14 @@ class _FakeQuant(torch.autograd.Function):
         # clamp(r + z, qmin, qmax) - z = clamp(r, qmin - z, qmax - z) exactly: r and z are integers, and
         # an r too large for float32 integers is clamped either way
         lo, hi = qmin - zero, qmax - zero
+        ctx.fused = False
+        if _Fused.ready(x, scale):  # keeps x, not x / s: x is often kept by its producer's backward already
+            lo_t, hi_t = torch.as_tensor(lo, device=x.device), torch.as_tensor(hi, device=x.device)
+            out = _Fused.call("fwd", x, scale, lo_t, hi_t)
+            if out is not None:
+                ctx.fused = True
+                ctx.save_for_backward(x, scale, lo_t, hi_t)
+                return out
         t = x / scale
         out = torch.round(t).clamp_(lo, hi).mul_(scale)
         ctx.save_for_backward(t, scale, torch.as_tensor(lo), torch.as_tensor(hi))
@@ -59,7 +132,16 @@ class _FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        t, scale, lo, hi = ctx.saved_tensors
+        if ctx.fused:
+            x, scale, lo, hi = ctx.saved_tensors
+            res = _Fused.call("bwd", g.contiguous(), x, scale, lo, hi)
+            if res is not None:
+                gx, gs = res
+                gs = gs.reshape(scale.shape).to(scale.dtype) if ctx.needs_input_grad[1] else None
+                return (gx if ctx.needs_input_grad[0] else None), gs, None, None, None
+            t = x / scale  # the compiler failed: the eager backward below
+        else:
+            t, scale, lo, hi = ctx.saved_tensors
         r = torch.round(t)
         c = r.clamp(lo, hi)  # the integer code less z
         gx = torch.where(c == r, g, 0.0)  # d out / d x: 1 inside the range

@@ -23,6 +23,7 @@ from .convert import module_name
 from .estimate import node_seconds, unit_seconds
 from .layers import is_join
 from .progress import bar, fmt_seconds
+from .quant import compile_failure, compiled
 from .sensitivity import batch_size
 from .unitcache import Cache, capture, layouts
 
@@ -40,6 +41,7 @@ class ReconOptions:
     beta: tuple = (20.0, 2.0)
     eval_samples: int = 256
     cache_bytes: int | None = None  # above this, unit caches go to disk (memory-mapped)
+    compile: bool = True  # compiled fake-quant kernels while learning (quant._Fused); --no-compile: eager
 
 
 @dataclass
@@ -231,40 +233,41 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     it = bar(range(iters), unit.name, iters)
     no_grad = False
     nonfinite = 0
-    for t in it:
-        arr = cache.batch(draw(), device)
-        xs = []
-        for j in range(k):
-            x_fp, x_q = arr[j], arr[k + 1 + j]
-            if x_q.is_floating_point() and o.drop_prob > 0:
-                keep_q = torch.rand(x_q.shape, generator=gen, device=device) < o.drop_prob
-                x_q = torch.where(keep_q, x_q, x_fp)
-            xs.append(x_q)
-        rec = recon_loss(sub(*xs), arr[k])
-        if not rec.requires_grad:  # e.g. everything it learns feeds an op that runs in onnxruntime
-            no_grad = True
-            break
-        b = _beta(t, iters, o)
-        reg = sum((1 - (2 * q.wq.h() - 1).abs().pow(b)).sum() for q in weighted) if b is not None else 0.0
-        loss = rec + o.round_weight * reg
-        for opt in (opt_v, opt_s):
-            if opt:
-                opt.zero_grad()
-        if not torch.isfinite(loss):  # skip the step: nothing is learned from a diverged batch
-            nonfinite += 1
-            continue
-        loss.backward()
-        if _zero_nonfinite(params_v + params_s):
-            nonfinite += 1
-        if opt_v:
-            opt_v.step()
-        if opt_s:
-            opt_s.step()
-            sched.step()
-            for p in params_s:
-                p.data.clamp_(min=1e-8)
-        if t % 10 == 0 and hasattr(it, "set_postfix"):
-            it.set_postfix(loss=f"{float(rec.detach()):.4g}")
+    with compiled(o.compile):  # fused fake-quant kernels while learning (quant._Fused)
+        for t in it:
+            arr = cache.batch(draw(), device)
+            xs = []
+            for j in range(k):
+                x_fp, x_q = arr[j], arr[k + 1 + j]
+                if x_q.is_floating_point() and o.drop_prob > 0:
+                    keep_q = torch.rand(x_q.shape, generator=gen, device=device) < o.drop_prob
+                    x_q = torch.where(keep_q, x_q, x_fp)
+                xs.append(x_q)
+            rec = recon_loss(sub(*xs), arr[k])
+            if not rec.requires_grad:  # e.g. everything it learns feeds an op that runs in onnxruntime
+                no_grad = True
+                break
+            b = _beta(t, iters, o)
+            reg = sum((1 - (2 * q.wq.h() - 1).abs().pow(b)).sum() for q in weighted) if b is not None else 0.0
+            loss = rec + o.round_weight * reg
+            for opt in (opt_v, opt_s):
+                if opt:
+                    opt.zero_grad()
+            if not torch.isfinite(loss):  # skip the step: nothing is learned from a diverged batch
+                nonfinite += 1
+                continue
+            loss.backward()
+            if _zero_nonfinite(params_v + params_s):
+                nonfinite += 1
+            if opt_v:
+                opt_v.step()
+            if opt_s:
+                opt_s.step()
+                sched.step()
+                for p in params_s:
+                    p.data.clamp_(min=1e-8)
+            if t % 10 == 0 and hasattr(it, "set_postfix"):
+                it.set_postfix(loss=f"{float(rec.detach()):.4g}")
     for q in weighted:
         q.wq.harden()
     after = evaluate()
@@ -375,6 +378,7 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
     todo = est[len(done):]
     log(f"estimated time: ~{fmt_seconds(sum(todo))} for {len(todo)} units (from one timed forward pass)")
     spent = estimated = 0.0
+    noted = False
     for i, u in enumerate(units):
         if i < len(done):
             continue
@@ -392,6 +396,10 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
         eta = f"  ~{fmt_seconds(left)} left" if i + 1 < len(units) else ""
         log(f"  {u.name:<28} {len(u.layers):>3} layers {r.iters:>6} it {r.gmacs:>8.3g} GMAC  "
             f"loss {r.loss_before:.4g} -> {r.loss_after:.4g}  {r.seconds:.1f} s{kept}{eta}")
+        if o.compile and compile_failure() and not noted:
+            noted = True
+            log(f"note: compiled fake-quant kernels off ({compile_failure()}); eager kernels give the same values, "
+                "slower (--no-compile skips trying)")
         tmp = ckpt + ".tmp"
         torch.save({"fingerprint": fingerprint, "done": [asdict(x) for x in done],
                     "state": state.learned(qls)}, tmp)

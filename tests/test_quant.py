@@ -38,6 +38,51 @@ def _autograd_fake_quant(x, scale, zero, qmin, qmax):
 def test_fused_fake_quant_equals_autograd(x, bits, scale, zero, on_grid):
     """Same values, the same input gradient and the same LSQ scale gradient (to float rounding) as the autograd formula,
     also for inputs exactly on the grid's half steps and ends (where rounding and clamping switch)."""
+    _check_against_autograd(x, bits, scale, zero, on_grid)
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.float32, st.integers(1, 300), elements=finite), st.integers(2, 8),
+       st.floats(0.0009765625, 8.0, width=32), st.integers(0, 255), st.booleans())
+def test_compiled_fake_quant_equals_autograd(x, bits, scale, zero, on_grid):
+    """The torch.compile kernels (reconstruction's --compile) give the same as the autograd formula."""
+    assert quant._Fused.broken is None, quant._Fused.broken
+    with _compiled_for_all_sizes():  # the scale gradient sums in another order: float32 rounding of its terms
+        _check_against_autograd(x, bits, scale, zero, on_grid, sum_rounding=1e-6)
+    assert quant._Fused.fwd is not None and quant._Fused.broken is None, quant._Fused.broken
+
+
+class _compiled_for_all_sizes(quant.compiled):
+    def __enter__(self):
+        self.min_elements, quant._Fused.MIN_ELEMENTS = quant._Fused.MIN_ELEMENTS, 1
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        quant._Fused.MIN_ELEMENTS = self.min_elements
+        return super().__exit__(*exc)
+
+
+def test_compiler_failure_falls_back_to_eager():
+    """A compiler that fails (no C++ toolchain) leaves the eager kernels computing the same thing."""
+    x = torch.linspace(-2, 9, 1000)
+    s, z = torch.tensor(0.1, requires_grad=True), torch.tensor(3.0)
+    want = quant.fake_quant(x, s, z, 0, 15)
+
+    def fail(*_):
+        raise RuntimeError("no compiler\nsecond line")
+
+    saved = quant._Fused.fwd, quant._Fused.bwd, quant._Fused.broken
+    quant._Fused.fwd, quant._Fused.bwd, quant._Fused.broken = fail, fail, None
+    try:
+        with _compiled_for_all_sizes():
+            got = quant.fake_quant(x, s, z, 0, 15)
+            assert quant._Fused.broken == "RuntimeError: no compiler"
+    finally:
+        quant._Fused.fwd, quant._Fused.bwd, quant._Fused.broken = saved
+    assert torch.equal(got, want)
+
+
+def _check_against_autograd(x, bits, scale, zero, on_grid, sum_rounding=0.0):
     qmin, qmax = quant.act_qrange(bits)
     zero = float(min(zero, qmax))
     if on_grid:  # codes k + 0.5 and the range ends, where round and clamp change branch
@@ -55,7 +100,8 @@ def test_fused_fake_quant_equals_autograd(x, bits, scale, zero, on_grid):
     assert torch.equal(y1, y2)
     assert torch.equal(gx1 == 0, gx2 == 0)  # the same entries pass; autograd's g * s / s is off by an ulp
     assert torch.allclose(gx1, gx2, rtol=1e-6, atol=0)
-    assert torch.allclose(gs1, gs2, rtol=1e-4, atol=1e-4 * float(g.abs().sum()) * 1e-3)
+    terms = float((g.abs() * (torch.from_numpy(x).abs() / scale + 1)).sum())  # sum |g| (|x / s| + 1)
+    assert torch.allclose(gs1, gs2, rtol=1e-4, atol=1e-4 * float(g.abs().sum()) * 1e-3 + sum_rounding * terms)
 
 
 @settings(max_examples=30, deadline=None)
