@@ -70,6 +70,15 @@ class _Fused:
             return None
 
 
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """x as one contiguous vector without autograd history: the compiled kernels then see one kind of
+    input whatever the rank, layout or size-1 axes, so they compile once, not once per variant (a
+    text recognizer's [N, C, 1, W] and transposed [N, W, C] tensors hit torch.compile's limit of 8)."""
+    x = x.detach().contiguous()
+    # a fresh tensor on x's memory, not a view: dynamo guards a view's base too (its sizes and strides)
+    return x.new_empty(0).set_(x.untyped_storage(), x.storage_offset(), (x.numel(),), (1,))
+
+
 def _fq_fwd(x, scale, lo, hi):
     return torch.clamp(torch.round(x / scale), lo, hi) * scale
 
@@ -120,11 +129,11 @@ class _FakeQuant(torch.autograd.Function):
         ctx.fused = False
         if _Fused.ready(x, scale):  # keeps x, not x / s: x is often kept by its producer's backward already
             lo_t, hi_t = torch.as_tensor(lo, device=x.device), torch.as_tensor(hi, device=x.device)
-            out = _Fused.call("fwd", x, scale, lo_t, hi_t)
+            out = _Fused.call("fwd", _flat(x), scale.detach(), lo_t, hi_t)
             if out is not None:
                 ctx.fused = True
                 ctx.save_for_backward(x, scale, lo_t, hi_t)
-                return out
+                return out.reshape(x.shape)
         t = x / scale
         out = torch.round(t).clamp_(lo, hi).mul_(scale)
         ctx.save_for_backward(t, scale, torch.as_tensor(lo), torch.as_tensor(hi))
@@ -134,9 +143,9 @@ class _FakeQuant(torch.autograd.Function):
     def backward(ctx, g):
         if ctx.fused:
             x, scale, lo, hi = ctx.saved_tensors
-            res = _Fused.call("bwd", g.contiguous(), x, scale, lo, hi)
+            res = _Fused.call("bwd", _flat(g), _flat(x), scale.detach(), lo, hi)
             if res is not None:
-                gx, gs = res
+                gx, gs = res[0].reshape(x.shape), res[1]
                 gs = gs.reshape(scale.shape).to(scale.dtype) if ctx.needs_input_grad[1] else None
                 return (gx if ctx.needs_input_grad[0] else None), gs, None, None, None
             t = x / scale  # the compiler failed: the eager backward below

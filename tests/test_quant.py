@@ -131,3 +131,36 @@ def test_ranges():
     assert quant.weight_qrange(8, reduce_range=True) == (-64, 63)
     assert quant.weight_qrange(2) == (-2, 1)
     assert quant.act_qrange(3) == (0, 7)
+
+
+def test_compiled_kernels_compile_once_for_every_shape():
+    """Ranks 2-5, transposed (non-contiguous) inputs, size-1 axes, inputs with and without gradient:
+    one forward and one backward graph in all, and the eager values. A recognizer's [N, C, 1, W] and
+    transposed tensors made 8+ variants and hit torch.compile's recompile limit before."""
+    from torch._dynamo.utils import counters
+
+    saved = quant._Fused.fwd, quant._Fused.bwd
+    quant._Fused.fwd = quant._Fused.bwd = None  # fresh compiled functions
+    before = counters["stats"]["unique_graphs"]
+    try:
+        for shape in [(8, 16, 32, 32), (8, 16, 1, 64), (8, 40, 96), (200, 33), (5, 7, 9, 11, 2)]:
+            for transpose in (False, True):
+                for grad in (False, True):
+                    x = torch.randn(*shape)
+                    x = (x.transpose(0, -1) if transpose else x).requires_grad_(grad)
+                    got = []
+                    for ctx in (quant.compiled(False), _compiled_for_all_sizes()):
+                        with ctx:
+                            xi = x.detach().clone().requires_grad_(grad)
+                            s = torch.tensor(0.1, requires_grad=True)
+                            y = quant.fake_quant(xi, s, torch.tensor(3.0), 0, 15)
+                            y.backward(torch.ones_like(y))
+                            got.append((y.detach(), xi.grad, s.grad))
+                    (y1, gx1, gs1), (y2, gx2, gs2) = got
+                    assert torch.equal(y1, y2) and y2.shape == x.shape
+                    assert gx1 is None and gx2 is None or torch.equal(gx1, gx2)
+                    assert torch.allclose(gs1, gs2, rtol=1e-4, atol=1e-3)
+        assert counters["stats"]["unique_graphs"] - before <= 2  # fewer when an earlier test compiled them
+        assert quant._Fused.broken is None
+    finally:
+        quant._Fused.fwd, quant._Fused.bwd = saved
