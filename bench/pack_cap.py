@@ -7,8 +7,8 @@ The packing rule cuts before each block whose score is the lowest of those left,
 early block scores lowest becomes one pack (EfficientNet-Lite0: 17 of its 23 blocks). Each point is
 a bench/run.py row at one `--iters-total` (equal multiply-accumulates in every row): block, pack with
 no cap, and pack-cap{2,4,8} (`--max-pack-blocks K`). Writes bench/PACK_CAP.md: per model and bits,
-the largest pack, the task metric, quantization and reconstruction minutes, the slowest unit and
-the peak RSS of the row's process.
+the largest pack, the task metric, quantization and reconstruction minutes, the slowest unit, the
+largest unit cache (rows made since the report has it) and the peak RSS of the row's process.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def table(a, task: str) -> list[str]:
             continue
         out += [f"**{task} {b}** ({metric})", "",
                 "| rows | largest unit (blocks) | units | " + metric + " | quantize min | reconstruct min | "
-                "slowest unit min | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+                "slowest unit min | largest unit cache MB | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
         for m in METHODS:
             p = sel.get(m)
             if p is None:
@@ -54,9 +54,11 @@ def table(a, task: str) -> list[str]:
             largest = 1 if m == "block" else max(p.get("pack_blocks") or [0])
             rs = p.get("recon_seconds")
             us = p.get("recon_unit_seconds") or []
+            cache = max(p["recon_cache_mb"]) if p.get("recon_cache_mb") else None
             out.append(f"| {m} | {largest} | {p.get('recon_units', '–')} | {p['scores'][metric]:.4f} | "
                        f"{p['quantize_seconds'] / 60:.1f} | {rs / 60 if rs else float('nan'):.1f} | "
-                       f"{max(us) / 60 if us else float('nan'):.1f} | {p['peak_rss_mb']:.0f} |")
+                       f"{max(us) / 60 if us else float('nan'):.1f} | {'–' if cache is None else f'{cache:.0f}'} | "
+                       f"{p['peak_rss_mb']:.0f} |")
         out.append("")
     return out
 

@@ -184,6 +184,8 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
         res["recon_losses"] = [(u.name, u.loss_before, u.loss_after) for u in units]
         res["recon_seconds"] = rep.reconstruction.seconds
         res["recon_unit_seconds"] = [u.seconds for u in units]
+        res["recon_cache_mb"] = [u.cache_mb for u in units]
+        res["recon_peak_rss_mb"] = [u.peak_rss_mb for u in units]
     if rep.packs:
         res["pack_blocks"] = [len(pk.blocks) for pk in rep.packs]
     if rep.mixed_precision is not None:

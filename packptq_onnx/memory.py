@@ -1,4 +1,5 @@
-"""Hand freed heap memory back to the system between batches (glibc only; a no-op elsewhere).
+"""Process memory: the peak resident size, and freed heap handed back to the system between batches
+(glibc only; a no-op elsewhere).
 
 torch frees a batch's activations to glibc's heap, which keeps them: glibc raises its mmap
 threshold after large frees, so later large blocks come from the heap and fragment it. Over 64
@@ -25,3 +26,10 @@ def trim() -> None:
             _libc = False
     if _libc:
         _libc.malloc_trim(0)
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -26,6 +26,7 @@ from .layers import (
     per_output_rules,
     useful_joins,
 )
+from .memory import peak_rss_mb  # noqa: F401  (bench imports it from here)
 from .mixed import MixedResult
 from .onnx_import import ImportedModel
 from .options import (  # noqa: F401  (pipeline.Options and friends: the names users import)
@@ -294,12 +295,6 @@ def weight_bytes(records) -> dict:
     n = sum(r.w_int.size for r in records) + f
     q = sum(r.w_int.size * r.wbits for r in records) / 8 + 4 * f
     return {"float32": 4 * n, "quantized": int(np.ceil(q)), "elements": int(n)}
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,

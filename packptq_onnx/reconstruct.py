@@ -22,6 +22,7 @@ from .blocks import SHAPE_OPS
 from .convert import module_name
 from .estimate import node_seconds, unit_seconds
 from .layers import is_join
+from .memory import peak_rss_mb
 from .progress import bar, fmt_seconds
 from .quant import compile_failure, compiled
 from .sensitivity import batch_size
@@ -66,6 +67,9 @@ class UnitResult:
     no_gradient: bool = False   # its output does not depend differentiably on what it learns
     gmacs: float = 0.0          # forward compute spent: iterations x batch x unit MACs / 1e9
     nonfinite_steps: int = 0    # steps whose loss or gradients held NaN/inf (those entries were not applied)
+    cache_mb: float = 0.0       # its inputs and targets over the calibration set (unitcache.Cache)
+    cache_on_disk: bool = False  # memory-mapped on disk (above ReconOptions.cache_bytes)
+    peak_rss_mb: float = 0.0    # the process's peak resident memory when the unit had finished
 
 
 @dataclass
@@ -280,7 +284,8 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
         after = evaluate()
     cache.close()
     return UnitResult(unit.name, 0 if no_grad else iters, before, after, time.time() - t0, kept_rtn=kept_rtn,
-                      no_gradient=no_grad, nonfinite_steps=nonfinite)
+                      no_gradient=no_grad, nonfinite_steps=nonfinite, cache_mb=round(cache.bytes / 2**20, 1),
+                      cache_on_disk=cache.on_disk, peak_rss_mb=peak_rss_mb())
 
 
 def _zero_nonfinite(params) -> bool:
@@ -395,7 +400,8 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
         left = sum(est[i + 1:]) * spent / max(estimated, 1e-9)
         eta = f"  ~{fmt_seconds(left)} left" if i + 1 < len(units) else ""
         log(f"  {u.name:<28} {len(u.layers):>3} layers {r.iters:>6} it {r.gmacs:>8.3g} GMAC  "
-            f"loss {r.loss_before:.4g} -> {r.loss_after:.4g}  {r.seconds:.1f} s{kept}{eta}")
+            f"loss {r.loss_before:.4g} -> {r.loss_after:.4g}  {r.seconds:.1f} s  cache {r.cache_mb:.0f} MB"
+            f"{' on disk' if r.cache_on_disk else ''}{kept}{eta}")
         if o.compile and compile_failure() and not noted:
             noted = True
             log(f"note: compiled fake-quant kernels off ({compile_failure()}); eager kernels give the same values, "

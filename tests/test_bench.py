@@ -159,3 +159,29 @@ def test_convergence_table_from_cached_rows(tmp_path):
     cells = [c.strip().split(" ")[0] for c in line.strip("|").split("|")[2:]]
     assert [float(c) for c in cells] == [round(rows[("pack", 8)], 4), round(rows[("pack", 24)], 4)]
     assert (tmp_path / "converge_sample.png").stat().st_size > 0
+
+
+def test_pack_cap_table_from_cached_rows(tmp_path):
+    """bench/pack_cap.py runs block, pack-cap{2,4,8} and pack at one budget and tables them: packs of
+    a capped row hold at most K blocks, and every cell is its cached row's figure."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "pack_cap.py"), "--out", str(tmp_path / "out"),
+           "--results", str(tmp_path), "--models", "sample", "--iters-total", "8", "--samples", "16",
+           "--bits", "W4A4"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = {}
+    for d, _, files in os.walk(tmp_path / "out" / "sample"):
+        for f in files:
+            if f.endswith("-W4A4.json"):
+                r = json.loads(open(os.path.join(d, f)).read())
+                rows[r["method"]] = r
+    assert set(rows) == {"block", "pack-cap2", "pack-cap4", "pack-cap8", "pack"}
+    for k in (2, 4, 8):
+        assert max(rows[f"pack-cap{k}"]["pack_blocks"]) <= k
+    assert sum(rows["pack"]["pack_blocks"]) == sum(rows["pack-cap2"]["pack_blocks"])  # the same blocks
+    md = (tmp_path / "PACK_CAP.md").read_text()
+    for m, r in rows.items():
+        line = next(x for x in md.splitlines() if x.startswith(f"| {m} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert float(cells[3]) == round(r["scores"]["accuracy"], 4)
+        assert float(cells[7]) == round(max(r["recon_cache_mb"]))

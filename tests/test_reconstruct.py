@@ -124,10 +124,18 @@ def test_resume_gives_identical_result(tmp_path, monkeypatch):
 
 
 def test_disk_cache_equals_memory(tmp_path):
-    a, _ = _run("adaround", tmp_path, iters=20)
-    b, _ = _run("adaround", tmp_path, iters=20, cache_bytes=1)
+    a, ra = _run("adaround", tmp_path, iters=20)
+    b, rb = _run("adaround", tmp_path, iters=20, cache_bytes=1)
     for x, y in zip(export_records(a.qls), export_records(b.qls)):
         np.testing.assert_array_equal(x.w_int, y.w_int)
+    # the report's memory figures: the same cache sizes, in memory once and on disk once
+    assert [u.cache_mb for u in ra.units] == [u.cache_mb for u in rb.units]
+    assert not any(u.cache_on_disk for u in ra.units) and all(u.cache_on_disk for u in rb.units)
+    first = next(u for u in ra.units if u.name == a.qls[0].layer.name)  # the first layer: input and its output
+    n, x = a.n_samples, a.calib[a.names[0]]
+    assert first.cache_mb >= round(2 * n * x[0].size * 4 / 2**20, 1)  # inputs (float and quantized) at least
+    rss = [u.peak_rss_mb for u in ra.units]
+    assert rss[0] > 0 and rss == sorted(rss)
 
 
 def test_cli_pack_default_beats_rtn_on_sample(tmp_path):
