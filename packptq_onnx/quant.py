@@ -39,12 +39,13 @@ def act_qrange(bits: int) -> tuple[int, int]:
 class _Fused:
     """Compiled (torch.compile) forms of the fake-quant kernels: one pass over x forward, one pass with
     the scale's reduction backward, where eager runs four and six; on EfficientNet-Lite0 a whole
-    reconstruction iteration costs 1.9x its float forward + backward instead of 2.5x
+    reconstruction iteration costs 1.8x its float forward + backward instead of 2.5x
     (bench/RECON_SPEED.md). They compute the same values as the eager code (tests/test_quant.py);
     the scale gradient's sum may round differently. Used for float32 activations of at least
-    MIN_ELEMENTS with one scale while `compiled(True)` is in force. The first call at each rank
-    compiles (some 20 s on 2 cores); a compiler that fails (no C++ toolchain, an unsupported device)
-    turns them off for the process and the eager kernels take over."""
+    MIN_ELEMENTS with one scale while `compiled(True)` is in force. The first call compiles, once per
+    process (some 20 s on 2 cores; torch's disk cache shortens it later); a compiler that fails (no
+    C++ toolchain, an unsupported device) turns them off for the process and the eager kernels take
+    over."""
     MIN_ELEMENTS = 1 << 12  # smaller tensors: a compiled call costs about what the eager kernels do
     on = False
     broken: str | None = None
