@@ -81,8 +81,13 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
             tag = {"pack": q.pack, "wbits": q.wbits, "abits": q.abits}
             _tag(m, node, tag)
         nodes.append(node)
+        last = node
+        if q is not None and q.branch is not None:
+            extra = _branch_nodes(node, q, const, name)
+            nodes.extend(extra)
+            last = extra[-1]
         if q is not None and q.o_scale is not None:
-            nodes.extend(_output_nodes(node, q, const, name))
+            nodes.extend(_output_nodes(last, q, const, name))
     del g.node[:]
     g.node.extend(_live(nodes, {o.name for o in g.output}))
     if any(n.domain == MS_DOMAIN for n in g.node) and all(o.domain != MS_DOMAIN for o in m.opset_import):
@@ -192,6 +197,20 @@ def _layer_nodes(node, q, const, weight_const, name) -> list:
         nodes, node.input[0] = _act_qdq(node.input[0], q.abits, q.a_scale, q.a_zero, lname, "x", const, name)
         out += nodes
     return out
+
+
+def _branch_nodes(node, q, const, name) -> list:
+    """The low-rank side branch: output = layer(x) + (x @ first) @ second, float, on the layer's
+    (dequantized) input; the Add comes last, so an output quantizer goes after it."""
+    lname, y = q.layer.name, node.output[0]
+    main = name(f"{lname}.y_main")
+    node.output[0] = main
+    first = const(f"{lname}.lowrank_first", q.branch[0].astype(np.float32))
+    second = const(f"{lname}.lowrank_second", q.branch[1].astype(np.float32))
+    h, d = name(f"{lname}.lowrank_h"), name(f"{lname}.lowrank_y")
+    return [helper.make_node("MatMul", [node.input[0], first], [h], name=name(f"{lname}.lowrank_MatMul")),
+            helper.make_node("MatMul", [h, second], [d], name=name(f"{lname}.lowrank_MatMul")),
+            helper.make_node("Add", [main, d], [y], name=name(f"{lname}.lowrank_Add"))]
 
 
 def _output_nodes(node, q, const, name) -> list:

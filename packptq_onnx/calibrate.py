@@ -12,11 +12,13 @@ from __future__ import annotations
 import torch
 
 from . import memory, state
-from .layers import is_join, output_rules, post_activations, read_only_by_layers
+from .layers import after_softmax, is_join, output_rules, post_activations, read_only_by_layers
 from .qlayer import Links, Stats, is_depthwise
 
 SAMPLE_PER_BATCH = 1 << 14  # activation values kept per batch for the range search
 SAMPLE_TOTAL = 1 << 16      # and in all: 80 Lp candidates over 65k values, ~0.1 s per quantizer
+FOCUS_SAMPLES = 32          # samples of (probabilities, v) kept per attention MatMul for the focus search
+SOFTMAX_QUANT = ("uniform", "focus")
 
 
 class _Recorder:
@@ -52,7 +54,8 @@ class _Recorder:
 
 @torch.no_grad()
 def calibrate(gm, qls: list, model, batches, wbits, abits, reduce_range: bool, seed: int,
-              progress=None, output_bits: int | None = 8, bias_correction: bool = True) -> None:
+              progress=None, output_bits: int | None = 8, bias_correction: bool = True,
+              softmax_quant: str = "uniform") -> None:
     """RTN initialisation: weight scales by Lp search, activation ranges from float calibration data.
 
     wbits / abits: an int for all layers or a dict layer-name -> bits. output_bits: an output
@@ -62,7 +65,9 @@ def calibrate(gm, qls: list, model, batches, wbits, abits, reduce_range: bool, s
     calibrated on the clipped values, and a layer reading that tensor (or the output itself) at the
     same bits shares the quantizer (state.tie_inputs). A tensor read by quantized layers only
     (layers.read_only_by_layers) takes its readers' bits when they agree, so a W4A4 chain is
-    quantized once per tensor, at 4 bits. bias_correction: keep each correctable layer's mean input."""
+    quantized once per tensor, at 4 bits. bias_correction: keep each correctable layer's mean input.
+    softmax_quant "focus": the probabilities entering attention's probs @ v MatMuls get the range
+    that minimises the error of their product (quant.search_focus) instead of the Lp search."""
     layers = [q.layer for q in qls]
     float_outputs = set(output_rules(model, layers, output_bits))
     post_act = post_activations(model, layers)
@@ -73,6 +78,15 @@ def calibrate(gm, qls: list, model, batches, wbits, abits, reduce_range: bool, s
 
     record = _Recorder(seed)
     sums: dict = {}
+    focus = after_softmax(model, layers) if softmax_quant == "focus" else set()
+    pairs: dict = {}  # focus layer name -> [(probs, v) batches]
+
+    def keep_pair(q, args):
+        kept = pairs.setdefault(q.layer.name, [])
+        left = FOCUS_SAMPLES - sum(len(p) for p, _ in kept)
+        same = not kept or (kept[0][0].shape[1:] == args[0].shape[1:] and kept[0][1].shape[1:] == args[1].shape[1:])
+        if left > 0 and same and args[0].dim() >= 3 and args[0].shape[0] == args[1].shape[0]:
+            kept.append((args[0][:left].detach().float().cpu(), args[1][:left].detach().float().cpu()))
 
     def mean_input(q, x):
         s, n = sums.get(q.layer.name, (0.0, 0))
@@ -88,6 +102,8 @@ def calibrate(gm, qls: list, model, batches, wbits, abits, reduce_range: bool, s
                 mean_input(q, args[0])
             if q.layer.act_input2 is not None:
                 record(("in2", q.layer.name), args[1])
+            if q.layer.name in focus:
+                keep_pair(q, args)
         return hook
 
     def output(q):
@@ -100,7 +116,7 @@ def calibrate(gm, qls: list, model, batches, wbits, abits, reduce_range: bool, s
     for q in qls:
         state.clear(q)
         q.reduce_range, q.initial, q.in_mean = reduce_range and not is_depthwise(q), {}, None
-        q.act_stats = q.act_stats2 = None
+        q.act_stats = q.act_stats2 = q.focus = None
         state.set_bits(q, bits(wbits, q.layer.name), None)
     watched = [q for q in qls if output_bits is not None and q.layer.output not in float_outputs]
     with state.capture(pre=[(q, inputs(q)) for q in qls], post=[(q, output(q)) for q in watched]):
@@ -113,6 +129,8 @@ def calibrate(gm, qls: list, model, batches, wbits, abits, reduce_range: bool, s
             q.in_mean = sums[q.layer.name][0] / sums[q.layer.name][1]
         q.act_stats = record.stats(q.layer.name)
         q.act_stats2 = record.stats(("in2", q.layer.name))
+        got = pairs.get(q.layer.name)
+        q.focus = (torch.cat([p for p, _ in got]), torch.cat([v for _, v in got])) if got else None
         state.set_bits(q, None, bits(abits, q.layer.name))
         q.links = Links()
         out = record.stats(("out", q.layer.name))

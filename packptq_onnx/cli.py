@@ -80,7 +80,22 @@ def _recon_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-pack-blocks", type=int, help="cap on blocks per pack (default: no cap)")
     g.add_argument("--no-compile", action="store_true", help="eager fake-quant kernels only (default: compiled "
                    "with torch.compile where a C++ compiler works; same values, some 1.5x faster)")
+    g.add_argument("--lowrank", type=_rank, help="low-rank compensation of MatMul/Gemm weights: a rank, or "
+                   "'auto' (from each layer's shape); learned with the rounding, merged into the exported weights")
+    g.add_argument("--lowrank-form", choices=("merged", "branch"), default=d.lowrank_form,
+                   help="merged (default): B·A is rounded into the weights, no extra op; branch: B·A stays a "
+                   "float side branch (two small MatMuls and an Add per layer, slower)")
+    g.add_argument("--lr-lowrank", type=float, default=d.lr_lowrank, help="Adam step of the low-rank weights")
     g.add_argument("--resume", action="store_true", help="continue from OUT.onnx.ckpt after an interruption")
+
+
+def _rank(text: str):
+    from .lowrank import parse
+
+    try:
+        return parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive rank or 'auto', got {text!r}") from None
 
 
 def _ints(text: str) -> tuple:
@@ -157,6 +172,9 @@ def parser() -> argparse.ArgumentParser:
                    help="an 8-bit activation quantizer predicted (first order) to cost an output more than this "
                    "share of its energy on its own stays float; the same estimate picks each one's range "
                    "(searched or min-max) (default 0.002; 0: both off)")
+    q.add_argument("--softmax-quant", choices=("uniform", "focus"), default="uniform",
+                   help="range of the probabilities entering attention's probs @ v: uniform (Lp search on the "
+                   "probabilities, default) or focus (the interval that minimises the error of probs @ v)")
     q.add_argument("--full-range-weights", action="store_true",
                    help="8-bit weights in [-128,127] whatever the target (not exact on AVX2 CPUs without VNNI)")
     _task_args(q)
@@ -246,7 +264,8 @@ def cmd_quantize(a) -> int:
     hw, goal = _targets(a)
     recon = ReconOptions(iters=a.iters, iters_total=a.iters_total, batch_size=a.batch_size or DEFAULT_BATCH,
                          lr_round=a.lr_round, lr_scale=a.lr_scale, round_weight=a.round_weight,
-                         drop_prob=a.drop_prob, compile=not a.no_compile)
+                         drop_prob=a.drop_prob, compile=not a.no_compile, lowrank=a.lowrank,
+                         lowrank_form=a.lowrank_form, lr_lowrank=a.lr_lowrank)
     opts = Options(wbits=a.wbits, abits=a.abits, method=a.method, seed=a.seed, device=a.device,
                    batch_size=a.batch_size, calib_samples=a.calib_samples,
                    reduce_range=targets.reduce_range(hw) and not a.full_range_weights,
@@ -255,7 +274,7 @@ def cmd_quantize(a) -> int:
                    storage=a.storage, output_bits=None if a.no_output_quant else 8, strict=a.strict,
                    joins=not a.no_joins, input_shapes=_shapes(a), batch_axes=_axes(a),
                    bias_correction=not a.no_bias_correction, task=a.task,
-                   metric=a.metric, guard=a.guard)
+                   metric=a.metric, guard=a.guard, softmax_quant=a.softmax_quant)
     if a.plot and not opts.mixed.enabled:
         raise UsageError("--plot shows the mixed-precision choice: give a limit (--budget, --avg-wbits, "
                          "--avg-abits, --bops) or an accuracy --target")
@@ -268,7 +287,8 @@ def cmd_quantize(a) -> int:
     wb = report.weight_bytes
     worst = max(p["max_code_diff"] for p in report.parity)
     over = max(p["over_one"] for p in report.parity)
-    print(f"wrote {a.output}: weights {wb['float32'] / 1e3:.1f} kB -> {wb['quantized'] / 1e3:.1f} kB; "
+    branch = f" + {wb['lowrank_branch'] / 1e3:.1f} kB float low-rank branches" if wb.get("lowrank_branch") else ""
+    print(f"wrote {a.output}: weights {wb['float32'] / 1e3:.1f} kB -> {wb['quantized'] / 1e3:.1f} kB{branch}; "
           f"onnxruntime vs simulation: max {worst} output code(s) apart"
           + (f" ({100 * over:.3f}% of values more than one)" if worst > 1 else "")
           + f", layer by layer max {report.parity_layers['max_code_diff']}"

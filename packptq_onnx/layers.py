@@ -143,6 +143,7 @@ class LayerQuant:
     input2_from: str | None = None  # the same for a join's second input
     pack: int | None = None
     float_weights: int = 0  # weight elements left float (a layer fallen back to float)
+    branch: tuple | None = None  # low-rank side branch (first, second): output += (input @ first) @ second
 
 
 # transformer float ops that an 8-bit output quantizer in front of them only hurts: normalisation,
@@ -329,3 +330,19 @@ def per_output_rules(model, qls, rules) -> dict:
         for o in outs:
             res[o].append({"layer": q.layer.name, "rule": rule})
     return res
+
+
+def after_softmax(model, layers: list[Layer]) -> set[str]:
+    """Activation x activation MatMuls whose first input is a Softmax output (through data movement
+    only): attention's probabilities @ v, where the focus quantizer may choose the input range."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = set()
+    for l in layers:
+        if l.has_weight or l.op != "MatMul" or l.act_input2 is None:
+            continue
+        node = producer.get(l.act_input)
+        while node is not None and node.op_type in MOVES:
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type == "Softmax":
+            out.add(l.name)
+    return out

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .calibrate import SOFTMAX_QUANT
 from .errors import UsageError
 from .exporters.qdq import STORAGES
 from .mixed import MixedOptions
@@ -48,6 +49,7 @@ class Options:
     task: str | None = None    # task metric for --eval (packptq_onnx.tasks); None: guessed
     guard: float = 0.002       # 8-bit activation quantizers predicted to cost more output NSR stay float
     metric: str | None = None  # --metric module:function, called with float and quantized outputs
+    softmax_quant: str = "uniform"  # "focus": post-Softmax ranges chosen for attention's output (calibrate)
 
 
 METHODS = ("rtn", "adaround", "block", "pack")
@@ -67,6 +69,15 @@ def check_options(o: Options) -> None:
         raise UsageError("--iters and --iters-total must not be negative")
     if not 0.0 <= r.drop_prob <= 1.0:
         raise UsageError("--drop-prob must be between 0 and 1")
+    if o.softmax_quant not in SOFTMAX_QUANT:
+        raise UsageError(f"--softmax-quant must be one of {', '.join(SOFTMAX_QUANT)}, got {o.softmax_quant!r}")
+    if r.lowrank is not None:
+        if o.method == "rtn":
+            raise UsageError("--lowrank is learned during reconstruction: use --method adaround, block or pack")
+        if r.lowrank != "auto" and not (isinstance(r.lowrank, int) and r.lowrank >= 1):
+            raise UsageError(f"--lowrank must be a positive rank or 'auto', got {r.lowrank!r}")
+    if r.lowrank_form not in ("merged", "branch"):
+        raise UsageError(f"--lowrank-form must be merged or branch, got {r.lowrank_form!r}")
     if o.max_pack_blocks is not None and o.max_pack_blocks < 1:
         raise UsageError("--max-pack-blocks must be at least 1")
     if o.storage not in STORAGES:

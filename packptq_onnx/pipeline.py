@@ -137,7 +137,7 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     p.output_rules = output_rules(imp.model, layers, opts.output_bits)
     calibrate(gm, qls, imp.model, p.calib_batches(opts), opts.wbits, opts.abits, opts.reduce_range, opts.seed,
               progress=lambda it: bar(it, "calibrate", -(-p.n_samples // opts.batch_size)),
-              output_bits=opts.output_bits, bias_correction=opts.bias_correction)
+              output_bits=opts.output_bits, bias_correction=opts.bias_correction, softmax_quant=opts.softmax_quant)
     if opts.guard:
         p.min_max, p.kept_float = guard.apply(p, opts, log)
     p.seconds = time.time() - t0
@@ -290,11 +290,12 @@ def reconstruct_model(p: Prepared, opts: Options, ckpt: str, log=print, analysis
 
 def weight_bytes(records) -> dict:
     """Weight bytes of the quantized layers: float32, and as written (layers fallen back to float at
-    4 bytes per weight)."""
+    4 bytes per weight; low-rank side branches are float: their bytes are counted apart)."""
     f = sum(r.float_weights for r in records)
     n = sum(r.w_int.size for r in records) + f
     q = sum(r.w_int.size * r.wbits for r in records) / 8 + 4 * f
-    return {"float32": 4 * n, "quantized": int(np.ceil(q)), "elements": int(n)}
+    branch = sum(4 * (r.branch[0].size + r.branch[1].size) for r in records if r.branch is not None)
+    return {"float32": 4 * n, "quantized": int(np.ceil(q)), "elements": int(n), "lowrank_branch": branch}
 
 
 def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,

@@ -64,6 +64,7 @@ class QuantLayer(nn.Module):
         # calibration statistics, to rebuild the input quantizers at other bits
         self.act_stats: Stats | None = None
         self.act_stats2: Stats | None = None
+        self.focus: tuple | None = None  # (probs, v) samples: the focus quantizer's input range (calibrate)
         self.reduce_range = True
         self.initial = {}  # ("w"|"a", bits) -> round-to-nearest parameters, computed once
         self.links = Links()

@@ -222,9 +222,46 @@ def search_act_params(sample: torch.Tensor, lo: float, hi: float, qmin: int, qma
     return best
 
 
+FOCUS_CANDIDATES = 64  # upper ends max * 2^(-k/8), k < 64: down to max / 256
+
+
+@torch.no_grad()
+def search_focus(probs: torch.Tensor, v: torch.Tensor, hi: float, qmin: int, qmax: int, extra=()):
+    """(scale, zero point) of a post-Softmax probability quantizer that minimises the squared error
+    of the attention output probs @ v, not of the probabilities (docs/METHOD.md, "Focus quantizer").
+
+    A uniform QDQ grid on non-negative values always starts at 0 (the zero point is a code), so
+    the interval to choose is [0, c]: probabilities above c saturate at c. A small c gives the many
+    small probabilities their own levels, a large one keeps the few large ones; the attention
+    output's error weighs both by the values they multiply. `extra`: more (scale, zero point)
+    candidates, e.g. the Lp search's choice, so the result is never worse than it on this error."""
+    probs, v = probs.float(), v.float()
+    ref = probs @ v
+    best, best_err = act_params(0.0, hi, qmin, qmax), float("inf")
+    cands = [act_params(0.0, hi * 2.0 ** (-k / 8), qmin, qmax) for k in range(FOCUS_CANDIDATES)] + list(extra)
+    for s, z in cands:
+        q = fake_quant(probs, torch.tensor(s, dtype=torch.float32), z, qmin, qmax)
+        err = float((q @ v - ref).pow(2).sum())
+        if err < best_err:
+            best, best_err = (s, z), err
+    return best
+
+
 class WeightQuantizer(nn.Module):
     """Per-channel symmetric weight quantizer; round to nearest, or AdaRound (soft while learning,
-    hard = floor(w/s) + (V >= 0) once learned: the hard integers are what is exported)."""
+    hard = floor(w/s) + (V >= 0) once learned: the hard integers are what is exported).
+
+    Low-rank compensation (AIQViT's idea, merged form; docs/METHOD.md "Low-rank compensation"): a
+    learnable B·A, in units of the weight's steps, is added to w/s, so a whole low-rank direction can
+    move by more than AdaRound's one step up or down. It learns first, through round-to-nearest with
+    a straight-through gradient; then `fix_lowrank` freezes it as a shift and AdaRound rounds
+    w/s + shift. This order is a curriculum: learning both at once, floor(w/s + B·A) jumped a whole
+    step whenever B·A carried an element across an integer while V still held its old fraction. The
+    exported integers hold the shift: no extra op.
+
+    Side-branch form (`branch=True`): B·A stays float beside the rounded weight, learned jointly
+    with V from the start (it never moves the rounding): the layer computes x·(Ŵ + s·B·A), and the
+    writer adds (x·first)·second to the layer's output (`branch_factors`)."""
 
     def __init__(self, w: torch.Tensor, axis: int, bits: int, reduce_range: bool, scale=None):
         super().__init__()
@@ -235,38 +272,88 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("scale", scale.clone())
         self.alpha: nn.Parameter | None = None
         self.soft = False
+        self.lr_a: nn.Parameter | None = None  # low-rank compensation B·A while it learns (2-D weights only)
+        self.lr_b: nn.Parameter | None = None
+        self.shift: torch.Tensor | None = None  # B·A once fixed, in steps: what AdaRound then rounds
+        self.rank = 0
+        self.branch = False  # B·A is a float side branch, not rounded
 
     def s(self, ndim: int) -> torch.Tensor:
         return channel_view(self.scale, self.axis, ndim)
 
+    def base(self, w: torch.Tensor) -> torch.Tensor:
+        """w / s plus the low-rank compensation (learning or fixed), in steps."""
+        x = w / self.s(w.dim())
+        if self.lr_a is not None and not self.branch:
+            return x + self.lr_b @ self.lr_a
+        return x if self.shift is None else x + self.shift
+
     def init_adaround(self, w: torch.Tensor) -> None:
-        """V such that h(V) equals the fractional part of w/s."""
-        x = w.detach() / self.s(w.dim())
+        """V such that h(V) equals the fractional part of w/s (+ shift)."""
+        x = self.base(w.detach()).detach()
         rest = (x - torch.floor(x)).clamp(1e-4, 1 - 1e-4)
-        self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        v = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
+        if self.alpha is None:
+            self.alpha = nn.Parameter(v)
+        else:  # the same parameter object: an optimiser may hold it
+            self.alpha.data.copy_(v)
         self.soft = True
+
+    def init_lowrank(self, w: torch.Tensor, rank: int, gen: torch.Generator, branch: bool = False) -> None:
+        """B·A of rank `rank` for a 2-D weight; B = 0, so nothing changes until it learns (A random
+        with unit-variance entries of B·A per unit of B: LoRA's start, in steps)."""
+        d0, d1 = w.shape
+        r = max(1, min(rank, d0, d1))
+        a = torch.randn(r, d1, generator=gen, device=gen.device) / r ** 0.5
+        self.lr_a = nn.Parameter(a.to(w.device))
+        self.lr_b = nn.Parameter(torch.zeros(d0, r, device=w.device))
+        self.rank, self.branch = r, branch
+
+    def fix_lowrank(self, w: torch.Tensor) -> None:
+        """B·A stops learning and becomes a fixed shift of w/s; AdaRound's V (if any) starts again
+        from the fractional part of w/s + shift, so the soft weight is w + s·shift."""
+        self.shift = (self.lr_b @ self.lr_a).detach()
+        self.lr_a = self.lr_b = None
+        if self.alpha is not None:
+            self.init_adaround(w)
 
     def harden(self) -> None:
         """Learning is over: round by the sign of V from now on (what is exported)."""
         self.soft = False
 
     def round_to_nearest(self) -> None:
-        """Forget what AdaRound learned: plain rounding again."""
+        """Forget what AdaRound and the low-rank compensation learned: plain rounding again."""
         self.alpha, self.soft = None, False
+        self.lr_a = self.lr_b = self.shift = None
+        self.rank, self.branch = 0, False
 
     def h(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def integer(self, w: torch.Tensor) -> torch.Tensor:
         """Integer weight exactly as exported."""
-        x = w / self.s(w.dim())
+        x = self.base(w)
+        if self.lr_a is not None and not self.branch:  # B·A learning: round to nearest, straight through
+            return torch.clamp(x + (torch.round(x) - x).detach(), self.qmin, self.qmax)
         if self.alpha is None:
             return torch.clamp(torch.round(x), self.qmin, self.qmax)
         up = self.h() if self.soft else (self.alpha >= 0).to(x.dtype)
         return torch.clamp(torch.floor(x.detach()) + up, self.qmin, self.qmax)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return self.integer(w) * self.s(w.dim())
+        out = self.integer(w) * self.s(w.dim())
+        if self.branch:  # the float side branch, in weight units
+            out = out + (self.lr_b @ self.lr_a) * self.s(w.dim())
+        return out
+
+    @torch.no_grad()
+    def branch_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first, second) with x @ first @ second = the branch's part of the layer output, for a
+        2-D ONNX weight read as x @ W (axis 1: MatMul, Gemm transB=0) or x @ W^T (axis 0)."""
+        b, a = self.lr_b.detach(), self.lr_a.detach()
+        if self.axis == 1:  # W [K, N], B·A * s over columns
+            return b, a * self.scale[None, :]
+        return a.T, (b * self.scale[:, None]).T  # W [N, K]: x @ (s * B·A)^T
 
 
 class ActQuantizer(nn.Module):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from . import state
+from . import lowrank, state
 from .blocks import SHAPE_OPS
 from .convert import module_name
 from .estimate import node_seconds, unit_seconds
@@ -43,6 +43,10 @@ class ReconOptions:
     eval_samples: int = 256
     cache_bytes: int | None = None  # above this, unit caches go to disk (memory-mapped)
     compile: bool = True  # compiled fake-quant kernels while learning (quant._Fused); --no-compile: eager
+    lowrank: int | str | None = None  # low-rank compensation of MatMul/Gemm weights: a rank or "auto" (lowrank.py)
+    lr_lowrank: float = 1e-2  # its Adam step (B·A is in weight steps)
+    lowrank_share: float = 0.5  # merged: B·A learns in this first share of a unit's iterations, AdaRound after
+    lowrank_form: str = "merged"  # "branch": B·A stays a float side branch, learned with AdaRound throughout
 
 
 @dataclass
@@ -70,6 +74,7 @@ class UnitResult:
     cache_mb: float = 0.0       # its inputs and targets over the calibration set (unitcache.Cache)
     cache_on_disk: bool = False  # memory-mapped on disk (above ReconOptions.cache_bytes)
     peak_rss_mb: float = 0.0    # the process's peak resident memory when the unit had finished
+    lowrank_layers: int = 0     # layers that kept a low-rank compensation (--lowrank)
 
 
 @dataclass
@@ -229,9 +234,18 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     rtn_scales = [x.scale.detach().clone() for x in act_qs]
     for q in weighted:
         q.wq.init_adaround(q.weight)
+    branch = o.lowrank_form == "branch"
+    comp = [q for q in weighted if lowrank.eligible(q, o.lowrank_form)] if o.lowrank is not None else []
+    gen_cpu = torch.Generator().manual_seed(seed)
+    for q in comp:
+        q.wq.init_lowrank(q.weight, lowrank.rank_for(q, o.lowrank), gen_cpu, branch=branch)
     params_v = [q.wq.alpha for q in weighted]
+    params_l = [p for q in comp for p in (q.wq.lr_a, q.wq.lr_b)]
     params_s = [x.scale for x in act_qs]
     opt_v = torch.optim.Adam(params_v, lr=o.lr_round) if params_v else None
+    opt_l = torch.optim.Adam(params_l, lr=o.lr_lowrank) if params_l else None
+    fix_at = -1 if branch else int(o.lowrank_share * iters)
+    late = set() if branch else set(comp)  # their AdaRound runs after the low-rank phase
     opt_s = torch.optim.Adam(params_s, lr=o.lr_scale) if params_s else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(iters, 1), eta_min=0) if opt_s else None
     it = bar(range(iters), unit.name, iters)
@@ -251,20 +265,31 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
             if not rec.requires_grad:  # e.g. everything it learns feeds an op that runs in onnxruntime
                 no_grad = True
                 break
+            if comp and t == fix_at:  # the curriculum's second half: B·A fixed, AdaRound rounds w/s + B·A
+                for q in comp:
+                    q.wq.fix_lowrank(q.weight)
+                opt_l, params_l = None, []
             b = _beta(t, iters, o)
-            reg = sum((1 - (2 * q.wq.h() - 1).abs().pow(b)).sum() for q in weighted) if b is not None else 0.0
+            # merged low-rank layers start AdaRound at fix_at: their warm-up and beta schedule start there
+            b_late = _beta(t - fix_at, iters - fix_at, o) if comp and not branch and t >= fix_at else None
+            reg = 0.0
+            for q in weighted:
+                bq = b_late if q in late else b
+                if bq is not None and (q.wq.lr_a is None or q.wq.branch):
+                    reg = reg + (1 - (2 * q.wq.h() - 1).abs().pow(bq)).sum()
             loss = rec + o.round_weight * reg
-            for opt in (opt_v, opt_s):
+            for opt in (opt_v, opt_l, opt_s):
                 if opt:
                     opt.zero_grad()
             if not torch.isfinite(loss):  # skip the step: nothing is learned from a diverged batch
                 nonfinite += 1
                 continue
             loss.backward()
-            if _zero_nonfinite(params_v + params_s):
+            if _zero_nonfinite(params_v + params_l + params_s):
                 nonfinite += 1
-            if opt_v:
-                opt_v.step()
+            for opt in (opt_v, opt_l):
+                if opt:
+                    opt.step()
             if opt_s:
                 opt_s.step()
                 sched.step()
@@ -272,6 +297,9 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
                     p.data.clamp_(min=1e-8)
             if t % 10 == 0 and hasattr(it, "set_postfix"):
                 it.set_postfix(loss=f"{float(rec.detach()):.4g}")
+    for q in comp:
+        if q.wq.lr_a is not None and not q.wq.branch:  # fewer iterations than the curriculum's first half
+            q.wq.fix_lowrank(q.weight)
     for q in weighted:
         q.wq.harden()
     after = evaluate()
@@ -285,7 +313,8 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     cache.close()
     return UnitResult(unit.name, 0 if no_grad else iters, before, after, time.time() - t0, kept_rtn=kept_rtn,
                       no_gradient=no_grad, nonfinite_steps=nonfinite, cache_mb=round(cache.bytes / 2**20, 1),
-                      cache_on_disk=cache.on_disk, peak_rss_mb=peak_rss_mb())
+                      cache_on_disk=cache.on_disk, peak_rss_mb=peak_rss_mb(),
+                      lowrank_layers=sum(q.wq.rank > 0 for q in comp))
 
 
 def _zero_nonfinite(params) -> bool:
@@ -365,6 +394,7 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
     unit_costs(units, qls, gm, first, o.iters_total)
     iters = split_iters(units, o)
     fingerprint = json.dumps({"units": [u.name for u in units], "iters": iters, "seed": seed,
+                              "lowrank": [o.lowrank, o.lowrank_form],
                               "layers": [q.layer.name for q in qls],
                               "bits": [(q.wq.bits if q.wq else None, q.aq.bits if q.aq else None) for q in qls],
                               "bias_correction": [q.in_mean is not None for q in qls]})
@@ -396,6 +426,8 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
             kept = "  (skipped: no gradient reaches its output; kept round-to-nearest)"
         if r.nonfinite_steps:
             kept += f"  ({r.nonfinite_steps} steps with NaN/inf gradients: those entries set to 0)"
+        if r.lowrank_layers:
+            kept += f"  low-rank {r.lowrank_layers} layers"
         spent, estimated = spent + r.seconds, estimated + est[i]
         left = sum(est[i + 1:]) * spent / max(estimated, 1e-9)
         eta = f"  ~{fmt_seconds(left)} left" if i + 1 < len(units) else ""

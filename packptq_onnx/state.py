@@ -94,6 +94,9 @@ def set_bits(q: QuantLayer, wbits: int | None, abits: int | None) -> None:
         key = (tag, abits)
         if key not in q.initial:
             q.initial[key] = quant.search_act_params(stats.sample, stats.lo, stats.hi, *quant.act_qrange(abits))
+            if attr == "aq" and q.focus is not None:  # attention probabilities: judged on probs @ v
+                q.initial[key] = quant.search_focus(*q.focus, stats.hi, *quant.act_qrange(abits),
+                                                    extra=[q.initial[key]])
         setattr(q, attr, ActQuantizer(abits, *q.initial[key]).to(q.weight.device))
     fit_bias(q)
 
@@ -197,10 +200,14 @@ def isolate(q: QuantLayer, part: str) -> None:
 
 
 def learned(qls) -> dict:
-    """What reconstruction learned, per layer (AdaRound's V, the LSQ scales), for a checkpoint."""
+    """What reconstruction learned, per layer (AdaRound's V, the fixed low-rank shift, the LSQ
+    scales), for a checkpoint."""
     st = {}
     for q in qls:
         st[q.layer.name] = {"alpha": None if q.wq is None or q.wq.alpha is None else q.wq.alpha.detach().cpu(),
+                            "shift": None if q.wq is None or q.wq.shift is None else (q.wq.shift.cpu(), q.wq.rank),
+                            "branch": None if q.wq is None or not q.wq.branch else (q.wq.lr_a.detach().cpu(),
+                                                                                   q.wq.lr_b.detach().cpu()),
                             "a2scale": None if q.aq2 is None else q.aq2.scale.detach().cpu(),
                             "ascale": None if q.aq is None else q.aq.scale.detach().cpu(),
                             "oscale": None if q.oq is None else q.oq.scale.detach().cpu()}
@@ -214,6 +221,11 @@ def load_learned(qls, st: dict) -> None:
         if s["alpha"] is not None:
             q.wq.alpha = torch.nn.Parameter(s["alpha"].to(q.weight.device))
             q.wq.harden()
+        if s.get("shift") is not None:
+            q.wq.shift, q.wq.rank = s["shift"][0].to(q.weight.device), s["shift"][1]
+        if s.get("branch") is not None:
+            q.wq.lr_a, q.wq.lr_b = (torch.nn.Parameter(t.to(q.weight.device)) for t in s["branch"])
+            q.wq.rank, q.wq.branch = q.wq.lr_a.shape[0], True
         if s["ascale"] is not None:
             q.aq.scale.data.copy_(s["ascale"])
         if s["oscale"] is not None:
