@@ -149,8 +149,9 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
     method = "pack" if row.mixed else row.method.split("-")[0]  # pack-fine, pack-cap4, rtn-fullrange, ...
     o = Options(reduce_range=not row.full_range, wbits=row.wbits, abits=row.abits, method=method, seed=cfg["seed"],
                 calib_samples=cfg["calib_samples"], batch_size=min(cfg["batch_size"], cfg["calib_samples"]),
-                recon=ReconOptions(iters_total=cfg["iters_total"],
+                recon=ReconOptions(iters_total=cfg["iters_total"], lowrank=row.lowrank, lowrank_form=row.lowrank_form,
                                    batch_size=min(cfg["batch_size"], cfg["calib_samples"])),
+                softmax_quant=row.softmax_quant,
                 # a row killed mid-reconstruction continues from OUT.onnx.ckpt when rerun
                 resume=True, device=cfg.get("device", "cpu"))
     shapes = {}

@@ -23,6 +23,9 @@ class Row:
     mixed: bool = False        # ours: pack + mixed precision at the weight bytes of uniform W{wbits}
     full_range: bool = False   # ours: --full-range-weights (8-bit weights in [-128, 127], as onnxruntime's)
     max_pack_blocks: int | None = None  # ours: --max-pack-blocks (finer packs give the allocation room)
+    lowrank: int | str | None = None  # ours: --lowrank (low-rank compensation, issue 27)
+    lowrank_form: str = "merged"      # ours: --lowrank-form
+    softmax_quant: str = "uniform"    # ours: --softmax-quant (focus: post-Softmax range for probs @ v)
 
     @property
     def bits(self) -> str:
@@ -52,6 +55,15 @@ def all_rows() -> list[Row]:
     for k in CAPS:  # packs of at most k blocks (issue 24, item 5: bench/pack_cap.py)
         for w, a in ((4, 8), (4, 4)):
             rows.append(Row(f"pack-cap{k}-W{w}A{a}", "ours", f"pack-cap{k}", w, a, max_pack_blocks=k))
+    for w, a in ((8, 8), (4, 4), (3, 3)):  # transformers (issue 27): each component alone and both
+        for tag, lr, sq in (("lrauto", "auto", "uniform"), ("focus", None, "focus"),
+                            ("lrauto-focus", "auto", "focus"), ("lr8", 8, "uniform"), ("lr32", 32, "uniform"),
+                            ("lrbranch", "auto", "uniform"), ("lrbranch-focus", "auto", "focus")):
+            if w == 8 and tag in ("lr8", "lr32"):
+                continue
+            form = "branch" if tag.startswith("lrbranch") else "merged"
+            rows.append(Row(f"pack-{tag}-W{w}A{a}", "ours", f"pack-{tag}", w, a, lowrank=lr, lowrank_form=form,
+                            softmax_quant=sq))
     return rows
 
 

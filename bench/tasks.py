@@ -148,6 +148,17 @@ def score_minilm(outputs, float_outputs, labels, info) -> dict:
     return {k: v for k, v in res.items() if v is not None and k != "cosine_to_float"}  # = the harness's cosine
 
 
+# ViT on scikit-learn digits (bench/vit_digits.py) -----------------------------------------------------
+def build_vit(work, models_dir, cfg) -> dict:
+    import vit_digits
+    d = vit_digits.build(work, seed=cfg["seed"], log=lambda *_: None)
+    return {"model": d["model"], "calib": d["calib"], "eval": d["eval"], "float_accuracy": d["accuracy"]}
+
+
+def score_vit(outputs, float_outputs, labels, info) -> dict:
+    return classifier_scores(outputs[0], float_outputs[0], labels)
+
+
 TASKS = {t.name: t for t in [
     Task("sample", "digits ResNet (samples/digits_resnet.onnx, 540 held-out scikit-learn digits)",
          build_sample, score_sample, ("accuracy",), (512, 128), (4000, 800)),
@@ -166,5 +177,8 @@ TASKS = {t.name: t for t in [
          ort_op_types=("MatMul", "Gemm"),
          notes="onnxruntime rows quantize MatMul/Gemm only: with every op type quantize_static also quantizes "
                "the attention-mask Add (-3.4e38 on padding) and the model collapses (bench/minilm.py)."),
+    Task("vit", "ViT trained on scikit-learn digits (bench/vit_digits.py; 540 held-out digits)", build_vit,
+         score_vit, ("accuracy",), (512, 128), (4000, 800), module="vit_digits", needs=("build",)),
 ]}
-DATA_SIZES = {"sample": None, "cls": (256, 500), "rec": (256, 500), "effnet": (256, 500), "minilm": (512, None)}
+DATA_SIZES = {"sample": None, "cls": (256, 500), "rec": (256, 500), "effnet": (256, 500), "minilm": (512, None),
+              "vit": None}

@@ -185,3 +185,31 @@ def test_pack_cap_table_from_cached_rows(tmp_path):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert float(cells[3]) == round(r["scores"]["accuracy"], 4)
         assert float(cells[7]) == round(max(r["recon_cache_mb"]))
+
+
+def test_transformer_table_bootstrap_against_brute_force():
+    """bench/transformer_table.py: the paired bootstrap's Spearman differences equal scipy's on each
+    resample, a row compared with itself differs by exactly 0, and a clearly better row's interval
+    lies above 0."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import transformer_table as tb
+    finally:
+        sys.path.pop(0)
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    human = rng.normal(size=300)
+    good, bad = human + 0.3 * rng.normal(size=300), human + 2.0 * rng.normal(size=300)
+    idx = rng.integers(300, size=(5, 300))
+    d = tb.spearman_boot(good, bad, human, idx)
+    want = [spearmanr(good[i], human[i])[0] - spearmanr(bad[i], human[i])[0] for i in idx]
+    assert np.allclose(d, want)
+    items = {"_human": {"b": human}, "pack-W4A4": {"b": bad}, "pack-focus-W4A4": {"b": good}}
+    va, vb, diff, lo, hi = tb.compare(items, "pack-W4A4", "pack-focus-W4A4")["b"]
+    assert va == spearmanr(good, human)[0] and vb == spearmanr(bad, human)[0] and 0 < lo <= diff <= hi
+    assert tb.compare(items, "pack-W4A4", "pack-W4A4")["b"][2:] == (0.0, 0.0, 0.0)
+    acc = {"pack-W3A3": {"accuracy": (rng.random(500) < 0.6).astype(float)},
+           "pack-lrauto-W3A3": {"accuracy": (rng.random(500) < 0.9).astype(float)}}
+    va, vb, diff, lo, hi = tb.compare(acc, "pack-W3A3", "pack-lrauto-W3A3")["accuracy"]
+    assert va == acc["pack-lrauto-W3A3"]["accuracy"].mean() and 0.1 < lo <= diff <= hi < 0.5
