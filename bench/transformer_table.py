@@ -1,7 +1,7 @@
 """Issue 27's table: low-rank compensation and the focus quantizer against plain pack, with paired
 bootstrap intervals, from the rows bench/run.py cached.
 
-    python bench/transformer_table.py --out OUT --tag TAG [--tag-vit TAG] [--md bench/TRANSFORMERS.md]
+    python bench/transformer_table.py --out OUT [--tag TAG,...] [--tag-vit TAG,...] [--md bench/TRANSFORMERS.md]
 
 For each bit width, every `pack-*-W{b}A{b}` row is compared with `pack-W{b}A{b}` of the same run
 on the same evaluation items: MiniLM's SimLex-999 / WordSim-353 Spearman rho (word pairs resampled),
@@ -91,7 +91,7 @@ def compare(items: dict, base: str, row: str, seed: int = 0) -> dict:
 
 
 def table(task: str, items: dict, rows_meta: dict, bits: list[str]) -> list[str]:
-    lines = [f"| row | {'metric' } | value | plain pack | difference | 90% interval | latency ms | speed-up |",
+    lines = ["| row | metric | value | plain pack | difference | 90% interval | latency ms | speed-up |",
              "|---|---|---|---|---|---|---|---|"]
     for b in bits:
         base = f"pack-{b}"
@@ -115,19 +115,22 @@ def table(task: str, items: dict, rows_meta: dict, bits: list[str]) -> list[str]
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="bench/run.py's --out")
-    ap.add_argument("--tag", required=True, help="MiniLM's configuration tag (folder under OUT/minilm)")
-    ap.add_argument("--tag-vit", help="the digits ViT's configuration tag (folder under OUT/vit)")
+    ap.add_argument("--tag", help="MiniLM's configuration tags, comma-separated (folders under OUT/minilm)")
+    ap.add_argument("--tag-vit", help="the digits ViT's configuration tags, comma-separated (folders under OUT/vit)")
     ap.add_argument("--md", default=None, help="write the tables here (markdown)")
     a = ap.parse_args()
     bits = ["W8A8", "W4A4", "W3A3"]
     out = []
-    for task, tag, fn in (("minilm", a.tag, minilm_items), ("vit", a.tag_vit, vit_items)):
-        if tag is None:
-            continue
-        rdir = os.path.join(a.out, task, tag)
-        meta = {f[:-5]: json.load(open(os.path.join(rdir, f))) for f in sorted(os.listdir(rdir)) if f.endswith(".json")}
-        items = fn(a.out, tag, sorted(meta))
-        out += [f"## {task} ({tag})", ""] + table(task, items, meta, bits) + [""]
+    for task, tags, fn in (("minilm", a.tag, minilm_items), ("vit", a.tag_vit, vit_items)):
+        for tag in (tags or "").split(","):
+            if not tag:
+                continue
+            rdir = os.path.join(a.out, task, tag)
+            meta = {f[:-5]: json.load(open(os.path.join(rdir, f))) for f in sorted(os.listdir(rdir))
+                    if f.endswith(".json")}
+            seed = next((m["config"].get("seed") for m in meta.values() if m.get("config")), None)
+            items = fn(a.out, tag, sorted(meta))
+            out += [f"## {task}, seed {seed} ({tag})", ""] + table(task, items, meta, bits) + [""]
     text = "\n".join(out)
     print(text)
     if a.md:

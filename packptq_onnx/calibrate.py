@@ -17,7 +17,8 @@ from .qlayer import Links, Stats, is_depthwise
 
 SAMPLE_PER_BATCH = 1 << 14  # activation values kept per batch for the range search
 SAMPLE_TOTAL = 1 << 16      # and in all: 80 Lp candidates over 65k values, ~0.1 s per quantizer
-FOCUS_SAMPLES = 32          # samples of (probabilities, v) kept per attention MatMul for the focus search
+FOCUS_SAMPLES = 32          # samples of (probabilities, v) kept per attention MatMul for the focus search,
+FOCUS_ELEMENTS = 1 << 22    # and at most this many probabilities (16 MB): BERT at 512 tokens keeps 1 sample
 SOFTMAX_QUANT = ("uniform", "focus")
 
 
@@ -83,7 +84,8 @@ def calibrate(gm, qls: list, model, batches, wbits, abits, reduce_range: bool, s
 
     def keep_pair(q, args):
         kept = pairs.setdefault(q.layer.name, [])
-        left = FOCUS_SAMPLES - sum(len(p) for p, _ in kept)
+        per = max(1, args[0][:1].numel())
+        left = min(FOCUS_SAMPLES, max(1, FOCUS_ELEMENTS // per)) - sum(len(p) for p, _ in kept)
         same = not kept or (kept[0][0].shape[1:] == args[0].shape[1:] and kept[0][1].shape[1:] == args[1].shape[1:])
         if left > 0 and same and args[0].dim() >= 3 and args[0].shape[0] == args[1].shape[0]:
             kept.append((args[0][:left].detach().float().cpu(), args[1][:left].detach().float().cpu()))

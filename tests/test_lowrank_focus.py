@@ -216,3 +216,23 @@ def test_checkpoint_keeps_the_fixed_shift(vit):
     assert not torch.equal(q.wq.integer(q.weight), want)
     state.load_learned(qls, saved)
     assert torch.equal(q.wq.integer(q.weight), want) and q.wq.rank == 2
+
+
+def test_focus_keeps_a_bounded_number_of_probabilities(vit, monkeypatch):
+    """Long sequences: the (probs, v) samples kept per attention MatMul stop at FOCUS_ELEMENTS
+    probabilities (at least one sample), so a 512-token BERT does not hold gigabytes of them."""
+    from packptq_onnx import calibrate as cal
+
+    src, calib, _ = vit
+    imp = onnx_import.load(src)
+    layers = find_layers(imp.model)
+    per_sample = 4 * 16 * 16  # the tiny ViT: 4 heads, 16 tokens
+    for cap, want in ((10 ** 9, cal.FOCUS_SAMPLES), (3 * per_sample, 3), (10, 1)):
+        monkeypatch.setattr(cal, "FOCUS_ELEMENTS", cap)
+        gm = convert.to_torch(imp)
+        qls = qlayer.wrap(gm, imp.model, layers)
+        calibrate(gm, qls, imp.model, data.batches(dict(np.load(calib)), ["x"], 16), 8, 4, True, 0,
+                  softmax_quant="focus")
+        kept = [q.focus for q in qls if q.focus is not None]
+        assert len(kept) == 2 and all(p.shape[0] == v.shape[0] == want for p, v in kept)
+        assert kept[0][0][0].numel() == per_sample
