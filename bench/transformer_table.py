@@ -112,6 +112,25 @@ def table(task: str, items: dict, rows_meta: dict, bits: list[str]) -> list[str]
     return lines
 
 
+def summary(per_tag: list[tuple[dict, dict]], bits: list[str]) -> list[str]:
+    """Mean difference to plain pack over the runs (seeds), and in how many runs it was above 0."""
+    acc: dict = {}
+    for items, _ in per_tag:
+        for b in bits:
+            base = f"pack-{b}"
+            if base not in items:
+                continue
+            for v in VARIANTS:
+                row = f"pack-{v}-{b}"
+                if row in items:
+                    for k, (_, _, d, _, _) in compare(items, base, row).items():
+                        acc.setdefault((row, k), []).append(d)
+    lines = ["| row | metric | runs | mean difference | runs above plain pack |", "|---|---|---|---|---|"]
+    for (row, k), ds in acc.items():
+        lines.append(f"| {row} | {k} | {len(ds)} | {np.mean(ds):+.4f} | {sum(d > 0 for d in ds)} of {len(ds)} |")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="bench/run.py's --out")
@@ -122,6 +141,7 @@ def main():
     bits = ["W8A8", "W4A4", "W3A3"]
     out = []
     for task, tags, fn in (("minilm", a.tag, minilm_items), ("vit", a.tag_vit, vit_items)):
+        per_tag, runs = [], []
         for tag in (tags or "").split(","):
             if not tag:
                 continue
@@ -129,8 +149,13 @@ def main():
             meta = {f[:-5]: json.load(open(os.path.join(rdir, f))) for f in sorted(os.listdir(rdir))
                     if f.endswith(".json")}
             seed = next((m["config"].get("seed") for m in meta.values() if m.get("config")), None)
+            runs.append((seed if seed is not None else -1, tag, meta))
+        for seed, tag, meta in sorted(runs, key=lambda r: r[0]):  # seed 0 first
             items = fn(a.out, tag, sorted(meta))
+            per_tag.append((items, meta))
             out += [f"## {task}, seed {seed} ({tag})", ""] + table(task, items, meta, bits) + [""]
+        if len(per_tag) > 1:
+            out += [f"## {task}: over the {len(per_tag)} runs", ""] + summary(per_tag, bits) + [""]
     text = "\n".join(out)
     print(text)
     if a.md:
