@@ -14,7 +14,7 @@ from records import one_line, save_json
 from rows import ROWS
 from tasks import TASKS
 
-from packptq_onnx.pipeline import peak_rss_mb
+from packptq_onnx.memory import peak_rss_mb
 
 
 def float_outputs(info: dict, cfg: dict, work: str, feeds: dict) -> list:

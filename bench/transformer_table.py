@@ -90,41 +90,39 @@ def compare(items: dict, base: str, row: str, seed: int = 0) -> dict:
     return out
 
 
-def table(task: str, items: dict, rows_meta: dict, bits: list[str]) -> list[str]:
-    lines = ["| row | metric | value | plain pack | difference | 90% interval | latency ms | speed-up |",
-             "|---|---|---|---|---|---|---|---|"]
+def comparisons(items: dict, bits: list[str]) -> list[tuple[str, str, dict]]:
+    """(row, its plain pack row, compare()) for every row present, plain pack first at each width."""
+    out = []
     for b in bits:
         base = f"pack-{b}"
-        if base not in items:
-            continue
-        for v in ("",) + VARIANTS:
-            row = base if not v else f"pack-{v}-{b}"
-            if row not in items:
-                continue
-            meta = rows_meta.get(row, {})
-            lat = meta.get("latency_ms")
-            sp = meta.get("speedup")
-            for k, (va, vb, d, lo, hi) in compare(items, base, row).items():
-                diff = "–" if row == base else f"{d:+.4f}"
-                ci = "–" if row == base else f"[{lo:+.4f}, {hi:+.4f}]"
-                lines.append(f"| {row} | {k} | {va:.4f} | {vb:.4f} | {diff} | {ci} | "
-                             f"{lat if lat is not None else '–'} | {f'{sp:.2f}x' if sp else '–'} |")
+        if base in items:
+            out += [(row, base, compare(items, base, row)) for row in [base] + [f"pack-{v}-{b}" for v in VARIANTS]
+                    if row in items]
+    return out
+
+
+def table(comps: list, rows_meta: dict) -> list[str]:
+    lines = ["| row | metric | value | plain pack | difference | 90% interval | latency ms | speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row, base, res in comps:
+        meta = rows_meta.get(row, {})
+        lat, sp = meta.get("latency_ms"), meta.get("speedup")
+        for k, (va, vb, d, lo, hi) in res.items():
+            diff = "–" if row == base else f"{d:+.4f}"
+            ci = "–" if row == base else f"[{lo:+.4f}, {hi:+.4f}]"
+            lines.append(f"| {row} | {k} | {va:.4f} | {vb:.4f} | {diff} | {ci} | "
+                         f"{lat if lat is not None else '–'} | {f'{sp:.2f}x' if sp else '–'} |")
     return lines
 
 
-def summary(per_tag: list[tuple[dict, dict]], bits: list[str]) -> list[str]:
+def summary(per_tag: list[list]) -> list[str]:
     """Mean difference to plain pack over the runs (seeds), and in how many runs it was above 0."""
     acc: dict = {}
-    for items, _ in per_tag:
-        for b in bits:
-            base = f"pack-{b}"
-            if base not in items:
-                continue
-            for v in VARIANTS:
-                row = f"pack-{v}-{b}"
-                if row in items:
-                    for k, (_, _, d, _, _) in compare(items, base, row).items():
-                        acc.setdefault((row, k), []).append(d)
+    for comps in per_tag:
+        for row, base, res in comps:
+            if row != base:
+                for k, (_, _, d, _, _) in res.items():
+                    acc.setdefault((row, k), []).append(d)
     lines = ["| row | metric | runs | mean difference | runs above plain pack |", "|---|---|---|---|---|"]
     for (row, k), ds in acc.items():
         lines.append(f"| {row} | {k} | {len(ds)} | {np.mean(ds):+.4f} | {sum(d > 0 for d in ds)} of {len(ds)} |")
@@ -151,11 +149,11 @@ def main():
             seed = next((m["config"].get("seed") for m in meta.values() if m.get("config")), None)
             runs.append((seed if seed is not None else -1, tag, meta))
         for seed, tag, meta in sorted(runs, key=lambda r: r[0]):  # seed 0 first
-            items = fn(a.out, tag, sorted(meta))
-            per_tag.append((items, meta))
-            out += [f"## {task}, seed {seed} ({tag})", ""] + table(task, items, meta, bits) + [""]
+            comps = comparisons(fn(a.out, tag, sorted(meta)), bits)
+            per_tag.append(comps)
+            out += [f"## {task}, seed {seed} ({tag})", ""] + table(comps, meta) + [""]
         if len(per_tag) > 1:
-            out += [f"## {task}: over the {len(per_tag)} runs", ""] + summary(per_tag, bits) + [""]
+            out += [f"## {task}: over the {len(per_tag)} runs", ""] + summary(per_tag) + [""]
     text = "\n".join(out)
     print(text)
     if a.md:

@@ -10,7 +10,9 @@ from .errors import UsageError
 from .options import (
     DEFAULT_BATCH,
     DEVICES,
+    FORMS,
     METHODS,
+    SOFTMAX_QUANT,
     SOLVERS,
     STORAGES,
     TASKS,
@@ -82,7 +84,7 @@ def _recon_args(p: argparse.ArgumentParser) -> None:
                    "with torch.compile where a C++ compiler works; same values, some 1.5x faster)")
     g.add_argument("--lowrank", type=_rank, help="low-rank compensation of MatMul/Gemm weights: a rank, or "
                    "'auto' (from each layer's shape); learned with the rounding, merged into the exported weights")
-    g.add_argument("--lowrank-form", choices=("merged", "branch"), default=d.lowrank_form,
+    g.add_argument("--lowrank-form", choices=FORMS, default=d.lowrank_form,
                    help="merged (default): B·A is rounded into the weights, no extra op; branch: B·A stays a "
                    "float side branch (two small MatMuls and an Add per layer, slower)")
     g.add_argument("--lr-lowrank", type=float, default=d.lr_lowrank, help="Adam step of the low-rank weights")
@@ -172,7 +174,7 @@ def parser() -> argparse.ArgumentParser:
                    help="an 8-bit activation quantizer predicted (first order) to cost an output more than this "
                    "share of its energy on its own stays float; the same estimate picks each one's range "
                    "(searched or min-max) (default 0.002; 0: both off)")
-    q.add_argument("--softmax-quant", choices=("uniform", "focus"), default="uniform",
+    q.add_argument("--softmax-quant", choices=SOFTMAX_QUANT, default="uniform",
                    help="range of the probabilities entering attention's probs @ v: uniform (Lp search on the "
                    "probabilities, default) or focus (the interval that minimises the error of probs @ v)")
     q.add_argument("--full-range-weights", action="store_true",

@@ -244,12 +244,18 @@ def decode_layers(model, layers: list[Layer]) -> dict[str, str]:
     for l in layers:
         if not l.has_weight or l.act_input is None or l.output not in tails:
             continue
-        node = producer.get(l.act_input)
-        while node is not None and node.op_type in MOVES:
-            node = producer.get(node.input[0])
-        if node is not None and node.op_type == "Softmax":
+        node = softmax_source(producer, l.act_input)
+        if node is not None:
             out[l.name] = f"decode: reads a Softmax ({node.name}) and feeds only the model outputs"
     return out
+
+
+def softmax_source(producer: dict, tensor: str):
+    """The Softmax node `tensor` comes from through data movement only (MOVES), or None."""
+    node = producer.get(tensor)
+    while node is not None and node.op_type in MOVES:
+        node = producer.get(node.input[0])
+    return node if node is not None and node.op_type == "Softmax" else None
 
 
 def post_activations(model, layers: list[Layer]) -> dict[str, tuple[float, float, str]]:
@@ -336,13 +342,5 @@ def after_softmax(model, layers: list[Layer]) -> set[str]:
     """Activation x activation MatMuls whose first input is a Softmax output (through data movement
     only): attention's probabilities @ v, where the focus quantizer may choose the input range."""
     producer = {o: n for n in model.graph.node for o in n.output}
-    out = set()
-    for l in layers:
-        if l.has_weight or l.op != "MatMul" or l.act_input2 is None:
-            continue
-        node = producer.get(l.act_input)
-        while node is not None and node.op_type in MOVES:
-            node = producer.get(node.input[0])
-        if node is not None and node.op_type == "Softmax":
-            out.add(l.name)
-    return out
+    return {l.name for l in layers if not l.has_weight and l.op == "MatMul" and l.act_input2 is not None
+            and softmax_source(producer, l.act_input) is not None}

@@ -12,6 +12,7 @@ import torch
 from .calibrate import SOFTMAX_QUANT
 from .errors import UsageError
 from .exporters.qdq import STORAGES
+from .lowrank import FORMS
 from .mixed import MixedOptions
 from .onnx_import import ImportedModel
 from .quant import ACT_BITS
@@ -19,8 +20,8 @@ from .reconstruct import ReconOptions
 from .solvers.ilp import SOLVERS
 from .tasks import TASKS, load_metric
 
-__all__ = ["DEVICES", "METHODS", "SOLVERS", "STORAGES", "TASKS", "MixedOptions", "Options", "ReconOptions",
-           "check_bit_options", "check_memory", "check_options", "check_output"]
+__all__ = ["DEVICES", "FORMS", "METHODS", "SOFTMAX_QUANT", "SOLVERS", "STORAGES", "TASKS", "MixedOptions", "Options",
+           "ReconOptions", "check_bit_options", "check_memory", "check_options", "check_output"]
 
 
 @dataclass
@@ -76,8 +77,8 @@ def check_options(o: Options) -> None:
             raise UsageError("--lowrank is learned during reconstruction: use --method adaround, block or pack")
         if r.lowrank != "auto" and not (isinstance(r.lowrank, int) and r.lowrank >= 1):
             raise UsageError(f"--lowrank must be a positive rank or 'auto', got {r.lowrank!r}")
-    if r.lowrank_form not in ("merged", "branch"):
-        raise UsageError(f"--lowrank-form must be merged or branch, got {r.lowrank_form!r}")
+    if r.lowrank_form not in FORMS:
+        raise UsageError(f"--lowrank-form must be one of {', '.join(FORMS)}, got {r.lowrank_form!r}")
     if o.max_pack_blocks is not None and o.max_pack_blocks < 1:
         raise UsageError("--max-pack-blocks must be at least 1")
     if o.storage not in STORAGES:

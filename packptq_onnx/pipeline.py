@@ -26,7 +26,7 @@ from .layers import (
     per_output_rules,
     useful_joins,
 )
-from .memory import peak_rss_mb  # noqa: F401  (bench imports it from here)
+from .memory import peak_rss_mb
 from .mixed import MixedResult
 from .onnx_import import ImportedModel
 from .options import (  # noqa: F401  (pipeline.Options and friends: the names users import)

@@ -244,8 +244,8 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     params_s = [x.scale for x in act_qs]
     opt_v = torch.optim.Adam(params_v, lr=o.lr_round) if params_v else None
     opt_l = torch.optim.Adam(params_l, lr=o.lr_lowrank) if params_l else None
-    fix_at = -1 if branch else int(o.lowrank_share * iters)
-    late = set() if branch else set(comp)  # their AdaRound runs after the low-rank phase
+    late = set() if branch else set(comp)  # merged: their AdaRound runs after the low-rank phase
+    fix_at = int(o.lowrank_share * iters)
     opt_s = torch.optim.Adam(params_s, lr=o.lr_scale) if params_s else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(iters, 1), eta_min=0) if opt_s else None
     it = bar(range(iters), unit.name, iters)
@@ -265,17 +265,17 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
             if not rec.requires_grad:  # e.g. everything it learns feeds an op that runs in onnxruntime
                 no_grad = True
                 break
-            if comp and t == fix_at:  # the curriculum's second half: B·A fixed, AdaRound rounds w/s + B·A
-                for q in comp:
+            if late and t == fix_at:  # the curriculum's second half: B·A fixed, AdaRound rounds w/s + B·A
+                for q in late:
                     q.wq.fix_lowrank(q.weight)
                 opt_l, params_l = None, []
             b = _beta(t, iters, o)
             # merged low-rank layers start AdaRound at fix_at: their warm-up and beta schedule start there
-            b_late = _beta(t - fix_at, iters - fix_at, o) if comp and not branch and t >= fix_at else None
+            b_late = _beta(t - fix_at, iters - fix_at, o) if late and t >= fix_at else None
             reg = 0.0
             for q in weighted:
                 bq = b_late if q in late else b
-                if bq is not None and (q.wq.lr_a is None or q.wq.branch):
+                if bq is not None:
                     reg = reg + (1 - (2 * q.wq.h() - 1).abs().pow(bq)).sum()
             loss = rec + o.round_weight * reg
             for opt in (opt_v, opt_l, opt_s):
@@ -297,8 +297,8 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
                     p.data.clamp_(min=1e-8)
             if t % 10 == 0 and hasattr(it, "set_postfix"):
                 it.set_postfix(loss=f"{float(rec.detach()):.4g}")
-    for q in comp:
-        if q.wq.lr_a is not None and not q.wq.branch:  # fewer iterations than the curriculum's first half
+    for q in late:
+        if q.wq.lr_a is not None:  # fewer iterations than the curriculum's first half
             q.wq.fix_lowrank(q.weight)
     for q in weighted:
         q.wq.harden()
