@@ -15,6 +15,7 @@ from rows import ROWS
 from tasks import TASKS
 
 from packptq_onnx.memory import peak_rss_mb
+from packptq_onnx.runtime import paired_latency
 
 
 def float_outputs(info: dict, cfg: dict, work: str, feeds: dict) -> list:
@@ -78,27 +79,6 @@ def run_row(task_name: str, row_name: str, out_dir: str, cfg: dict, result_path:
     res["status"] = "ok"
     res["row_seconds"] = round(time.time() - t0, 2)
     save_json(res, result_path)
-
-
-def paired_latency(float_model: str, model: str | None, feeds: dict, runs: int) -> tuple[float, float]:
-    """Median seconds per batch-1 run at 1 thread of the float model and of `model` (None: the float
-    model itself), timed alternately run by run so that load changes on a shared machine hit both."""
-    from packptq_onnx import runtime
-
-    sf = runtime.session(float_model, threads=1)
-    sq = sf if model is None else runtime.session(model, threads=1)
-    for _ in range(3):
-        sf.run(None, feeds)
-        sq.run(None, feeds)
-    tf, tq = [], []
-    for _ in range(runs):
-        for sess, times in ((sf, tf), (sq, tq)):
-            t0 = time.perf_counter()
-            sess.run(None, feeds)
-            times.append(time.perf_counter() - t0)
-    if model is None:
-        tf = tq = sorted(tf + tq)
-    return float(np.median(tf)), float(np.median(tq))
 
 
 def child_main(argv) -> int:

@@ -1,4 +1,4 @@
-"""Command line: packptq quantize | validate | inspect."""
+"""Command line: packptq quantize | validate | sweep | inspect."""
 from __future__ import annotations
 
 import argparse
@@ -197,6 +197,17 @@ def parser() -> argparse.ArgumentParser:
     _task_args(v)
     _data_args(v)
 
+    s = sub.add_parser("sweep", help="run many quantize jobs from a TOML file (Ray when installed), then a "
+                       "results table and plots")
+    s.add_argument("sweep_file", metavar="SWEEP.toml")
+    s.add_argument("-o", "--output", required=True, help="folder: one subfolder per job, results.md/.json, plots")
+    s.add_argument("--address", help="join an existing Ray cluster: auto, or HOST:PORT (default: a local "
+                   "cluster started here with this machine's cores)")
+    s.add_argument("--workers", type=int, help="CPUs of the local Ray cluster (default: all cores)")
+    s.add_argument("--no-ray", action="store_true", help="run jobs one after another in processes")
+    s.add_argument("--retry-failed", action="store_true", help="run jobs that failed last time again "
+                   "(default: their error is kept; finished jobs are never rerun)")
+
     i = sub.add_parser("inspect", help="describe a model (and its packptq annotations)")
     i.add_argument("model")
     i.add_argument("--json", action="store_true", help="print a JSON object instead of tables")
@@ -259,9 +270,11 @@ def _mixed_opts(a, goal=None) -> MixedOptions:
                         solver=a.solver, time_limit=a.solver_time, cache=a.sensitivity_cache, target=goal)
 
 
-def cmd_quantize(a) -> int:
-    from .exporters.files import save_json
-    from .pipeline import Options, quantize
+def quantize_options(a):
+    """quantize's parsed arguments as pipeline Options, every check that needs no file made (the
+    sweep checks each job with this before any job starts)."""
+    from .options import check_options
+    from .pipeline import Options
 
     hw, goal = _targets(a)
     recon = ReconOptions(iters=a.iters, iters_total=a.iters_total, batch_size=a.batch_size or DEFAULT_BATCH,
@@ -280,6 +293,15 @@ def cmd_quantize(a) -> int:
     if a.plot and not opts.mixed.enabled:
         raise UsageError("--plot shows the mixed-precision choice: give a limit (--budget, --avg-wbits, "
                          "--avg-abits, --bops) or an accuracy --target")
+    check_options(opts)
+    return opts
+
+
+def cmd_quantize(a) -> int:
+    from .exporters.files import save_json
+    from .pipeline import quantize
+
+    opts = quantize_options(a)
     report = quantize(a.model, a.calib, a.output, opts, a.eval, a.labels, log=print)
     if a.plot:
         from .exporters.plots import plot_bits
@@ -333,6 +355,16 @@ def cmd_validate(a) -> int:
     return 0
 
 
+def cmd_sweep(a) -> int:
+    from .sweep import sweep
+
+    if a.no_ray and a.address:
+        raise UsageError("--no-ray runs on this machine: leave out --address")
+    res = sweep(a.sweep_file, a.output, address=a.address, workers=a.workers,
+                backend="process" if a.no_ray else "ray" if a.address else "auto", retry_failed=a.retry_failed)
+    return 1 if res["failed"] else 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
@@ -342,7 +374,7 @@ def main(argv=None) -> int:
         if a.cmd == "inspect":
             from .describe import cmd_inspect
             return cmd_inspect(a)
-        return {"quantize": cmd_quantize, "validate": cmd_validate}[a.cmd](a)
+        return {"quantize": cmd_quantize, "validate": cmd_validate, "sweep": cmd_sweep}[a.cmd](a)
     except UsageError as exc:
         if a.debug:
             traceback.print_exc()

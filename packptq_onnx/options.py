@@ -21,7 +21,8 @@ from .solvers.ilp import SOLVERS
 from .tasks import TASKS, load_metric
 
 __all__ = ["DEVICES", "FORMS", "METHODS", "SOFTMAX_QUANT", "SOLVERS", "STORAGES", "TASKS", "MixedOptions", "Options",
-           "ReconOptions", "check_bit_options", "check_memory", "check_options", "check_output"]
+           "ReconOptions", "check_bit_options", "check_eval", "check_job", "check_memory", "check_options",
+           "check_output"]
 
 
 @dataclass
@@ -136,3 +137,17 @@ def check_output(model_path: str, out_path: str) -> None:
             pass
     except OSError as exc:
         raise UsageError(f"output directory is not writable: {directory} ({exc.strerror})") from None
+
+
+def check_job(o: Options, model_path: str, out_path: str, eval_path: str | None) -> None:
+    """Everything about one quantize run that can be checked before reading the model."""
+    check_options(o)
+    if not os.path.isfile(model_path):
+        raise UsageError(f"model file not found: {model_path}")
+    check_output(model_path, out_path)
+    check_eval(o, eval_path)
+
+
+def check_eval(o: Options, eval_path: str | None) -> None:
+    if o.mixed.target is not None and not eval_path:
+        raise UsageError(f"--target {o.mixed.target.text()} is measured on held-out data: give --eval")

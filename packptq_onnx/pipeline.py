@@ -35,9 +35,9 @@ from .options import (  # noqa: F401  (pipeline.Options and friends: the names u
     MixedOptions,
     Options,
     ReconOptions,
+    check_job,
     check_memory,
     check_options,
-    check_output,
 )
 from .progress import bar
 from .reconstruct import Reconstruction
@@ -300,12 +300,9 @@ def weight_bytes(records) -> dict:
 
 def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
              eval_path: str | None = None, labels_path: str | None = None, log=print) -> QuantizeReport:
-    check_options(opts)
-    check_output(model_path, out_path)
+    check_job(opts, model_path, out_path, eval_path)
     t0 = time.time()
     target = opts.mixed.target
-    if target is not None and not eval_path:
-        raise UsageError(f"--target {target.text()} is measured on held-out data: give --eval")
     p = prepare(model_path, calib_path, opts, log)
     imp, gm, qls, calib, names = p.imp, p.gm, p.qls, p.calib, p.names
     es = None

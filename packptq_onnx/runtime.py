@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import sys
+import time
+
+import numpy as np
 
 from .errors import UsageError
 
@@ -79,3 +82,22 @@ def run(sess, feeds: dict, batch_size: int = 64) -> list:
         counts.append(min(batch_size, n - i))
         outs = [[r] for r in res] if outs is None else [o + [r] for o, r in zip(outs, res)]
     return [concat_samples(o, counts) for o in outs]
+
+
+def paired_latency(float_model: str, model: str | None, feeds: dict, runs: int) -> tuple[float, float]:
+    """Median seconds per batch-1 run at 1 thread of the float model and of `model` (None: the float
+    model itself), timed alternately run by run so that load changes on a shared machine hit both."""
+    sf = session(float_model, threads=1)
+    sq = sf if model is None else session(model, threads=1)
+    for _ in range(3):
+        sf.run(None, feeds)
+        sq.run(None, feeds)
+    tf, tq = [], []
+    for _ in range(runs):
+        for sess, times in ((sf, tf), (sq, tq)):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            times.append(time.perf_counter() - t0)
+    if model is None:
+        tf = tq = sorted(tf + tq)
+    return float(np.median(tf)), float(np.median(tq))
