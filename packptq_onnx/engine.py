@@ -134,9 +134,10 @@ class Engine:
 
     def __init__(self, backend: str = "auto", workers: int | None = None, address: str | None = None,
                  retries: int = 1, timeout: float | None = None, log=print):
+        ray = have_ray()
         if backend == "auto":
-            backend = "ray" if have_ray() else "process"
-        if backend == "ray" and not have_ray():
+            backend = "ray" if ray else "process"
+        if backend == "ray" and not ray:
             raise UsageError(f"Ray is not installed: {RAY_HINT}, or leave out --address")
         if workers is not None and workers < 1:
             raise UsageError("--workers must be at least 1")

@@ -11,7 +11,8 @@ import os
 
 import numpy as np
 
-from .engine import RAY_HINT, Call, Engine, have_ray
+from . import engine as eng
+from .engine import RAY_HINT, Call, Engine
 from .errors import UsageError
 from .sweepfile import Sweep, load
 
@@ -117,9 +118,9 @@ def sweep(path: str, out: str, address: str | None = None, workers: int | None =
     os.makedirs(out, exist_ok=True)
     engine = Engine(backend, workers, address, sw.settings.retries, sw.settings.timeout, log)
     if engine.backend == "process":
-        why = "Ray is not installed" if not have_ray() else "--no-ray"
-        log(f"{why}: {len(sw.jobs)} jobs run one after another in processes" + (f" ({RAY_HINT})" if not have_ray()
-                                                                                  else ""))
+        ray = eng.have_ray()
+        log(f"{'--no-ray' if ray else 'Ray is not installed'}: {len(sw.jobs)} jobs run one after another in "
+            "processes" + ("" if ray else f" ({RAY_HINT})"))
     todo = calls(sw, out)
     n = len(todo)
     count = [0]

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 from packptq_onnx import cli, engine
 
-ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
+needs_ray = pytest.mark.skipif(not engine.have_ray(), reason="the [ray] extra is not installed")
 
 # what a report holds that depends on the machine's load or on file names, not on the computation
 SAME = ("layers", "weight_bytes", "parity", "parity_layers", "validation", "task", "packs", "file_bytes")
@@ -109,6 +109,7 @@ def _same(a_dir, b_dir):
         np.testing.assert_array_equal(wa[n], wb[n], err_msg=n)
 
 
+@needs_ray
 def test_ray_sweep_survives_a_killed_worker_equals_separate_runs_and_resumes(sweep_dir, tmp_path, monkeypatch,
                                                                            capsys):
     out = tmp_path / "out"
@@ -151,8 +152,12 @@ def test_process_backend_retries_a_dead_process_and_keeps_failures(sweep_dir, tm
         assert "UsageError" in res[jid]["error"] and "--batch-size" in res[jid]["error"]
     assert "failed: UsageError" in (out / "results.md").read_text()
     capsys.readouterr()
-    assert cli.main(["sweep", str(tmp_path / "s.toml"), "-o", str(out), "--no-ray"]) == 1
-    assert capsys.readouterr().out.count("(cached)") == 4
+    monkeypatch.setattr(engine, "have_ray", lambda: False)  # as without the [ray] extra
+    assert cli.main(["sweep", str(tmp_path / "s.toml"), "-o", str(out)]) == 1
+    log = capsys.readouterr().out
+    assert log.count("(cached)") == 4 and "Ray is not installed" in log and "pip install" in log
+    assert cli.main(["sweep", str(tmp_path / "s.toml"), "-o", str(out), "--address", "auto"]) == 2
+    assert "Ray is not installed" in capsys.readouterr().err
 
 
 BAD = {
@@ -194,6 +199,7 @@ def test_missing_model_and_data_are_named(tmp_path, capsys):
     assert "sweep file not found" in capsys.readouterr().err
 
 
+@needs_ray
 @pytest.mark.skipif(shutil.which("ray") is None, reason="the ray command is not on PATH")
 def test_two_node_cluster_on_one_machine(sweep_dir, tmp_path):
     """A head node and a second node joined with `ray start --address`, both on 127.0.0.1, as on a
