@@ -126,6 +126,28 @@ def _mixed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--solver-time", type=float, default=d.time_limit, help="solver time limit, seconds")
     g.add_argument("--sensitivity-cache", help="JSON file: reuse measured sensitivities at another budget")
     g.add_argument("--plot", help="PNG of the chosen bits and sensitivity per pack")
+    _spread_args(g)
+
+
+def _spread_args(g) -> None:
+    g.add_argument("--workers", type=int, help="measure the sensitivity items as Ray tasks on a local cluster of "
+                   "N CPUs (needs the [ray] extra; same numbers as one after another)")
+    g.add_argument("--address", help="measure the sensitivity items on the Ray cluster at auto or HOST:PORT")
+
+
+def spread_of(a):
+    """--workers / --address as a spread.Spread (None when neither is given)."""
+    from .spread import Spread
+
+    if a.workers is None and a.address is None:
+        return None
+    if a.workers is not None and a.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    from .engine import RAY_HINT, have_ray
+
+    if not have_ray():
+        raise UsageError(f"--workers and --address measure on Ray, which is not installed: {RAY_HINT}")
+    return Spread(a.workers, a.address)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -224,6 +246,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--wbits-options", type=_ints, default=(2, 3, 4, 8), help="for --sensitivity (default 2,3,4,8)")
     i.add_argument("--abits-options", type=_ints, default=(4, 8, 16), help="for --sensitivity (default 4,8,16)")
     i.add_argument("--sensitivity-cache", help="JSON file: reuse the measured table when nothing changed")
+    _spread_args(i)
     i.add_argument("--batch-size", type=int, help="samples per batch (default 32, or all when fewer)")
     i.add_argument("--calib-samples", type=int, default=256)
     i.add_argument("--seed", type=int, default=0)
@@ -267,7 +290,8 @@ def _mixed_opts(a, goal=None) -> MixedOptions:
                         avg_abits=a.avg_abits, bops=parse_count(a.bops, "--bops") if a.bops else None,
                         wbits=a.wbits_options, abits=a.abits_options, fixed_bits=a.fixed_bits,
                         fixed_abits=a.fixed_abits,
-                        solver=a.solver, time_limit=a.solver_time, cache=a.sensitivity_cache, target=goal)
+                        solver=a.solver, time_limit=a.solver_time, cache=a.sensitivity_cache, target=goal,
+                        spread=spread_of(a))
 
 
 def quantize_options(a):

@@ -124,8 +124,11 @@ def _sensitivity(a, p, opts, res):
     options = list(itertools.product(a.wbits_options, a.abits_options))
     pack_layers = [[n for b in pk.blocks for n in res.units.blocks[b].layers] for pk in res.packs]
     fp = f"{os.path.abspath(a.model)}:{os.path.getsize(a.model)}:{os.path.abspath(a.calib)}:{p.n_samples}:{a.seed}"
+    from .cli import spread_of
+
     return measure_report(p.gm, p.qls, pack_layers, options, lambda: p.batches(opts), p.n_samples,
-                          a.sensitivity_cache, fp, progress=lambda it: bar(it, "sensitivity", len(it)))
+                          a.sensitivity_cache, fp, progress=lambda it: bar(it, "sensitivity", len(it)),
+                          spread=spread_of(a))
 
 
 def _pack_table(info: dict) -> str:

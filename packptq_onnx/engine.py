@@ -17,6 +17,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -55,7 +56,7 @@ def cached(call: Call, retry_failed: bool = False) -> dict | None:
     return res
 
 
-def invoke(call: dict) -> dict:
+def invoke(call: dict, shared=None) -> dict:
     """Run one call here, output into its log; what a worker runs. Never raises for the job's own errors."""
     threads = max(1, int(call["cpus"]))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -73,7 +74,13 @@ def invoke(call: dict) -> dict:
                 if p not in sys.path:
                     sys.path.insert(0, p)
             mod, _, name = call["fn"].partition(":")
-            res = dict(getattr(importlib.import_module(mod), name)(call["payload"]))
+            fn = getattr(importlib.import_module(mod), name)
+            if call.get("shared_file"):  # process backend: the shared object comes as a pickle's path
+                import pickle
+
+                with open(shared, "rb") as f:
+                    shared = pickle.load(f)
+            res = dict(fn(call["payload"]) if shared is None else fn(call["payload"], shared))
             res.setdefault("status", "ok")
         except BaseException as exc:  # the job's failure, recorded; the sweep goes on
             import traceback
@@ -176,8 +183,15 @@ class Engine:
             self.log(f"Ray cluster: {cpus:g} CPUs on {len(ray.nodes())} node(s)")
         return ray
 
-    def run(self, calls: list[Call], retry_failed: bool = False, on_done=None) -> dict:
-        """{call id: result}; results already stored are reused. on_done(call, result) after each."""
+    def cpus(self) -> int:
+        """CPUs of the cluster (Ray), or of this machine."""
+        if self.backend != "ray":
+            return os.cpu_count() or 1
+        return int(self._ray().cluster_resources().get("CPU", 1))
+
+    def run(self, calls: list[Call], retry_failed: bool = False, on_done=None, shared=None) -> dict:
+        """{call id: result}; results already stored are reused. on_done(call, result, cached) after
+        each. shared: one object every call's function gets as its second argument (sent once)."""
         out, todo = {}, []
         for c in calls:
             res = cached(c, retry_failed)
@@ -189,7 +203,7 @@ class Engine:
                 todo.append(c)
         if todo:
             runner = self._run_ray if self.backend == "ray" else self._run_processes
-            for c, res in runner(todo):
+            for c, res in runner(todo, shared):
                 res["key"] = c.key
                 res["id"] = c.id
                 from .exporters.files import save_json
@@ -201,13 +215,14 @@ class Engine:
                     on_done(c, res, False)
         return out
 
-    def _run_ray(self, calls):
+    def _run_ray(self, calls, shared):
         ray = self._ray()
         remote = ray.remote(max_calls=1)(invoke)  # a fresh process per job: no state left between jobs
+        obj = None if shared is None else ray.put(shared)
         refs = {}
         for c in calls:
             opts = dict(num_cpus=c.cpus, num_gpus=c.gpus, max_retries=self.retries)
-            refs[remote.options(**opts).remote(asdict(c))] = (c, time.time())
+            refs[remote.options(**opts).remote(asdict(c), obj)] = (c, time.time())
         while refs:
             done, _ = ray.wait(list(refs), num_returns=1, timeout=5.0)
             for ref in done:
@@ -224,24 +239,33 @@ class Engine:
                         refs.pop(ref)
                         yield c, {"status": "failed", "error": f"timed out after {self.timeout:.0f} s"}
 
-    def _run_processes(self, calls):
-        for c in calls:
-            res = None
-            for _ in range(self.retries + 1):
-                res = _in_process(c, self.timeout)
-                if res is not None:
-                    break
-            yield c, res or {"status": "failed", "error": f"worker lost {self.retries + 1} time(s): "
-                                                         "the process died without a result"}
+    def _run_processes(self, calls, shared):
+        with tempfile.TemporaryDirectory(prefix="packptq-engine-") as d:
+            path = None
+            if shared is not None:
+                import pickle
+
+                path = os.path.join(d, "shared.pkl")
+                with open(path, "wb") as f:
+                    pickle.dump(shared, f)
+            for c in calls:
+                res = None
+                for _ in range(self.retries + 1):
+                    res = _in_process(c, self.timeout, path)
+                    if res is not None:
+                        break
+                yield c, res or {"status": "failed", "error": f"worker lost {self.retries + 1} time(s): "
+                                                             "the process died without a result"}
 
 
-def _in_process(c: Call, timeout: float | None) -> dict | None:
+def _in_process(c: Call, timeout: float | None, shared_path: str | None = None) -> dict | None:
     """One call in a child process; None when the child died without writing its result."""
     from .exporters.files import temp_beside
 
     os.makedirs(os.path.dirname(os.path.abspath(c.result)), exist_ok=True)
     tmp = temp_beside(c.result, ".json")
-    cmd = [sys.executable, "-m", "packptq_onnx.engine", json.dumps(asdict(c)), tmp]
+    call = dict(asdict(c), shared_file=shared_path is not None)
+    cmd = [sys.executable, "-m", "packptq_onnx.engine", json.dumps(call), tmp, shared_path or ""]
     try:
         p = subprocess.run(cmd, timeout=timeout, stdin=subprocess.DEVNULL, capture_output=True)
         with open(tmp) as f:
@@ -257,7 +281,7 @@ def _in_process(c: Call, timeout: float | None) -> dict | None:
 
 def _child(argv) -> int:
     call, result = json.loads(argv[0]), argv[1]
-    res = invoke(call)
+    res = invoke(call, argv[2] if len(argv) > 2 and argv[2] else None)
     with open(result, "w") as f:
         json.dump(res, f, default=str)
     return 0

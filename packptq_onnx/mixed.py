@@ -37,6 +37,7 @@ class MixedOptions:
     solver: str = "cbc"
     time_limit: float | None = 60.0
     cache: str | None = None           # JSON file of measured sensitivities
+    spread: object = None              # spread.Spread: sensitivity measured on Ray workers
     target: object = None              # accuracy.Target: the cheapest allocation that meets it
 
     @property
@@ -89,16 +90,35 @@ def _outputs(res) -> list:
 
 @torch.no_grad()
 def measure(gm, qls, pack_layers: list[list[str]], opts: list[tuple[int, int]], batches, cosine: list | None = None,
-            progress=None) -> list[list[float]]:
+            progress=None, spread=None) -> list[list[float]]:
     """Omega[p][k]: loss with only group p (a pack, or one layer) at option k; every layer is left as
-    it was found. cosine: a list that receives, per group and option, the output cosine to float."""
-    by_name = {q.layer.name: q for q in qls}
+    it was found. cosine: a list that receives, per group and option, the output cosine to float.
+    spread (spread.Spread): the groups measured as Ray tasks, the same numbers (spread.py)."""
     data = list(batches())
     ref = float_outputs(gm, qls, data)
     n = sum(batch_size(args) for args in data)
-    table = []
+    if spread is not None and spread.enabled and len(pack_layers) > 1:
+        from .spread import measure as spread_measure
+
+        table, cos = spread_measure(spread, gm, qls, pack_layers, opts, data, ref, n)
+    else:
+        table, cos = measure_groups(gm, qls, pack_layers, opts, data, ref, n, progress)
+    if cosine is not None:
+        cosine.extend(cos)
+    return table
+
+
+def measure_groups(gm, qls, groups: list, opts: list, data: list, ref: list, n: int, progress=None,
+                   before: list = ()) -> tuple[list, list]:
+    """Omega and cosine rows of these groups, one after another. before: the groups measured before
+    them in the same sequence; they are left at the last option, as a sequential run leaves them."""
+    by_name = {q.layer.name: q for q in qls}
+    table, cosines = [], []
     with state.snapshot(qls):
-        for names in (progress(pack_layers) if progress else pack_layers):
+        for names in before:
+            for x in names:
+                state.set_bits(by_name[x], *opts[-1])
+        for names in (progress(groups) if progress else groups):
             own = [by_name[x] for x in names]
             row, cos = [], []
             for w, a in opts:
@@ -109,9 +129,8 @@ def measure(gm, qls, pack_layers: list[list[str]], opts: list[tuple[int, int]], 
                 row.append(loss / n)
                 cos.append(c)
             table.append(row)
-            if cosine is not None:
-                cosine.append(cos)
-    return table
+            cosines.append(cos)
+    return table, cosines
 
 
 @torch.no_grad()
@@ -296,7 +315,7 @@ def prepare(gm, qls, packs, units, batches, mo: MixedOptions, abits_uniform: int
     fingerprint = json.dumps([fingerprint, pack_layers, mo.fixed_bits, mo.fixed_abits])
     table = _cached(mo.cache, fingerprint, opts)
     if table is None:
-        table = measure(gm, qls, pack_layers, opts, batches)
+        table = measure(gm, qls, pack_layers, opts, batches, spread=mo.spread)
         if mo.cache:
             _save_cache(mo.cache, fingerprint, opts, table)
     return Plan(pack_layers, fixed, opts, table, c, lims)

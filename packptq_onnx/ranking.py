@@ -58,7 +58,7 @@ class SensitivityReport:
 
 
 def measure_report(gm, qls, pack_layers: list, opts: list, batches, n_samples: int, cache: str | None = None,
-                   fingerprint: str = "", progress=None) -> SensitivityReport:
+                   fingerprint: str = "", progress=None, spread=None) -> SensitivityReport:
     key = json.dumps([fingerprint, pack_layers, [list(o) for o in opts]])
     if cache and os.path.exists(cache):
         try:
@@ -76,9 +76,10 @@ def measure_report(gm, qls, pack_layers: list, opts: list, batches, n_samples: i
     names = [q.layer.name for q in qls if not is_join(q.layer)]
     cos_p: list = []
     cos_l: list = []
-    omega_p = mixed.measure(gm, qls, [list(x) for x in pack_layers], opts, batches, cosine=cos_p, progress=progress)
+    omega_p = mixed.measure(gm, qls, [list(x) for x in pack_layers], opts, batches, cosine=cos_p, progress=progress,
+                            spread=spread)
     omega_l = mixed.measure(gm, qls, [[n] for n in names], opts, lambda: first(batches, RANK_SAMPLES), cosine=cos_l,
-                            progress=progress)
+                            progress=progress, spread=spread)
     rep = SensitivityReport(list(opts), n_samples,
                             [Item(f"pack{i}", i, list(g), o, c)
                              for i, (g, o, c) in enumerate(zip(pack_layers, omega_p, cos_p))],

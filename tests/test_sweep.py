@@ -224,3 +224,27 @@ def test_two_node_cluster_on_one_machine(sweep_dir, tmp_path):
         assert len({r["worker_node"] for r in results}) == 2
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@needs_ray
+def test_sensitivity_on_ray_workers_equals_the_sequential_table(tmp_path, capsys):
+    """quantize --workers 2: the mixed-precision table measured as Ray tasks (contiguous chunks of
+    packs) is the sequential one, number for number, and so is the allocation."""
+    args = [os.path.join(SAMPLES, "digits_resnet.onnx"), "--calib", os.path.join(SAMPLES, "calib.npz"),
+            "--method", "rtn", "--avg-wbits", "4.5", "--max-pack-blocks", "1", "--abits", "8"]
+    assert cli.main(["quantize", *args, "-o", str(tmp_path / "a.onnx"), "--report", str(tmp_path / "a.json")]) == 0
+    assert cli.main(["quantize", *args, "-o", str(tmp_path / "b.onnx"), "--report", str(tmp_path / "b.json"),
+                     "--workers", "2"]) == 0
+    assert "in 2 Ray tasks" in capsys.readouterr().out
+    a, b = (json.loads((tmp_path / f"{x}.json").read_text())["mixed_precision"] for x in "ab")
+    assert len(a["sensitivity"]) >= 3 and a["sensitivity"] == b["sensitivity"] and a["choice"] == b["choice"]
+
+
+def test_workers_without_ray_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(engine, "have_ray", lambda: False)
+    argv = ["quantize", os.path.join(SAMPLES, "digits_resnet.onnx"), "--calib", os.path.join(SAMPLES, "calib.npz"),
+            "--avg-wbits", "4", "-o", str(tmp_path / "x.onnx"), "--workers", "2"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "which is not installed" in err
+    assert not (tmp_path / "x.onnx").exists()
