@@ -1,8 +1,5 @@
-"""How the benchmark records results: JSON written atomically (the package's writer), exceptions
-as one line."""
-from packptq_onnx.exporters.files import save_json  # noqa: F401  (bench modules import it from here)
+"""How the benchmark records results: JSON written atomically and exceptions as one line (the
+package's own writer and the engine's rule)."""
+from packptq_onnx.exporters.files import save_json  # noqa: F401
 
-
-def one_line(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {msg[0][:300] if msg else ''}".rstrip(": ")
+from packptq_onnx.engine import one_line  # noqa: F401  (bench modules import them from here)

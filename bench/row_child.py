@@ -1,16 +1,15 @@
-"""What runs in a benchmark child process (bench/run.py --_row / --_build): build a task's model
+"""What a benchmark worker runs (bench/run.py, through packptq_onnx.engine): build a task's model
 and data, or quantize one row, evaluate it against the float model and time it."""
 from __future__ import annotations
 
 import json
 import os
 import time
-import traceback
 
 import numpy as np
 from feeds import load_feeds, load_labels, overlap
 from quantizers import ort_quantize, ours_quantize, stored_weight_bytes
-from records import one_line, save_json
+from records import save_json
 from rows import ROWS
 from tasks import TASKS
 
@@ -32,8 +31,17 @@ def float_outputs(info: dict, cfg: dict, work: str, feeds: dict) -> list:
     return outs
 
 
-def run_row(task_name: str, row_name: str, out_dir: str, cfg: dict, result_path: str) -> None:
-    """Quantize (ORT or ours), then evaluate and time; writes the result JSON. Runs in a child process."""
+def row_job(payload: dict) -> dict:
+    """A row as an engine call (bench/run.py): a fresh worker process, Ray's or a child process."""
+    return run_row(payload["task"], payload["row"], payload["out"], payload["cfg"])
+
+
+def build_job(payload: dict) -> dict:
+    return build_task(payload["task"], payload["out"], payload["models_dir"], payload["cfg"])
+
+
+def run_row(task_name: str, row_name: str, out_dir: str, cfg: dict) -> dict:
+    """Quantize (ORT or ours), then evaluate and time; returns the row's result."""
     os.environ.setdefault("PACKPTQ_QUIET", "1")
     task, row = TASKS[task_name], ROWS[row_name]
     work = os.path.join(out_dir, task_name)
@@ -78,24 +86,10 @@ def run_row(task_name: str, row_name: str, out_dir: str, cfg: dict, result_path:
     res["speedup"] = round(lat_f / lat_q, 3)
     res["status"] = "ok"
     res["row_seconds"] = round(time.time() - t0, 2)
-    save_json(res, result_path)
+    return res
 
 
-def child_main(argv) -> int:
-    kind, payload = argv[0], json.loads(argv[1])
-    try:
-        if kind == "--_row":
-            run_row(payload["task"], payload["row"], payload["out"], payload["cfg"], payload["result"])
-        else:
-            build_task(payload["task"], payload["out"], payload["models_dir"], payload["cfg"], payload["result"])
-    except BaseException as exc:  # recorded as failed with its one-line error
-        traceback.print_exc()
-        save_json({"status": "failed", "error": one_line(exc)}, payload["result"])
-        return 1
-    return 0
-
-
-def build_task(task_name: str, out_dir: str, models_dir: str, cfg: dict, result_path: str) -> None:
+def build_task(task_name: str, out_dir: str, models_dir: str, cfg: dict) -> dict:
     task = TASKS[task_name]
     work = os.path.join(out_dir, task_name)
     os.makedirs(work, exist_ok=True)
@@ -114,4 +108,4 @@ def build_task(task_name: str, out_dir: str, models_dir: str, cfg: dict, result_
     info["build_seconds"] = round(time.time() - t0, 2)
     info["status"] = "ok"
     save_json(info, os.path.join(work, "data.json"))
-    save_json(info, result_path)
+    return info

@@ -3,11 +3,17 @@ variants, our rtn / adaround / block / pack, pack + mixed precision), and --rows
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+import itertools
+import os
+import re
+from dataclasses import dataclass, fields
 
-BITS = ((8, 8), (4, 8), (4, 4), (3, 4), (3, 3))
-OURS = ("rtn", "adaround", "block", "pack")
-CAPS = (2, 4, 8)
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+ROWS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rows.toml")
 
 
 @dataclass
@@ -35,39 +41,38 @@ class Row:
         return (f"≤W{self.wbits} budget, A≤{self.abits}" if self.mixed else f"W{self.wbits}A{self.abits}") + fine
 
 
-def all_rows() -> list[Row]:
-    rows = [Row("float", "float", "float")]
-    for cal, act, rr in (("MinMax", "u8", False), ("MinMax", "s8", False), ("MinMax", "u8", True),
-                         ("Percentile", "u8", False), ("Entropy", "u8", False)):
-        m = f"ort-{cal.lower()}-{act}" + ("-rr" if rr else "")
-        rows.append(Row(f"{m}-W8A8", "ort", m, 8, 8, cal, act, rr))
-    for w, a in ((4, 8), (4, 4)):
-        rows.append(Row(f"ort-minmax-u8-W{w}A{a}", "ort", "ort-minmax-u8", w, a, "MinMax", "u8"))
-    for m in OURS:
-        for w, a in BITS:
-            rows.append(Row(f"{m}-W{w}A{a}", "ours", m, w, a))
-    for m in ("rtn", "pack"):  # 8-bit weights in the full range: exact on CPUs with VNNI, as onnxruntime's rows
-        rows.append(Row(f"{m}-fullrange-W8A8", "ours", f"{m}-fullrange", 8, 8, full_range=True))
-    for w in (4, 3):  # the weight bytes of uniform W4 / W3, activations at A4 (as pack-W4A4 / pack-W3A4)
-        rows.append(Row(f"pack-mixed-W{w}", "ours", "pack-mixed", w, 4, mixed=True))
-        rows.append(Row(f"pack-mixed-fine-W{w}", "ours", "pack-mixed-fine", w, 4, mixed=True, max_pack_blocks=3))
-        rows.append(Row(f"pack-fine-W{w}A4", "ours", "pack-fine", w, 4, max_pack_blocks=3))
-    for k in CAPS:  # packs of at most k blocks (issue 24, item 5: bench/pack_cap.py)
-        for w, a in ((4, 8), (4, 4)):
-            rows.append(Row(f"pack-cap{k}-W{w}A{a}", "ours", f"pack-cap{k}", w, a, max_pack_blocks=k))
-    for w, a in ((8, 8), (4, 4), (3, 3)):  # transformers (issue 27): each component alone and both
-        for tag, lr, sq in (("lrauto", "auto", "uniform"), ("focus", None, "focus"),
-                            ("lrauto-focus", "auto", "focus"), ("lr8", 8, "uniform"), ("lr32", 32, "uniform"),
-                            ("lrbranch", "auto", "uniform"), ("lrbranch-focus", "auto", "focus")):
-            if w == 8 and tag in ("lr8", "lr32"):
-                continue
-            form = "branch" if tag.startswith("lrbranch") else "merged"
-            rows.append(Row(f"pack-{tag}-W{w}A{a}", "ours", f"pack-{tag}", w, a, lowrank=lr, lowrank_form=form,
-                            softmax_quant=sq))
+def all_rows(path: str = ROWS_FILE) -> list[Row]:
+    """bench/rows.toml expanded: each [[row]] is one row or a grid (see the file's header)."""
+    with open(path, "rb") as f:
+        entries = tomllib.load(f)["row"]
+    known = {f.name for f in fields(Row)} | {"bits"}
+    rows = []
+    for e in entries:
+        skip = set(e.pop("skip", ()))
+        variants = e.pop("variants", [{}])
+        grid = {k: v for k, v in e.items() if isinstance(v, list)}
+        for values in itertools.product(*grid.values()):
+            for var in variants:
+                d = {**e, **dict(zip(grid, values)), **var}
+                bad = set(d) - known
+                if bad:
+                    raise ValueError(f"{path}: unknown row field(s) {sorted(bad)}")
+                if "bits" in d:
+                    m = re.fullmatch(r"W(\d+)A(\d+)", d["bits"])
+                    d["wbits"], d["abits"] = int(m[1]), int(m[2])
+                d["method"] = d["method"].format(**d)
+                d["name"] = d["name"].format(**d)
+                d.pop("bits", None)
+                d.setdefault("kind", "ours")
+                if d["name"] not in skip:
+                    rows.append(Row(**d))
     return rows
 
 
 ROWS = {r.name: r for r in all_rows()}
+OURS = ("rtn", "adaround", "block", "pack")  # the four methods at uniform bits (report.py compares them)
+BITS = tuple(dict.fromkeys((r.wbits, r.abits) for r in ROWS.values() if r.method == "pack" and not r.mixed))
+CAPS = tuple(sorted({r.max_pack_blocks for r in ROWS.values() if r.method.startswith("pack-cap")}))
 
 
 def select_rows(patterns: str | None, allowed) -> list[Row]:

@@ -28,9 +28,7 @@ import hashlib
 import json
 import os
 import shlex
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -42,9 +40,10 @@ if HERE not in sys.path:
 # child process runs, with feeds.py, quantizers.py, records.py) and report.py (RESULTS.md, plots).
 from records import save_json  # noqa: E402
 from report import fmt, write_results  # noqa: E402
-from row_child import child_main  # noqa: E402
 from rows import ROWS, Row, select_rows  # noqa: E402
 from tasks import DATA_SIZES, TASKS, Task  # noqa: E402
+
+from packptq_onnx.engine import Call, Engine  # noqa: E402
 
 
 # ---- configuration -----------------------------------------------------------------------------
@@ -83,64 +82,30 @@ def config_tag(task: Task, a) -> str:
     return f"{name}-" + hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
 
 
-# ---- parent: run children, cache ---------------------------------------------------------------
-def spawn(kind: str, payload: dict, log_path: str, timeout: float | None) -> dict:
-    """Run one child; returns its result JSON, or a failure record if it died without writing one."""
-    result = payload["result"]
-    if os.path.exists(result):
-        os.unlink(result)
-    cmd = [sys.executable, os.path.abspath(__file__), kind, json.dumps(payload)]
-    env = dict(os.environ, PACKPTQ_QUIET="1", PYTHONUNBUFFERED="1")
-    t0 = time.time()
-    with open(log_path, "w") as log:
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        rusage, status = None, None
-        try:
-            deadline = None if not timeout else t0 + timeout
-            while True:
-                pid, st, ru = os.wait4(p.pid, os.WNOHANG)
-                if pid:
-                    rusage, status = ru, st
-                    break
-                if deadline and time.time() > deadline:
-                    p.kill()
-                    _, st, ru = os.wait4(p.pid, 0)
-                    rusage, status = ru, None
-                    break
-                time.sleep(0.2)
-        except BaseException:
-            p.kill()
-            os.wait4(p.pid, 0)
-            raise
-        p.returncode = 0  # reaped by wait4 above
-    wall = round(time.time() - t0, 2)
-    if os.path.exists(result):
-        with open(result) as f:
-            res = json.load(f)
-    elif status is None:
-        res = {"status": "failed", "error": f"timed out after {timeout:.0f} s"}
-    else:
-        code = os.waitstatus_to_exitcode(status)
-        tail = _last_line(log_path)
-        why = f"killed by signal {-code}" + (" (out of memory?)" if code == -9 else "") if code < 0 else f"exit {code}"
-        res = {"status": "failed", "error": f"{why}: {tail}" if tail else why}
-    res.setdefault("config", payload.get("cfg"))  # failure records too: the code they failed with
-    res["wall_seconds"] = wall
-    res["process_peak_rss_mb"] = round(rusage.ru_maxrss / 1024, 1) if rusage else None
-    save_json(res, result)
+# ---- rows and builds as engine calls (Ray tasks, or processes) ----------------------------------
+def call(kind: str, cid: str, payload: dict, result: str, log_path: str, a, key: str = "") -> Call:
+    """A row ("row") or a task's data build ("build") as an engine call, run by row_child.py."""
+    if os.path.exists(log_path):
+        os.unlink(log_path)
+    return Call(cid, f"row_child:{kind}_job", payload, result, log_path, key=key, cpus=a.cpus_per_row,
+                gpus=1 if getattr(a, "device", "cpu") == "cuda" else 0, sys_path=[HERE, ROOT])
+
+
+def spawn(engine: Engine, c: Call, cfg: dict | None = None) -> dict:
+    """Run one call; its failure is a record with a one-line error."""
+    return finish(engine.run([c], reuse=False)[c.id], c, cfg)
+
+
+def finish(res: dict, c: Call, cfg: dict | None) -> dict:
+    if "wall_seconds" not in res:  # the names RESULTS.md reads (the engine's worker_* figures)
+        res.setdefault("config", cfg)  # failure records too: the code they failed with
+        res["wall_seconds"] = res.get("worker_seconds")
+        res["process_peak_rss_mb"] = res.get("worker_peak_rss_mb")
+        save_json(res, c.result)
     return res
 
 
-def _last_line(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            lines = [x.strip() for x in f if x.strip()]
-        return lines[-1][:300] if lines else ""
-    except OSError:
-        return ""
-
-
-def run_task(task: Task, rows: list[Row], a, log=print) -> dict:
+def run_task(task: Task, rows: list[Row], a, engine: Engine, log=print) -> dict:
     """Build (cached), then every row (cached). Returns {'info', 'rows': {name: result}, 'skipped'}."""
     why = task.missing()
     if why:
@@ -166,14 +131,16 @@ def run_task(task: Task, rows: list[Row], a, log=print) -> dict:
         sizes = DATA_SIZES.get(task.name) or (None, None)
         bcfg = {"seed": a.seed, "n_calib": sizes[0], "n_eval": sizes[1]}
         log(f"[{task.name}] building model and data ...")
-        r = spawn("--_build", {"task": task.name, "out": os.path.abspath(a.out), "models_dir": a.models_dir,
-                               "cfg": bcfg, "result": build_res}, os.path.join(work, "build.log"), a.row_timeout)
+        c = call("build", f"{task.name}/build", {"task": task.name, "out": os.path.abspath(a.out),
+                                                 "models_dir": a.models_dir, "cfg": bcfg},
+                 build_res, os.path.join(work, "build.log"), a)
+        r = spawn(engine, c)
         if r.get("status") != "ok":
             log(f"[{task.name}] data build failed: {r.get('error')}")
             return {"info": None, "rows": {}, "missing": f"data build failed: {r.get('error')}"}
         with open(data_json) as f:
             info = json.load(f)
-    results = {}
+    results, todo = {}, []
     for row in rows:
         path = os.path.join(rdir, f"{row.name}.json")
         if os.path.exists(path):
@@ -186,15 +153,21 @@ def run_task(task: Task, rows: list[Row], a, log=print) -> dict:
                 continue
             if stale:
                 log(f"[{task.name}] {row.name:<26} cached by other code: running again")
-        log(f"[{task.name}] {row.name:<26} running ...")
-        res = spawn("--_row", {"task": task.name, "row": row.name, "out": os.path.abspath(a.out), "cfg": cfg,
-                               "result": path}, os.path.join(rdir, f"{row.name}.log"), a.row_timeout)
-        results[row.name] = res
+        log(f"[{task.name}] {row.name:<26} queued")
+        todo.append(call("row", row.name, {"task": task.name, "row": row.name, "out": os.path.abspath(a.out),
+                                           "cfg": cfg}, path, os.path.join(rdir, f"{row.name}.log"), a))
+
+    def done(c: Call, res: dict, _cached: bool) -> None:
+        res = finish(res, c, cfg)
+        results[c.id] = res
         if res.get("status") == "ok":
-            log(f"[{task.name}] {row.name:<26} done in {res['wall_seconds']:.0f} s: "
+            log(f"[{task.name}] {c.id:<26} done in {res['wall_seconds']:.0f} s: "
                 + ", ".join(f"{k} {fmt(v)}" for k, v in list(res.get("scores", {}).items())[:3]))
         else:
-            log(f"[{task.name}] {row.name:<26} FAILED: {res.get('error')}")
+            log(f"[{task.name}] {c.id:<26} FAILED: {res.get('error')}")
+
+    engine.run(todo, on_done=done, reuse=False)  # the rows this run decided to run (above)
+    results = {r.name: results[r.name] for r in rows}
     return {"info": info, "rows": results, "missing": None, "tag": tag, "cfg": cfg}
 
 
@@ -204,8 +177,6 @@ def _terminate(signum, frame):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("--_row", "--_build"):
-        return child_main(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(HERE, "out"), help="work folder: data, models, cached rows")
@@ -224,6 +195,14 @@ def main(argv=None):
     ap.add_argument("--row-timeout", type=float, default=None, help="seconds before a row is killed and failed")
     ap.add_argument("--retry-failed", action="store_true", help="rerun rows cached as failed")
     ap.add_argument("--list", action="store_true", help="print the rows and tasks, then exit")
+    ap.add_argument("--address", help="run the rows on the Ray cluster at auto or HOST:PORT (every node needs this "
+                    "checkout, the bench wheels and OUT at the same paths)")
+    ap.add_argument("--workers", type=int, help="CPUs of the local Ray cluster (default: all cores)")
+    ap.add_argument("--no-ray", action="store_true", help="rows one after another in processes (the default "
+                    "without Ray)")
+    ap.add_argument("--cpus-per-row", type=float, default=float(os.cpu_count() or 1),
+                    help="CPUs a row reserves (default: all of this machine's, so rows never share cores and "
+                    "timings stay clean; on a cluster, a node's cores)")
     a = ap.parse_args(argv)
     if a.list:
         for t in TASKS.values():
@@ -245,10 +224,13 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     command = "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(os.path.abspath(__file__), os.getcwd())]
                                    + list(argv))
+    os.environ["PACKPTQ_QUIET"] = "1"  # rows log into their own files; workers inherit it
     all_res = {}
-    for n in names:
-        task = TASKS[n]
-        all_res[n] = run_task(task, select_rows(a.rows, task.rows), a)
+    backend = "process" if a.no_ray else "ray" if a.address else "auto"
+    with Engine(backend, a.workers, a.address, retries=1, timeout=a.row_timeout) as engine:
+        for n in names:
+            task = TASKS[n]
+            all_res[n] = run_task(task, select_rows(a.rows, task.rows), a, engine)
     path = write_results(all_res, a, command)
     print(f"wrote {path}")
     return 0

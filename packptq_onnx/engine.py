@@ -189,12 +189,13 @@ class Engine:
             return os.cpu_count() or 1
         return int(self._ray().cluster_resources().get("CPU", 1))
 
-    def run(self, calls: list[Call], retry_failed: bool = False, on_done=None, shared=None) -> dict:
-        """{call id: result}; results already stored are reused. on_done(call, result, cached) after
-        each. shared: one object every call's function gets as its second argument (sent once)."""
+    def run(self, calls: list[Call], retry_failed: bool = False, on_done=None, shared=None, reuse: bool = True) -> dict:
+        """{call id: result}; results already stored are reused (unless reuse=False: the caller chose
+        these calls to run). on_done(call, result, cached) after each. shared: one object every
+        call's function gets as its second argument (sent once)."""
         out, todo = {}, []
         for c in calls:
-            res = cached(c, retry_failed)
+            res = cached(c, retry_failed) if reuse else None
             if res is not None:
                 out[c.id] = res
                 if on_done:
@@ -216,14 +217,18 @@ class Engine:
         return out
 
     def _run_ray(self, calls, shared):
+        """Calls submitted while the cluster has CPUs for them, so a call's clock (timeout) starts
+        about when it starts; results as they finish."""
         ray = self._ray()
         remote = ray.remote(max_calls=1)(invoke)  # a fresh process per job: no state left between jobs
         obj = None if shared is None else ray.put(shared)
-        refs = {}
-        for c in calls:
-            opts = dict(num_cpus=c.cpus, num_gpus=c.gpus, max_retries=self.retries)
-            refs[remote.options(**opts).remote(asdict(c), obj)] = (c, time.time())
-        while refs:
+        total = ray.cluster_resources().get("CPU", 1)
+        queue, refs = list(calls), {}
+        while queue or refs:
+            while queue and (not refs or sum(c.cpus for c, _ in refs.values()) + queue[0].cpus <= total):
+                c = queue.pop(0)
+                opts = dict(num_cpus=c.cpus, num_gpus=c.gpus, max_retries=self.retries)
+                refs[remote.options(**opts).remote(asdict(c), obj)] = (c, time.time())
             done, _ = ray.wait(list(refs), num_returns=1, timeout=5.0)
             for ref in done:
                 c, _ = refs.pop(ref)
@@ -234,7 +239,7 @@ class Engine:
                 yield c, res
             if self.timeout:
                 for ref, (c, t0) in list(refs.items()):
-                    if time.time() - t0 > self.timeout:  # queued time counts: generous, never early
+                    if time.time() - t0 > self.timeout:
                         ray.cancel(ref, force=True)
                         refs.pop(ref)
                         yield c, {"status": "failed", "error": f"timed out after {self.timeout:.0f} s"}

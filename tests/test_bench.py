@@ -92,17 +92,24 @@ def test_rows_cached_as_json_and_rerun_skips(bench_run):
 
 
 def test_failed_row_is_recorded(tmp_path):
-    """A row whose child fails is recorded with a one-line error, and the run goes on."""
+    """A row whose worker fails is recorded with a one-line error and the run's config, and the run goes on."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
         import run
     finally:
         sys.path.pop(0)
+    from packptq_onnx.engine import Engine
+
+    a = type("A", (), {"cpus_per_row": 1.0, "device": "cpu"})()
     result = tmp_path / "r.json"
-    res = run.spawn("--_row", {"task": "sample", "row": "float", "out": str(tmp_path / "missing"), "cfg": {},
-                               "result": str(result)}, str(tmp_path / "r.log"), timeout=120)
+    c = run.call("row", "float", {"task": "sample", "row": "float", "out": str(tmp_path / "missing"), "cfg": {}},
+                 str(result), str(tmp_path / "r.log"), a)
+    with Engine("process") as engine:
+        res = run.spawn(engine, c, cfg={"tag": "t"})
     assert res["status"] == "failed" and res["error"].startswith("FileNotFoundError")
-    assert "\n" not in res["error"] and json.loads(result.read_text())["status"] == "failed"
+    assert "\n" not in res["error"] and res["config"] == {"tag": "t"} and res["wall_seconds"] > 0
+    assert json.loads(result.read_text())["status"] == "failed"
+    assert "Traceback" in (tmp_path / "r.log").read_text()  # the whole story is in the row's log
 
 
 def test_checks_read_off_the_rows():
