@@ -7,6 +7,7 @@ worker process, returning a JSON-able dict. The engine writes that dict to the c
 (atomically), so a rerun skips calls whose result exists with the same key (resume). A worker that
 dies (killed, out of memory) is retried up to `retries` times; an exception in the function is not
 retried: it is recorded as {"status": "failed", "error": one line} and the other jobs go on.
+The design: docs/METHOD.md, "Sweeps and parallel sensitivity".
 """
 from __future__ import annotations
 

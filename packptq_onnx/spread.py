@@ -5,9 +5,10 @@ The (group, bit option) items of mixed precision, of the accuracy target's searc
 group quantized. The groups are cut into contiguous chunks, one Ray task per chunk; every task gets
 the converted model, its quantizers, the batches and the float outputs through Ray's object store
 (put once) and measures its chunk exactly as the sequential loop would (mixed.measure_groups,
-replaying the state the earlier groups leave). The table is the sequential one: equal number for
-number when the workers and the sequential run use the same torch thread count (tested), and within
-float rounding otherwise (reductions split differently over threads).
+replaying the state the earlier groups leave). The table is the sequential one, number for number
+(tested on the sample, with the driver at 1 and at 2 torch threads; a model whose reductions split
+differently over thread counts could differ in the last bits). docs/METHOD.md, "Sweeps and
+parallel sensitivity".
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ the engine (Ray tasks, or processes one after another), then one results table a
 OUT/jobs/<id>/ holds each job's model.onnx, report.json (quantize's report), log.txt and
 result.json (the summary the table is made from: status, metric, weight bytes, latency, error).
 A job whose result.json exists with the same key (inputs and options) is not run again.
+The design: docs/METHOD.md, "Sweeps and parallel sensitivity".
 """
 from __future__ import annotations
 
