@@ -131,7 +131,7 @@ def _mixed_args(p: argparse.ArgumentParser) -> None:
 
 def _spread_args(g) -> None:
     g.add_argument("--workers", type=int, help="measure the sensitivity items as Ray tasks on a local cluster of "
-                   "N CPUs (needs the [ray] extra; same numbers as one after another)")
+                   "N CPUs (needs the [ray] extra; the numbers a 1-thread run gives)")
     g.add_argument("--address", help="measure the sensitivity items on the Ray cluster at auto or HOST:PORT")
 
 
@@ -314,9 +314,10 @@ def quantize_options(a):
                    joins=not a.no_joins, input_shapes=_shapes(a), batch_axes=_axes(a),
                    bias_correction=not a.no_bias_correction, task=a.task,
                    metric=a.metric, guard=a.guard, softmax_quant=a.softmax_quant)
-    if a.plot and not opts.mixed.enabled:
-        raise UsageError("--plot shows the mixed-precision choice: give a limit (--budget, --avg-wbits, "
-                         "--avg-abits, --bops) or an accuracy --target")
+    if (a.plot or opts.mixed.spread) and not opts.mixed.enabled:
+        what = "--plot shows the mixed-precision choice" if a.plot else \
+            "--workers / --address spread the mixed-precision sensitivity measurement"
+        raise UsageError(f"{what}: give a limit (--budget, --avg-wbits, --avg-abits, --bops) or an accuracy --target")
     check_options(opts)
     return opts
 

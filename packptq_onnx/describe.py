@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .cli import _axes, _image_opts, _shapes
+from .cli import _axes, _image_opts, _shapes, spread_of
 from .errors import UsageError
 
 
@@ -26,6 +26,8 @@ def cmd_inspect(a) -> int:
     if a.sensitivity:
         from .options import check_bit_options
         check_bit_options(a.wbits_options, a.abits_options)  # before the long work
+    if spread_of(a) is not None and not a.sensitivity:
+        raise UsageError("--workers / --address spread the --sensitivity measurement: give --sensitivity")
     if a.calib:
         info.update(_packs(a, print if not a.json else (lambda *_: None)))
     if a.runtime:
@@ -124,8 +126,6 @@ def _sensitivity(a, p, opts, res):
     options = list(itertools.product(a.wbits_options, a.abits_options))
     pack_layers = [[n for b in pk.blocks for n in res.units.blocks[b].layers] for pk in res.packs]
     fp = f"{os.path.abspath(a.model)}:{os.path.getsize(a.model)}:{os.path.abspath(a.calib)}:{p.n_samples}:{a.seed}"
-    from .cli import spread_of
-
     return measure_report(p.gm, p.qls, pack_layers, options, lambda: p.batches(opts), p.n_samples,
                           a.sensitivity_cache, fp, progress=lambda it: bar(it, "sensitivity", len(it)),
                           spread=spread_of(a))

@@ -15,6 +15,7 @@ import contextlib
 import importlib
 import json
 import os
+import pickle
 import resource
 import subprocess
 import sys
@@ -76,11 +77,11 @@ def invoke(call: dict, shared=None) -> dict:
                     sys.path.insert(0, p)
             mod, _, name = call["fn"].partition(":")
             fn = getattr(importlib.import_module(mod), name)
-            if call.get("shared_file"):  # process backend: the shared object comes as a pickle's path
-                import pickle
-
-                with open(shared, "rb") as f:
-                    shared = pickle.load(f)
+            if shared is not None:  # pickled bytes (Ray) or a pickle's path, opened once fn's module is
+                if call.get("shared_file"):  # imported (it imports what the object's classes need)
+                    with open(shared, "rb") as f:
+                        shared = f.read()
+                shared = pickle.loads(shared)
             res = dict(fn(call["payload"]) if shared is None else fn(call["payload"], shared))
             res.setdefault("status", "ok")
         except BaseException as exc:  # the job's failure, recorded; the sweep goes on
@@ -222,7 +223,7 @@ class Engine:
         about when it starts; results as they finish."""
         ray = self._ray()
         remote = ray.remote(max_calls=1)(invoke)  # a fresh process per job: no state left between jobs
-        obj = None if shared is None else ray.put(shared)
+        obj = None if shared is None else ray.put(pickle.dumps(shared))
         total = ray.cluster_resources().get("CPU", 1)
         queue, refs = list(calls), {}
         while queue or refs:
@@ -249,8 +250,6 @@ class Engine:
         with tempfile.TemporaryDirectory(prefix="packptq-engine-") as d:
             path = None
             if shared is not None:
-                import pickle
-
                 path = os.path.join(d, "shared.pkl")
                 with open(path, "wb") as f:
                     pickle.dump(shared, f)

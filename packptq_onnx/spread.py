@@ -5,17 +5,19 @@ The (group, bit option) items of mixed precision, of the accuracy target's searc
 group quantized. The groups are cut into contiguous chunks, one Ray task per chunk; every task gets
 the converted model, its quantizers, the batches and the float outputs through Ray's object store
 (put once) and measures its chunk exactly as the sequential loop would (mixed.measure_groups,
-replaying the state the earlier groups leave). The table is the sequential one, number for number
-(tested on the sample, with the driver at 1 and at 2 torch threads; a model whose reductions split
-differently over thread counts could differ in the last bits). docs/METHOD.md, "Sweeps and
+replaying the state the earlier groups leave). The table is the sequential one, number for number,
+when the sequential run uses the workers' thread count (tested on the sample; on EfficientNet-Lite0
+equal at 1 thread, 1e-4 relative apart at 2: reductions split over threads). docs/METHOD.md, "Sweeps and
 parallel sensitivity".
 """
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 
+from . import o2t  # noqa: F401  (a worker imports onnx2torch the package's way before unpickling the model)
 from .engine import Call, Engine
 
 
@@ -36,7 +38,11 @@ def chunks(n: int, k: int) -> list[range]:
     return [range(a, b) for a, b in zip(cuts, cuts[1:])]
 
 
-def measure(spread: Spread, gm, qls, groups: list, opts: list, data: list, ref: list, n: int, log=print):
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)  # progress, as the bars: stdout stays the command's output (inspect --json)
+
+
+def measure(spread: Spread, gm, qls, groups: list, opts: list, data: list, ref: list, n: int, log=_stderr):
     """(table, cosine rows) of every group, measured as Ray tasks."""
     with Engine("ray", spread.workers, spread.address, retries=1, log=log) as eng, \
             tempfile.TemporaryDirectory(prefix="packptq-spread-") as tmp:

@@ -235,7 +235,7 @@ def test_sensitivity_on_ray_workers_equals_the_sequential_table(tmp_path, capsys
     assert cli.main(["quantize", *args, "-o", str(tmp_path / "a.onnx"), "--report", str(tmp_path / "a.json")]) == 0
     assert cli.main(["quantize", *args, "-o", str(tmp_path / "b.onnx"), "--report", str(tmp_path / "b.json"),
                      "--workers", "2"]) == 0
-    assert "in 2 Ray tasks" in capsys.readouterr().out
+    assert "in 2 Ray tasks" in capsys.readouterr().err  # progress on stderr: stdout stays the output
     a, b = (json.loads((tmp_path / f"{x}.json").read_text())["mixed_precision"] for x in "ab")
     assert len(a["sensitivity"]) >= 3 and a["sensitivity"] == b["sensitivity"] and a["choice"] == b["choice"]
 
@@ -248,3 +248,14 @@ def test_workers_without_ray_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "which is not installed" in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_workers_without_a_sensitivity_measurement_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """--workers only spreads the sensitivity items: without a limit, a target or --sensitivity it
+    would do nothing, so it is refused before any work."""
+    monkeypatch.setattr(engine, "have_ray", lambda: True)
+    model, calib = os.path.join(SAMPLES, "digits_resnet.onnx"), os.path.join(SAMPLES, "calib.npz")
+    assert cli.main(["quantize", model, "--calib", calib, "-o", str(tmp_path / "x.onnx"), "--workers", "2"]) == 2
+    assert "spread the mixed-precision sensitivity measurement" in capsys.readouterr().err
+    assert cli.main(["inspect", model, "--calib", calib, "--workers", "2"]) == 2
+    assert "give --sensitivity" in capsys.readouterr().err
