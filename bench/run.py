@@ -88,7 +88,7 @@ def call(kind: str, cid: str, payload: dict, result: str, log_path: str, a, key:
     if os.path.exists(log_path):
         os.unlink(log_path)
     return Call(cid, f"row_child:{kind}_job", payload, result, log_path, key=key, cpus=a.cpus_per_row,
-                gpus=1 if getattr(a, "device", "cpu") == "cuda" else 0, sys_path=[HERE, ROOT])
+                gpus=1 if getattr(a, "device", "cpu") == "cuda" else 0, sys_path=[HERE])
 
 
 def spawn(engine: Engine, c: Call, cfg: dict | None = None) -> dict:

@@ -153,6 +153,7 @@ class Engine:
         self.backend, self.workers, self.address = backend, workers, address
         self.retries, self.timeout, self.log = retries, timeout, log
         self._started = False
+        self._scratch = None
 
     def __enter__(self):
         return self
@@ -166,12 +167,27 @@ class Engine:
 
             ray.shutdown()
             self._started = False
+        if self._scratch:
+            import shutil
+
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def scratch(self) -> str:
+        """The folder jobs run in. Not the caller's: Python (and Ray, for its workers) puts the working
+        folder first on the import path, where a source checkout's packptq_onnx would shadow the
+        installed package. Jobs get absolute paths."""
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix="packptq-jobs-")
+        return self._scratch
 
     def _ray(self):
         import ray
 
         if not ray.is_initialized():
             kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            here = os.getcwd()
+            os.chdir(self.scratch())  # the folder Ray gives its workers (see scratch)
             try:
                 if self.address:
                     ray.init(address=self.address, **kw)
@@ -180,6 +196,8 @@ class Engine:
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise UsageError(f"cannot start or join the Ray cluster"
                                  f"{' at ' + self.address if self.address else ''}: {one_line(exc)}") from None
+            finally:
+                os.chdir(here)
             self._started = True
             cpus = ray.cluster_resources().get("CPU", 0)
             self.log(f"Ray cluster: {cpus:g} CPUs on {len(ray.nodes())} node(s)")
@@ -255,16 +273,18 @@ class Engine:
                     pickle.dump(shared, f)
             for c in calls:
                 res = None
+                why = ""
                 for _ in range(self.retries + 1):
-                    res = _in_process(c, self.timeout, path)
+                    res, why = _in_process(c, self.timeout, path, self.scratch())
                     if res is not None:
                         break
                 yield c, res or {"status": "failed", "error": f"worker lost {self.retries + 1} time(s): "
-                                                             "the process died without a result"}
+                                                             f"the process died without a result{why}"}
 
 
-def _in_process(c: Call, timeout: float | None, shared_path: str | None = None) -> dict | None:
-    """One call in a child process; None when the child died without writing its result."""
+def _in_process(c: Call, timeout: float | None, shared_path: str | None, cwd: str) -> tuple[dict | None, str]:
+    """One call in a child process: (result, "") or, when the child died without writing its
+    result, (None, its last line of stderr)."""
     from .exporters.files import temp_beside
 
     os.makedirs(os.path.dirname(os.path.abspath(c.result)), exist_ok=True)
@@ -272,14 +292,15 @@ def _in_process(c: Call, timeout: float | None, shared_path: str | None = None) 
     call = dict(asdict(c), shared_file=shared_path is not None)
     cmd = [sys.executable, "-m", "packptq_onnx.engine", json.dumps(call), tmp, shared_path or ""]
     try:
-        p = subprocess.run(cmd, timeout=timeout, stdin=subprocess.DEVNULL, capture_output=True)
+        p = subprocess.run(cmd, timeout=timeout, stdin=subprocess.DEVNULL, capture_output=True, cwd=cwd)
         with open(tmp) as f:
             text = f.read()
         if p.returncode != 0 or not text:
-            return None
-        return json.loads(text)
+            last = [x for x in p.stderr.decode(errors="replace").splitlines() if x.strip()]
+            return None, f" ({last[-1].strip()[:200]})" if last else ""
+        return json.loads(text), ""
     except subprocess.TimeoutExpired:
-        return {"status": "failed", "error": f"timed out after {timeout:.0f} s"}
+        return {"status": "failed", "error": f"timed out after {timeout:.0f} s"}, ""
     finally:
         os.unlink(tmp)
 

@@ -242,12 +242,25 @@ def _models(doc: dict, path: str, base: str, actions: dict) -> dict:
     return models
 
 
+def _paths(opts: dict, base: str) -> dict:
+    """Files named by options, relative to the sweep file (jobs run in a scratch folder)."""
+    out = dict(opts)
+    if isinstance(out.get("sensitivity-cache"), str):
+        out["sensitivity-cache"] = _resolve(base, out["sensitivity-cache"])
+    metric = out.get("metric")
+    if isinstance(metric, str) and ".py:" in metric:
+        file, _, fn = metric.rpartition(":")
+        out["metric"] = f"{_resolve(base, file)}:{fn}"
+    return out
+
+
 def _job(jid: str, m: dict, opts: dict, base: str, path: str, actions: dict, qp) -> Job:
     """One job, its options checked by quantize's own parser and option checks."""
     from .cli import quantize_options
     from .options import check_eval
 
     where = f"{os.path.basename(path)}: job {jid}"
+    opts = _paths(opts, base)
     data = {k: _resolve(base, opts[k]) if k in opts else m[k] for k in DATA_KEYS}
     for k in DATA_KEYS:
         if k in opts and not os.path.exists(data[k]):

@@ -80,6 +80,15 @@ method = "pack"
     return d
 
 
+def _decoy(tmp_path, monkeypatch):
+    """Run from a folder holding a packptq_onnx that cannot import, as a source checkout's does for a
+    non-editable install (it lacks exporters/): workers must not import it from the working folder."""
+    decoy = tmp_path / "cwd"
+    (decoy / "packptq_onnx").mkdir(parents=True)
+    (decoy / "packptq_onnx" / "__init__.py").write_text("raise ImportError('the working folder was imported')\n")
+    monkeypatch.chdir(decoy)
+
+
 def _separate(sweep_dir, out):
     """The four jobs as separate quantize runs in this process, at the workers' one thread."""
     from packptq_onnx.sweepfile import load
@@ -114,6 +123,7 @@ def test_ray_sweep_survives_a_killed_worker_equals_separate_runs_and_resumes(swe
                                                                            capsys):
     out = tmp_path / "out"
     monkeypatch.setenv(engine.CRASH_ONCE, str(tmp_path))  # the first job to start exits its worker process
+    _decoy(tmp_path, monkeypatch)
     assert cli.main(["sweep", str(sweep_dir / "sweep.toml"), "-o", str(out), "--workers", "2"]) == 0
     assert (tmp_path / "crashed").exists()  # a worker did die, and the sweep still finished every job
     results = json.loads((out / "results.json").read_text())["jobs"]
@@ -142,6 +152,7 @@ def test_process_backend_retries_a_dead_process_and_keeps_failures(sweep_dir, tm
     (tmp_path / "s.toml").write_text(text.replace('calib = "chain_calib.npz"', f'calib = "{sweep_dir}/chain_calib.npz"')
                                      .replace('eval = "chain_eval.npz"', f'eval = "{sweep_dir}/chain_eval.npz"'))
     monkeypatch.setenv(engine.CRASH_ONCE, str(tmp_path))
+    _decoy(tmp_path, monkeypatch)
     out = tmp_path / "out"
     assert cli.main(["sweep", str(tmp_path / "s.toml"), "-o", str(out), "--no-ray"]) == 1
     assert (tmp_path / "crashed").exists()
