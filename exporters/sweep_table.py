@@ -14,15 +14,19 @@ COLUMNS = (("job", "id", "{}"), ("method", "method", "{}"), ("W/A", None, None),
            ("seconds", "seconds", "{:.0f}"), ("front", "front", "{}"))
 
 
-def pareto(rows: list) -> None:
-    """Mark rows (ok, with a metric) that no other row beats: at most the weight bytes and at least
+def front(rows: list, cost: str = "weight_bytes") -> list:
+    """The rows (ok, with a metric and a cost) that no other row beats: at most the cost and at least
     the metric, and strictly better in one of the two."""
-    pts = [r for r in rows if r.get("status") == "ok" and r.get("metric") is not None]
+    pts = [r for r in rows if r.get("status") == "ok" and r.get("metric") is not None and r.get(cost) is not None]
+    return [p for p in pts if not any(q is not p and q[cost] <= p[cost] and q["metric"] >= p["metric"]
+                                      and (q[cost] < p[cost] or q["metric"] > p["metric"]) for q in pts)]
+
+
+def pareto(rows: list) -> None:
+    """Mark each row's place on the weight-bytes front (the table's column)."""
+    on = {id(r) for r in front(rows)}
     for r in rows:
-        r["front"] = False
-    for p in pts:
-        p["front"] = not any(q is not p and q["weight_bytes"] <= p["weight_bytes"] and q["metric"] >= p["metric"]
-                             and (q["weight_bytes"] < p["weight_bytes"] or q["metric"] > p["metric"]) for q in pts)
+        r["front"] = id(r) in on
 
 
 def _cell(r: dict, key, fmt) -> str:
@@ -66,8 +70,8 @@ def plot(path: str, model: str, rows: list) -> None:
         for m in dict.fromkeys(r["method"] for r in ok):
             pts = sorted((r[key] / scale, r["metric"]) for r in ok if r["method"] == m)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
-        front = sorted((r[key] / scale, r["metric"]) for r in ok if r["front"])
-        ax.plot([p[0] for p in front], [p[1] for p in front], "o", ms=12, mfc="none", mec="k", label="front")
+        best = sorted((r[key] / scale, r["metric"]) for r in front(ok, key))
+        ax.plot([p[0] for p in best], [p[1] for p in best], "o", ms=12, mfc="none", mec="k", label="front")
         ax.set_xlabel(label)
         ax.set_ylabel(ok[0].get("metric_name", "metric") if ok else "metric")
     axes[0][0].set_title(model)

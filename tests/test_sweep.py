@@ -11,6 +11,8 @@ import onnx
 import pytest
 import torch
 from conftest import SAMPLES
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import numpy_helper
 
 from packptq_onnx import cli, engine
@@ -270,3 +272,19 @@ def test_workers_without_a_sensitivity_measurement_is_a_one_line_error(tmp_path,
     assert "spread the mixed-precision sensitivity measurement" in capsys.readouterr().err
     assert cli.main(["inspect", model, "--calib", calib, "--workers", "2"]) == 2
     assert "give --sensitivity" in capsys.readouterr().err
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.integers(1, 6), st.integers(0, 6)), min_size=1, max_size=12))
+def test_front_is_monotone_and_dominates_the_rest(points):
+    """The results table's front: along rising weight bytes the metric strictly rises (jobs with equal
+    figures are on it together), and every job off it has one on it with no more bytes and no lower
+    metric."""
+    from packptq_onnx.exporters.sweep_table import front
+
+    rows = [{"status": "ok", "weight_bytes": b, "metric": m / 6} for b, m in points]
+    on = sorted(front(rows), key=lambda r: r["weight_bytes"])
+    pts = sorted({(r["weight_bytes"], r["metric"]) for r in on})  # equal jobs are on it together
+    assert pts and all(a[0] < b[0] and a[1] < b[1] for a, b in zip(pts, pts[1:]))
+    for r in rows:
+        assert any(f["weight_bytes"] <= r["weight_bytes"] and f["metric"] >= r["metric"] for f in on)
