@@ -37,7 +37,8 @@ class Row:
     def bits(self) -> str:
         if self.kind == "float":
             return "fp32"
-        fine = f", packs ≤{self.max_pack_blocks} blocks" if self.max_pack_blocks else ""
+        fine = f", packs ≤{self.max_pack_blocks} blocks" if self.max_pack_blocks else \
+            ", packs uncapped" if self.max_pack_blocks == 0 else ""
         return (f"≤W{self.wbits} budget, A≤{self.abits}" if self.mixed else f"W{self.wbits}A{self.abits}") + fine
 
 

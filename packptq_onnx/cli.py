@@ -17,6 +17,7 @@ from .options import (
     STORAGES,
     TASKS,
     MixedOptions,
+    Options,
     ReconOptions,
     check_bit_options,
 )
@@ -79,7 +80,9 @@ def _recon_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-scale", type=float, default=d.lr_scale)
     g.add_argument("--round-weight", type=float, default=d.round_weight, help="AdaRound regulariser weight")
     g.add_argument("--drop-prob", type=float, default=d.drop_prob, help="QDrop: chance of a quantized input")
-    g.add_argument("--max-pack-blocks", type=int, help="cap on blocks per pack (default: no cap)")
+    g.add_argument("--max-pack-blocks", type=int, default=Options.max_pack_blocks, metavar="K",
+                   help=f"most blocks per pack (default {Options.max_pack_blocks}, measured in bench/PACK_CAP.md; 0: "
+                   "no cap, the paper's rule, which can make the whole network one pack)")
     g.add_argument("--no-compile", action="store_true", help="eager fake-quant kernels only (default: compiled "
                    "with torch.compile where a C++ compiler works; same values, some 1.5x faster)")
     g.add_argument("--lowrank", type=_rank, help="low-rank compensation of MatMul/Gemm weights: a rank, or "
@@ -98,6 +101,13 @@ def _rank(text: str):
         return parse(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive rank or 'auto', got {text!r}") from None
+
+
+def pack_cap(k: int | None) -> int | None:
+    """--max-pack-blocks: 0 means no cap (None); negative is an error."""
+    if k is not None and k < 0:
+        raise UsageError(f"--max-pack-blocks must be 0 (no cap) or more, got {k}")
+    return k or None
 
 
 def _ints(text: str) -> tuple:
@@ -238,7 +248,8 @@ def parser() -> argparse.ArgumentParser:
                    "integer and float nodes per op, and the float nodes left between Dequantize- and QuantizeLinear")
     i.add_argument("--wbits", type=int, default=4, help="bits at which blocks are scored (default 4)")
     i.add_argument("--abits", type=int, default=4, help="activation bits for scoring (default 4)")
-    i.add_argument("--max-pack-blocks", type=int, help="cap on blocks per pack (default: no cap)")
+    i.add_argument("--max-pack-blocks", type=int, default=Options.max_pack_blocks, metavar="K",
+                   help=f"most blocks per pack (default {Options.max_pack_blocks}; 0: no cap)")
     i.add_argument("--plot", help="write a PNG of scores per block with pack boundaries (with --sensitivity: "
                    "Omega per pack and option, and the costliest layers)")
     i.add_argument("--sensitivity", action="store_true", help="with --calib: each pack, and each layer alone, "
@@ -298,7 +309,6 @@ def quantize_options(a):
     """quantize's parsed arguments as pipeline Options, every check that needs no file made (the
     sweep checks each job with this before any job starts)."""
     from .options import check_options
-    from .pipeline import Options
 
     hw, goal = _targets(a)
     recon = ReconOptions(iters=a.iters, iters_total=a.iters_total, batch_size=a.batch_size or DEFAULT_BATCH,
@@ -309,7 +319,7 @@ def quantize_options(a):
                    batch_size=a.batch_size, calib_samples=a.calib_samples,
                    reduce_range=targets.reduce_range(hw) and not a.full_range_weights,
                    target=targets.this_machine() if hw == "this" else hw, image=_image_opts(a), recon=recon,
-                   max_pack_blocks=a.max_pack_blocks, resume=a.resume, mixed=_mixed_opts(a, goal),
+                   max_pack_blocks=pack_cap(a.max_pack_blocks), resume=a.resume, mixed=_mixed_opts(a, goal),
                    storage=a.storage, output_bits=None if a.no_output_quant else 8, strict=a.strict,
                    joins=not a.no_joins, input_shapes=_shapes(a), batch_axes=_axes(a),
                    bias_correction=not a.no_bias_correction, task=a.task,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .cli import _axes, _image_opts, _shapes, spread_of
+from .cli import _axes, _image_opts, _shapes, pack_cap, spread_of
 from .errors import UsageError
 
 
@@ -13,8 +13,7 @@ def cmd_inspect(a) -> int:
     from .layers import find_layers, layer_count
     from .onnx_import import load
 
-    if a.max_pack_blocks is not None and a.max_pack_blocks < 1:
-        raise UsageError("--max-pack-blocks must be at least 1")
+    a.max_pack_blocks = pack_cap(a.max_pack_blocks)
     imp = load(a.model, _shapes(a))
     layers = find_layers(imp.model)
     info = {"model": a.model, "opset": imp.opset, "nodes": len(imp.original.graph.node),

@@ -38,7 +38,7 @@ class Options:
     target: str = "any"        # --target the range was chosen for (packptq_onnx.targets)
     image: dict = field(default_factory=dict)  # image_size, mean, std, layout for image folders
     recon: ReconOptions = field(default_factory=ReconOptions)
-    max_pack_blocks: int | None = None
+    max_pack_blocks: int | None = 4  # None: no cap, Pack-PTQ's own rule (docs/METHOD.md, step 2)
     resume: bool = False
     storage: str = "int8"      # "packed": INT4/INT2 weight initializers
     output_bits: int | None = 8  # output quantizer per layer so onnxruntime fuses it; None: off

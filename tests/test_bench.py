@@ -169,8 +169,9 @@ def test_convergence_table_from_cached_rows(tmp_path):
 
 
 def test_pack_cap_table_from_cached_rows(tmp_path):
-    """bench/pack_cap.py runs block, pack-cap{2,4,8} and pack at one budget and tables them: packs of
-    a capped row hold at most K blocks, and every cell is its cached row's figure."""
+    """bench/pack_cap.py runs block, pack-cap{2,4,8}, pack-nocap and pack (the default cap) at one
+    budget and tables them: packs of a capped row hold at most K blocks, and every cell is its cached
+    row's figure."""
     cmd = [sys.executable, os.path.join(ROOT, "bench", "pack_cap.py"), "--out", str(tmp_path / "out"),
            "--results", str(tmp_path), "--models", "sample", "--iters-total", "8", "--samples", "16",
            "--bits", "W4A4"]
@@ -182,10 +183,11 @@ def test_pack_cap_table_from_cached_rows(tmp_path):
             if f.endswith("-W4A4.json"):
                 r = json.loads(open(os.path.join(d, f)).read())
                 rows[r["method"]] = r
-    assert set(rows) == {"block", "pack-cap2", "pack-cap4", "pack-cap8", "pack"}
+    assert set(rows) == {"block", "pack-cap2", "pack-cap4", "pack-cap8", "pack-nocap", "pack"}
     for k in (2, 4, 8):
         assert max(rows[f"pack-cap{k}"]["pack_blocks"]) <= k
-    assert sum(rows["pack"]["pack_blocks"]) == sum(rows["pack-cap2"]["pack_blocks"])  # the same blocks
+    assert rows["pack"]["pack_blocks"] == rows["pack-cap4"]["pack_blocks"]  # the default: at most 4 blocks
+    assert sum(rows["pack-nocap"]["pack_blocks"]) == sum(rows["pack-cap2"]["pack_blocks"])  # the same blocks
     md = (tmp_path / "PACK_CAP.md").read_text()
     for m, r in rows.items():
         line = next(x for x in md.splitlines() if x.startswith(f"| {m} |"))
