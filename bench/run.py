@@ -4,7 +4,9 @@
 
 For each model (a *task* in bench/tasks.py) it builds the model and its calibration / evaluation
 data once, then runs each row (float, onnxruntime's quantize_static variants, our rtn / adaround /
-block / pack at W8A8 .. W3A3, pack + mixed precision) in its own subprocess. A row's result is
+block / pack at W8A8 .. W3A3, pack + mixed precision; defined in rows.toml) in a fresh worker
+process of the sweep engine (packptq_onnx.engine: a Ray task, on a local cluster or the one at
+--address, or a child process with --no-ray), --cpus-per-row cores each. A row's result is
 cached as JSON under OUT/<task>/<config>/<row>.json, so a rerun skips finished rows (failed rows
 too, unless --retry-failed). At the end it writes RESULTS.md and one PNG per model (metric vs
 weight bytes per method) into --results (default: bench/).
@@ -35,9 +37,9 @@ ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-# this file is the parent: arguments, configuration tag, child processes, cache. The rest of the
-# harness: rows.py (the rows), tasks.py (the models, their data and scores), row_child.py (what a
-# child process runs, with feeds.py, quantizers.py, records.py) and report.py (RESULTS.md, plots).
+# this file is the driver: arguments, configuration tag, engine calls, cache. The rest of the
+# harness: rows.py (the rows of rows.toml), tasks.py (the models, their data and scores), row_child.py
+# (what a worker runs, with feeds.py, quantizers.py, records.py) and report.py (RESULTS.md, plots).
 from records import save_json  # noqa: E402
 from report import fmt, write_results  # noqa: E402
 from rows import ROWS, Row, select_rows  # noqa: E402
@@ -83,11 +85,11 @@ def config_tag(task: Task, a) -> str:
 
 
 # ---- rows and builds as engine calls (Ray tasks, or processes) ----------------------------------
-def call(kind: str, cid: str, payload: dict, result: str, log_path: str, a, key: str = "") -> Call:
+def call(kind: str, cid: str, payload: dict, result: str, log_path: str, a) -> Call:
     """A row ("row") or a task's data build ("build") as an engine call, run by row_child.py."""
     if os.path.exists(log_path):
         os.unlink(log_path)
-    return Call(cid, f"row_child:{kind}_job", payload, result, log_path, key=key, cpus=a.cpus_per_row,
+    return Call(cid, f"row_child:{kind}_job", payload, result, log_path, cpus=a.cpus_per_row,
                 gpus=1 if getattr(a, "device", "cpu") == "cuda" else 0, sys_path=[HERE])
 
 
