@@ -148,11 +148,17 @@ def remove_nodes(graph, nodes: list) -> int:
 
 
 def drop_unused_initializers(graph) -> None:
-    """Remove initializers that no node reads and that are not graph outputs."""
+    """Remove initializers that no node reads and that are not graph outputs, and the graph inputs
+    that only declared them (IR < 4 files list every initializer as an input too; left behind, the
+    name would look like an input the data must feed)."""
     used = {n for node in graph.node for n in reads(node)} | {o.name for o in graph.output}
+    dropped = {i.name for i in graph.initializer if i.name not in used}
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    inputs = [i for i in graph.input if i.name not in dropped]
+    del graph.input[:]
+    graph.input.extend(inputs)
 
 
 SAME_PAD_OPS = ("Conv", "MaxPool", "AveragePool", "LpPool")

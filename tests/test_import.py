@@ -116,3 +116,25 @@ def test_computed_zero_pad_is_folded_into_the_conv(tmp_path):
     np.testing.assert_allclose(runtime.run(runtime.session(imp.model), x)[0], ref, atol=1e-5)
     gm = convert.to_torch(imp)
     np.testing.assert_allclose(convert.torch_run(gm, x, ["x"])[0], ref, atol=1e-4)
+
+
+def test_folded_initializer_listed_as_input_is_no_longer_an_input(tmp_path):
+    """Old files (IR version 3, as the onnx wheel's light_* zoo models) list every initializer as a
+    graph input too, and may compute weights from them (ConstantOfShape of a shape). Once folding
+    drops such an initializer, its input entry goes with it: the model takes x alone."""
+    shape = numpy_helper.from_array(np.array([4, 3, 3, 3], np.int64), "w_shape")
+    g = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["w_shape"], ["w"], name="fill",
+                          value=numpy_helper.from_array(np.array([0.1], np.float32))),
+         helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+        "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8]),
+                helper.make_tensor_value_info("w_shape", TensorProto.INT64, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 6, 6])], [shape])
+    path = str(tmp_path / "old.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=3), path)
+    imp = onnx_import.load(path)
+    assert [i.name for i in imp.model.graph.input] == ["x"]
+    assert [n.op_type for n in imp.model.graph.node] == ["Conv"]
+    x = {"x": np.random.RandomState(0).randn(2, 3, 8, 8).astype(np.float32)}
+    ref = runtime.run(runtime.session(imp.original), x)[0]
+    assert np.allclose(runtime.run(runtime.session(imp.model), x)[0], ref, atol=1e-5)
