@@ -73,8 +73,9 @@ def summary(rep: dict) -> dict:
 def latency(model: str, output: str, runs: int, eval_path: str | None) -> dict:
     """Median batch-1 latency at 1 thread, float and quantized timed alternately in this worker, on
     the first evaluation sample (zeros of the declared shape where the data does not load)."""
+    import onnx
+
     from . import data, runtime
-    from .onnx_import import load as load_model
     from .shapes import specs
 
     sess = runtime.session(model)
@@ -82,7 +83,8 @@ def latency(model: str, output: str, runs: int, eval_path: str | None) -> dict:
              for i in sess.get_inputs()}
     if eval_path:
         try:
-            f, _ = data.load(eval_path, specs(load_model(model).original), log=lambda *_: None)
+            declared = specs(onnx.load(model, load_external_data=False))  # the inputs only: no second import
+            f, _ = data.load(eval_path, declared, log=lambda *_: None)
             feeds = {k: v[:1] for k, v in f.items()}
         except Exception:  # samples on another axis, an image folder needing options: zeros time as well
             pass
