@@ -234,6 +234,10 @@ def prove_faithful(imp: ImportedModel, gm, feeds: dict, rtol: float = 1e-3, batc
         msg = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).split("Status Message:")[-1].strip()
         raise UsageError(f"onnxruntime cannot run the float model on the calibration data: {msg[:300]}") from None
     got = torch_run(gm, feeds, names, batch_size, fixed=fixed)
+    for name, a, b in zip(imp.outputs, ref, got):
+        if np.shape(a) != np.shape(b):  # a converter that computes another shape: no values to compare
+            raise UsageError(f"torch conversion is not faithful on output '{name}': shape {tuple(np.shape(b))} "
+                             f"against onnxruntime's {tuple(np.shape(a))}; please report the model")
     res = compare(imp.outputs, ref, got)
     for r in res:
         if not r.max_abs_diff <= 1e-4 + rtol * max(1.0, r.ref_absmax):

@@ -138,3 +138,15 @@ def test_folded_initializer_listed_as_input_is_no_longer_an_input(tmp_path):
     x = {"x": np.random.RandomState(0).randn(2, 3, 8, 8).astype(np.float32)}
     ref = runtime.run(runtime.session(imp.original), x)[0]
     assert np.allclose(runtime.run(runtime.session(imp.model), x)[0], ref, atol=1e-5)
+
+
+def test_conversion_with_another_output_shape_is_a_usage_error(exported, monkeypatch):
+    """A converter that computes another output shape (seen on the onnx wheel's light_squeezenet:
+    torch (2000, 13, 1) against onnxruntime's (32, 1000, 1, 1)) stops with the unfaithful-conversion
+    message, not a numpy broadcasting traceback."""
+    net = nets.build("chain")
+    imp = onnx_import.load(exported("chain"))
+    gm = convert.to_torch(imp)
+    monkeypatch.setattr(convert, "torch_run", lambda *a, **k: [np.zeros((2, 5), np.float32)])
+    with pytest.raises(UsageError, match=r"not faithful on output 'y': shape \(2, 5\) against onnxruntime's \(4, 10\)"):
+        convert.prove_faithful(imp, gm, nets.inputs(net, 4))
