@@ -2,7 +2,9 @@
 
     python bench/latency.py [--model M.onnx --calib C.npz] [--runs 50] [--out bench/out]
 Variants: uniform W8A8, W4A4, W3A3 (RTN; latency does not depend on the rounding method) and
-mixed precision at 3.5 average weight bits (2/3/4/8 per pack, A4 or A8; stem and head W4A4).
+mixed precision at 3.5 average weight bits (2/3/4/8 per pack, A4 or A8; stem and head W4A4), with the
+product's default kernel choice (packptq_onnx.kernels); "W8A8 integer" and "W3A3 integer" are the same
+exports with `kernels="integer"` (every conv on onnxruntime's integer kernel), for the same-run comparison.
 Prints a markdown table; speed-ups are ratios measured in the same run.
 """
 import argparse
@@ -22,7 +24,9 @@ SAMPLES = os.path.join(os.path.dirname(HERE), "samples")
 ORT = "onnxruntime W8A8"
 VARIANTS = {"W8A8": dict(wbits=8, abits=8), "W4A8": dict(wbits=4, abits=8), "W4A4": dict(wbits=4, abits=4),
             "W3A3": dict(wbits=3, abits=3),
-            "mixed 3.5b A4-8": dict(wbits=4, abits=8, mixed=MixedOptions(avg_wbits=3.5, fixed_bits=4))}
+            "mixed 3.5b A4-8": dict(wbits=4, abits=8, mixed=MixedOptions(avg_wbits=3.5, fixed_bits=4)),
+            "W8A8 integer": dict(wbits=8, abits=8, kernels="integer"),
+            "W3A3 integer": dict(wbits=3, abits=3, kernels="integer")}
 
 
 def ort_w8a8(model_path: str, calib: dict, out: str) -> str:
@@ -131,7 +135,8 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.2f}x | {r[5]:,} | {r[6]:,} |")
-    print("\nPacked files, bytes by content: weights (at storage width: 3 bits take INT4), per-channel "
+    print("\nPacked files, bytes by content: weights (at storage width: 3 bits take INT4; float32 for convs on "
+          "float kernels), per-channel "
           "weight scales + int32 biases + bias scales, everything else (activation Q/DQ parameters, "
           "graph, metadata); budget = weight bits the pipeline counts\n")
     print("| model | file | weights | per-channel | rest | counted weight bytes | file / counted |")
@@ -146,7 +151,7 @@ def main():
         part = {"w": 0, "c": 0}
         for t in m.graph.initializer:
             constants = any(x in t.name for x in (".w_scale", ".b_int32", ".b_scale"))
-            key = "w" if ".w_int" in t.name else ("c" if constants else None)
+            key = "w" if (".w_int" in t.name or ".w_dequantized" in t.name) else ("c" if constants else None)
             if key:
                 part[key] += t.ByteSize()
         size, counted = os.path.getsize(path), qdq.weight_bytes(m)

@@ -74,9 +74,15 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
             inits.append(numpy_helper.from_array(np.asarray(array).astype(np.int8), n))
         return n
 
+    def dq_of(tensor):  # the DequantizeLinear written for this tensor
+        return next(n for n in reversed(nodes) if n.op_type == "DequantizeLinear" and n.output[0] == tensor)
+
     for node in list(g.node):
         q = by_output.get(node.output[0]) if node.output else None
-        if q is not None:
+        if q is not None and q.float_kernel:
+            nodes.extend(_float_kernel_nodes(node, q, const, name, dq_of))
+            _tag(m, node, {"pack": q.pack, "wbits": q.wbits, "abits": q.abits, "kernel": "float"})
+        elif q is not None:
             nodes.extend(_layer_nodes(node, q, const, weight_const, name))
             tag = {"pack": q.pack, "wbits": q.wbits, "abits": q.abits}
             _tag(m, node, tag)
@@ -138,8 +144,9 @@ def _upgrade_for_packed(m: onnx.ModelProto, quants: list) -> onnx.ModelProto:
     return m
 
 
-def _act_qdq(tensor, bits, scale, zero, lname, tag, const, name) -> tuple[list, str]:
-    """QuantizeLinear(uint8) -> [Clip to 0..2^b-1] -> DequantizeLinear on `tensor` (uint16 at 16 bits)."""
+def _act_qdq(tensor, bits, scale, zero, lname, tag, const, name, channels: int = 0) -> tuple[list, str]:
+    """QuantizeLinear(uint8) -> [Clip to 0..2^b-1] -> DequantizeLinear on `tensor` (uint16 at 16 bits).
+    channels > 0: the DequantizeLinear repeats the scale per channel (axis 1; see _float_kernel_nodes)."""
     out = []
     wide = {"domain": MS_DOMAIN} if bits == 16 else {}
     s = const(f"{lname}.{tag}_scale", np.array(scale, np.float32))
@@ -152,9 +159,50 @@ def _act_qdq(tensor, bits, scale, zero, lname, tag, const, name) -> tuple[list, 
         xc = name(f"{lname}.{tag}_q{bits}")
         out.append(helper.make_node("Clip", [xq, lo, hi], [xc], name=name(f"{lname}.{tag}_Clip")))
         xq = xc
+    if channels:
+        dq = _per_channel_dq(xq, scale, zero, channels, bits, lname, const, name)
+        return out + [dq], dq.output[0]
     x_dq = name(f"{lname}.{tag}_dq")
     out.append(helper.make_node("DequantizeLinear", [xq, s, z], [x_dq], name=name(f"{lname}.{tag}_DQ"), **wide))
     return out, x_dq
+
+
+def _per_channel_dq(codes, scale, zero, channels, bits, lname, const, name):
+    """DequantizeLinear of `codes` with the one scale and zero point repeated per channel (axis 1):
+    the same values as the per-tensor form, but onnxruntime fuses no integer kernel onto it and does
+    not re-quantize a float weight behind it (its WeightBiasQuantization takes per-tensor inputs)."""
+    wide = {"domain": MS_DOMAIN} if bits == 16 else {}
+    s = const(f"{lname}.xc_scale", np.full(channels, scale, np.float32))
+    z = const(f"{lname}.xc_zero", np.full(channels, zero, np.uint16 if bits == 16 else np.uint8))
+    return helper.make_node("DequantizeLinear", [codes, s, z], [name(f"{lname}.xc_dq")],
+                            name=name(f"{lname}.xc_DQ"), axis=1, **wide)
+
+
+def _float_kernel_nodes(node, q, const, name, dq_of) -> list:
+    """A conv run by onnxruntime's float kernel (measured faster than its integer one, kernels.py):
+    its b-bit weight and int32 bias are written dequantized, the very float values the simulation
+    computes with, and a quantized input is read through a per-channel DequantizeLinear."""
+    lname = q.layer.name
+    shape = [1] * q.w_int.ndim
+    shape[q.layer.axis] = -1
+    w = q.w_int.astype(np.float32) * q.w_scale.astype(np.float32).reshape(shape)
+    node.input[1] = const(f"{lname}.w_dequantized", w)
+    if q.bias_int is not None:
+        node.input[2] = const(f"{lname}.b_dequantized", q.bias_int.astype(np.float32) * q.bias_scale.astype(np.float32))
+    elif q.bias_float is not None:
+        node.input[2] = const(f"{lname}.b_corrected", q.bias_float.astype(np.float32))
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    channels = q.w_int.shape[1] * group
+    if q.input_from is not None:
+        src = dq_of(q.input_from)
+        dq = _per_channel_dq(src.input[0], q.a_scale, q.a_zero, channels, q.abits, lname, const, name)
+        node.input[0] = dq.output[0]
+        return [dq]
+    if q.abits is not None:
+        nodes, node.input[0] = _act_qdq(node.input[0], q.abits, q.a_scale, q.a_zero, lname, "x", const, name,
+                                        channels=channels)
+        return nodes
+    return []
 
 
 def _layer_nodes(node, q, const, weight_const, name) -> list:
@@ -257,7 +305,10 @@ def weight_bytes(model: onnx.ModelProto) -> float:
     total = 0.0
     for node in model.graph.node:
         tag = node_tag(node)
-        if not tag or not tag["wbits"] or len(node.input) < 2 or node.input[1] not in producer:
+        if not tag or not tag["wbits"] or len(node.input) < 2 or node.input[1] not in {*producer, *inits}:
+            continue
+        if node.input[1] in inits:  # a float-kernel conv: b-bit values stored dequantized
+            total += int(np.prod(inits[node.input[1]].dims)) * tag["wbits"] / 8
             continue
         dq = producer[node.input[1]]
         w = inits[dq.input[0]]

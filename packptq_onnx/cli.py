@@ -11,6 +11,7 @@ from .options import (
     DEFAULT_BATCH,
     DEVICES,
     FORMS,
+    KERNELS,
     METHODS,
     SOFTMAX_QUANT,
     SOLVERS,
@@ -209,6 +210,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--softmax-quant", choices=SOFTMAX_QUANT, default="uniform",
                    help="range of the probabilities entering attention's probs @ v: uniform (Lp search on the "
                    "probabilities, default) or focus (the interval that minimises the error of probs @ v)")
+    q.add_argument("--kernels", choices=KERNELS, default="auto",
+                   help="auto (default): a conv whose onnxruntime float kernel is measured faster on this machine "
+                   "than its integer one runs float, with its b-bit weights stored dequantized; integer: every "
+                   "conv runs onnxruntime's integer kernel (see docs/METHOD.md, 'Kernel choice')")
     q.add_argument("--full-range-weights", action="store_true",
                    help="8-bit weights in [-128,127] whatever the target (not exact on AVX2 CPUs without VNNI)")
     _task_args(q)
@@ -323,7 +328,7 @@ def quantize_options(a):
                    storage=a.storage, output_bits=None if a.no_output_quant else 8, strict=a.strict,
                    joins=not a.no_joins, input_shapes=_shapes(a), batch_axes=_axes(a),
                    bias_correction=not a.no_bias_correction, task=a.task,
-                   metric=a.metric, guard=a.guard, softmax_quant=a.softmax_quant)
+                   metric=a.metric, guard=a.guard, softmax_quant=a.softmax_quant, kernels=a.kernels)
     if (a.plot or opts.mixed.spread) and not opts.mixed.enabled:
         what = "--plot shows the mixed-precision choice" if a.plot else \
             "--workers / --address spread the mixed-precision sensitivity measurement"

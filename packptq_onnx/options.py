@@ -20,8 +20,8 @@ from .reconstruct import ReconOptions
 from .solvers.ilp import SOLVERS
 from .tasks import TASKS, load_metric
 
-__all__ = ["DEVICES", "FORMS", "METHODS", "SOFTMAX_QUANT", "SOLVERS", "STORAGES", "TASKS", "MixedOptions", "Options",
-           "ReconOptions", "check_bit_options", "check_eval", "check_job", "check_memory", "check_options",
+__all__ = ["DEVICES", "FORMS", "KERNELS", "METHODS", "SOFTMAX_QUANT", "SOLVERS", "STORAGES", "TASKS", "MixedOptions",
+           "Options", "ReconOptions", "check_bit_options", "check_eval", "check_job", "check_memory", "check_options",
            "check_output"]
 
 
@@ -52,11 +52,13 @@ class Options:
     guard: float = 0.002       # 8-bit activation quantizers predicted to cost more output NSR stay float
     metric: str | None = None  # --metric module:function, called with float and quantized outputs
     softmax_quant: str = "uniform"  # "focus": post-Softmax ranges chosen for attention's output (calibrate)
+    kernels: str = "auto"      # "auto": a conv runs float where onnxruntime's float kernel is faster (kernels.py)
 
 
 METHODS = ("rtn", "adaround", "block", "pack")
 DEFAULT_BATCH = 32
 DEVICES = ("cpu", "cuda")
+KERNELS = ("auto", "integer")
 
 
 def check_options(o: Options) -> None:
@@ -71,6 +73,8 @@ def check_options(o: Options) -> None:
         raise UsageError("--iters and --iters-total must not be negative")
     if not 0.0 <= r.drop_prob <= 1.0:
         raise UsageError("--drop-prob must be between 0 and 1")
+    if o.kernels not in KERNELS:
+        raise UsageError(f"--kernels must be one of {', '.join(KERNELS)}, got {o.kernels!r}")
     if o.softmax_quant not in SOFTMAX_QUANT:
         raise UsageError(f"--softmax-quant must be one of {', '.join(SOFTMAX_QUANT)}, got {o.softmax_quant!r}")
     if r.lowrank is not None:

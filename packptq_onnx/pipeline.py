@@ -11,7 +11,21 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from . import __version__, controlflow, convert, data, guard, layout, parity, qlayer, runtime, shapes, targets, validate
+from . import (
+    __version__,
+    controlflow,
+    convert,
+    data,
+    guard,
+    kernels,
+    layout,
+    parity,
+    qlayer,
+    runtime,
+    shapes,
+    targets,
+    validate,
+)
 from .calibrate import calibrate
 from .errors import UsageError
 from .exporters import files, qdq
@@ -65,6 +79,7 @@ class Prepared:
     shape_groups: list = field(default_factory=list)  # calibration samples of other shapes (inputs.other_shapes)
     kept_float: list = field(default_factory=list)  # activation quantizers the guard removed
     min_max: list = field(default_factory=list)  # activation quantizers that took their min-max range
+    kernels: list = field(default_factory=list)  # per conv: integer and float kernel times, the choice
     file_model: object = None  # the graph as the file gives it (declared inputs and outputs)
     declared: list = field(default_factory=list)  # its inputs, with where the data holds the samples
     axes: dict = field(default_factory=dict)  # inputs whose samples are not on axis 0 (layout)
@@ -140,6 +155,8 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
               output_bits=opts.output_bits, bias_correction=opts.bias_correction, softmax_quant=opts.softmax_quant)
     if opts.guard:
         p.min_max, p.kept_float = guard.apply(p, opts, log)
+    if opts.kernels == "auto":
+        p.kernels = kernels.decide(p, opts, log)
     p.seconds = time.time() - t0
     return p
 
@@ -290,12 +307,15 @@ def reconstruct_model(p: Prepared, opts: Options, ckpt: str, log=print, analysis
 
 def weight_bytes(records) -> dict:
     """Weight bytes of the quantized layers: float32, and as written (layers fallen back to float at
-    4 bytes per weight; low-rank side branches are float: their bytes are counted apart)."""
+    4 bytes per weight; low-rank side branches are float: their bytes are counted apart; convs on
+    float kernels count their bits, and the float32 bytes the file stores for them are given apart)."""
     f = sum(r.float_weights for r in records)
     n = sum(r.w_int.size for r in records) + f
     q = sum(r.w_int.size * r.wbits for r in records) / 8 + 4 * f
     branch = sum(4 * (r.branch[0].size + r.branch[1].size) for r in records if r.branch is not None)
-    return {"float32": 4 * n, "quantized": int(np.ceil(q)), "elements": int(n), "lowrank_branch": branch}
+    stored = sum(4 * r.w_int.size for r in records if r.float_kernel)
+    return {"float32": 4 * n, "quantized": int(np.ceil(q)), "elements": int(n), "lowrank_branch": branch,
+            "float_kernel_stored": stored}
 
 
 def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
@@ -363,7 +383,8 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
                            "skipped": {q.layer.name: p.output_rules[q.layer.output][0] for q in qls
                                        if q.layer.output in p.output_rules},
                            "per_output": per_output_rules(imp.model, qls, p.output_rules),
-                           "float_layers": p.decode, "kept_float": p.kept_float, "min_max_ranges": p.min_max},
+                           "float_layers": p.decode, "kept_float": p.kept_float, "min_max_ranges": p.min_max,
+                           "kernels": p.kernels},
         imported={"notes": imp.notes, "faithful": [asdict(a) for a in p.faithful],
                   "float_nodes": list(gm.float_nodes)},
         layers=meta["layers"], weight_bytes=weight_bytes(records), parity=validate.as_dicts(par),

@@ -61,6 +61,7 @@ class QuantLayer(nn.Module):
         self.oq: ActQuantizer | None = None  # output quantizer: lets onnxruntime fuse the layer
         self.quant_w = self.quant_a = False
         self.float_fallback = False  # weights and inputs left float for accuracy (state.fall_back)
+        self.float_kernel = False  # b-bit weights, run by a float kernel: measured faster (kernels.apply)
         # calibration statistics, to rebuild the input quantizers at other bits
         self.act_stats: Stats | None = None
         self.act_stats2: Stats | None = None

@@ -25,6 +25,7 @@ def export_records(qls: list[QuantLayer], packs: dict | None = None):
             w_int = q.wq.integer(q.weight).to(torch.int8).cpu().numpy()
             rec = LayerQuant(q.layer, q.wq.bits, w_int, q.wq.scale.float().cpu().numpy().copy(),
                              pack=(packs or {}).get(q.layer.name))
+            rec.float_kernel = q.float_kernel
             if q.wq.branch and q.wq.lr_a is not None:
                 rec.branch = tuple(t.float().cpu().numpy().copy() for t in q.wq.branch_factors())
         if q.oq is not None:

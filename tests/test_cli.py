@@ -165,7 +165,8 @@ def test_inspect_runtime_shows_what_onnxruntime_left_in_float(tmp_path, capsys):
     assert ops[("QLinearAdd", "integer")] == 3  # the sample's three residual blocks
     assert rt["float_between_qdq"]["by_op"].get("Add", 0) == 0
     # --no-joins: the Adds stay float, between DequantizeLinear and QuantizeLinear
-    assert main(["quantize", MODEL, "--calib", CALIB, "-o", out, "--method", "rtn", "--no-joins"]) == 0
+    assert main(["quantize", MODEL, "--calib", CALIB, "-o", out, "--method", "rtn", "--no-joins",
+                 "--kernels", "integer"]) == 0
     capsys.readouterr()
     assert main(["inspect", out, "--runtime", "--json"]) == 0
     rt = json.loads(capsys.readouterr().out)["runtime"]
