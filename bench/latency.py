@@ -135,7 +135,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.2f}x | {r[5]:,} | {r[6]:,} |")
-    print("\nPacked files, bytes by content: weights (at storage width: 3 bits take INT4; float32 for convs on "
+    print("\nPacked files, bytes by content: weights (at storage width: 3 bits take INT4; int8 for convs on "
           "float kernels), per-channel "
           "weight scales + int32 biases + bias scales, everything else (activation Q/DQ parameters, "
           "graph, metadata); budget = weight bits the pipeline counts\n")
@@ -151,7 +151,7 @@ def main():
         part = {"w": 0, "c": 0}
         for t in m.graph.initializer:
             constants = any(x in t.name for x in (".w_scale", ".b_int32", ".b_scale"))
-            key = "w" if (".w_int" in t.name or ".w_dequantized" in t.name) else ("c" if constants else None)
+            key = "w" if ".w_int" in t.name else ("c" if constants else None)
             if key:
                 part[key] += t.ByteSize()
         size, counted = os.path.getsize(path), qdq.weight_bytes(m)

@@ -179,14 +179,21 @@ def _per_channel_dq(codes, scale, zero, channels, bits, lname, const, name):
 
 
 def _float_kernel_nodes(node, q, const, name, dq_of) -> list:
-    """A conv run by onnxruntime's float kernel (measured faster than its integer one, kernels.py):
-    its b-bit weight and int32 bias are written dequantized, the very float values the simulation
-    computes with, and a quantized input is read through a per-channel DequantizeLinear."""
+    """A conv run by onnxruntime's float kernel (measured faster than its integer one, kernels.py).
+    Its b-bit weight is stored as integers (int8 container) and dequantized by Cast and Mul, which
+    onnxruntime folds into a constant float weight when the session loads (a DequantizeLinear it
+    would keep, and its float conv would then lose the blocked NCHWc kernel that makes it fast);
+    the product is the one DequantizeLinear and the simulation compute. The int32 bias is written
+    dequantized; a quantized input is read through a per-channel DequantizeLinear."""
     lname = q.layer.name
     shape = [1] * q.w_int.ndim
     shape[q.layer.axis] = -1
-    w = q.w_int.astype(np.float32) * q.w_scale.astype(np.float32).reshape(shape)
-    node.input[1] = const(f"{lname}.w_dequantized", w)
+    w_int = const(f"{lname}.w_int{q.wbits}", q.w_int.astype(np.int8))
+    w_s = const(f"{lname}.w_scale", q.w_scale.astype(np.float32).reshape(shape))
+    w_f, w = name(f"{lname}.w_float"), name(f"{lname}.w_dequantized")
+    out = [helper.make_node("Cast", [w_int], [w_f], name=name(f"{lname}.w_Cast"), to=onnx.TensorProto.FLOAT),
+           helper.make_node("Mul", [w_f, w_s], [w], name=name(f"{lname}.w_Mul"))]
+    node.input[1] = w
     if q.bias_int is not None:
         node.input[2] = const(f"{lname}.b_dequantized", q.bias_int.astype(np.float32) * q.bias_scale.astype(np.float32))
     elif q.bias_float is not None:
@@ -197,12 +204,12 @@ def _float_kernel_nodes(node, q, const, name, dq_of) -> list:
         src = dq_of(q.input_from)
         dq = _per_channel_dq(src.input[0], q.a_scale, q.a_zero, channels, q.abits, lname, const, name)
         node.input[0] = dq.output[0]
-        return [dq]
+        return out + [dq]
     if q.abits is not None:
         nodes, node.input[0] = _act_qdq(node.input[0], q.abits, q.a_scale, q.a_zero, lname, "x", const, name,
                                         channels=channels)
-        return nodes
-    return []
+        return out + nodes
+    return out
 
 
 def _layer_nodes(node, q, const, weight_const, name) -> list:
@@ -305,12 +312,11 @@ def weight_bytes(model: onnx.ModelProto) -> float:
     total = 0.0
     for node in model.graph.node:
         tag = node_tag(node)
-        if not tag or not tag["wbits"] or len(node.input) < 2 or node.input[1] not in {*producer, *inits}:
-            continue
-        if node.input[1] in inits:  # a float-kernel conv: b-bit values stored dequantized
-            total += int(np.prod(inits[node.input[1]].dims)) * tag["wbits"] / 8
+        if not tag or not tag["wbits"] or len(node.input) < 2 or node.input[1] not in producer:
             continue
         dq = producer[node.input[1]]
+        if dq.op_type == "Mul":  # a float-kernel conv: Cast(integers) * scale
+            dq = producer[dq.input[0]]
         w = inits[dq.input[0]]
         total += int(np.prod(w.dims)) * tag["wbits"] / 8
     return total

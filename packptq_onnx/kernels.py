@@ -16,7 +16,7 @@ prediction by a margin are made, best first: one conv or join flipped, or a conv
 with its neighbours (a float region pays off only once its inner edges are gone). An activation
 quantizer that only float layers hold is removed (no integer kernel needs it), so a region runs
 as the float model does; the quantizers on its edges stay, so simulation and export agree. The
-weights of a float-kernel conv keep their b-bit values; the file stores them dequantized.
+weights of a float-kernel conv keep their b-bit integers (exporters/qdq.py, _float_kernel_nodes).
 
 Timings differ between machines and between runs: the margin and floor keep borderline convs
 integer, and `--kernels integer` gives every conv its integer kernel. docs/METHOD.md, "Kernel

@@ -143,7 +143,7 @@ class LayerQuant:
     input2_from: str | None = None  # the same for a join's second input
     pack: int | None = None
     float_weights: int = 0  # weight elements left float (a layer fallen back to float)
-    float_kernel: bool = False  # weights written dequantized (float32), run by a float conv (kernels)
+    float_kernel: bool = False  # run by onnxruntime's float conv on its b-bit weights (kernels.py)
     branch: tuple | None = None  # low-rank side branch (first, second): output += (input @ first) @ second
 
 

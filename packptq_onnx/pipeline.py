@@ -307,15 +307,12 @@ def reconstruct_model(p: Prepared, opts: Options, ckpt: str, log=print, analysis
 
 def weight_bytes(records) -> dict:
     """Weight bytes of the quantized layers: float32, and as written (layers fallen back to float at
-    4 bytes per weight; low-rank side branches are float: their bytes are counted apart; convs on
-    float kernels count their bits, and the float32 bytes the file stores for them are given apart)."""
+    4 bytes per weight; low-rank side branches are float: their bytes are counted apart)."""
     f = sum(r.float_weights for r in records)
     n = sum(r.w_int.size for r in records) + f
     q = sum(r.w_int.size * r.wbits for r in records) / 8 + 4 * f
     branch = sum(4 * (r.branch[0].size + r.branch[1].size) for r in records if r.branch is not None)
-    stored = sum(4 * r.w_int.size for r in records if r.float_kernel)
-    return {"float32": 4 * n, "quantized": int(np.ceil(q)), "elements": int(n), "lowrank_branch": branch,
-            "float_kernel_stored": stored}
+    return {"float32": 4 * n, "quantized": int(np.ceil(q)), "elements": int(n), "lowrank_branch": branch}
 
 
 def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
