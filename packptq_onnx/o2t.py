@@ -17,6 +17,7 @@ from .ops import (
     BatchNormAnyRank,
     Clamp,
     CumSum,
+    DropoutInference,
     Flatten,
     GlobalAveragePool,
     GlobalMaxPool,
@@ -176,6 +177,15 @@ def _batch_norm(node, graph):
     return _result(BatchNormAnyRank(node.attributes.get("epsilon", 1e-5)), node)
 
 
+def _dropout(node, graph):
+    names = list(node.input_values) + ["", ""]
+    training = _const(names[2], graph)
+    if training is not None and bool(training):
+        raise NotImplementedError("Dropout in training mode is not supported")
+    outputs = [o for o in node.output_values if o]
+    return _result(DropoutInference(len(outputs) > 1), node, [node.input_values[0]])
+
+
 def _cumsum(node, graph):
     a = node.attributes
     return _result(CumSum(bool(a.get("exclusive", 0)), bool(a.get("reverse", 0))), node)
@@ -235,6 +245,8 @@ def install() -> None:
         _register("Flatten", v, _flatten, replace=True)
     for v in (11, 14):
         _register("CumSum", v, _cumsum, replace=True)
+    for v in (1, 6, 7, 10, 12, 13, 22):
+        _register("Dropout", v, _dropout, replace=True)
     for op, versions in (("LSTM", (7, 14, 22)), ("GRU", (7, 14, 22)), ("RNN", (7, 14, 22))):
         for v in versions:
             _register(op, v, _recurrent)
@@ -242,7 +254,7 @@ def install() -> None:
     for op in ("Conv", "ConvTranspose"):
         _alias(op, 22, 11)
     for op, old in (("Acos", 7), ("Asin", 7), ("Atan", 7), ("Cos", 7), ("Sin", 7), ("Tan", 7),
-                    ("Dropout", 13), ("Elu", 6), ("EyeLike", 9), ("GlobalAveragePool", 1),
+                    ("Elu", 6), ("EyeLike", 9), ("GlobalAveragePool", 1),
                     ("HardSigmoid", 6), ("HardSwish", 14), ("InstanceNormalization", 6),
                     ("MaxPool", 12), ("Round", 11), ("Selu", 6), ("Softplus", 1), ("Softsign", 1)):
         _alias(op, 22, old)

@@ -108,6 +108,20 @@ class Flatten(nn.Module):
         return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
+class DropoutInference(nn.Module):
+    """Dropout at inference: the input as it is, and (a second ONNX output) an all-true mask.
+    onnx2torch returns the tensor alone, so a Dropout with its mask output had its first output
+    read as `tensor[0]`: one sample instead of the batch (the onnx wheel's light_squeezenet gave
+    (1000, 13, 1) for (1, 1000, 1, 1))."""
+
+    def __init__(self, with_mask: bool):
+        super().__init__()
+        self.with_mask = with_mask
+
+    def forward(self, x: torch.Tensor, *_ignored):
+        return (x, torch.ones_like(x, dtype=torch.bool)) if self.with_mask else x
+
+
 class BatchNormAnyRank(nn.Module):
     def __init__(self, eps: float):
         super().__init__()

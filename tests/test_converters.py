@@ -61,6 +61,11 @@ def test_gelu_20(tmp_path, approx):
     _check(tmp_path, helper.make_node("Gelu", ["x"], ["y"], approximate=approx), X4, 20)
 
 
+@pytest.mark.parametrize("opset,outputs", [(13, ["y", "mask"]), (13, ["y"]), (7, ["y"])])
+def test_dropout_keeps_the_batch(tmp_path, opset, outputs):  # the onnx wheel's light_squeezenet: (1000, ...)
+    _check(tmp_path, helper.make_node("Dropout", ["x"], outputs), X4, opset)
+
+
 def test_global_max_pool(tmp_path):
     _check(tmp_path, helper.make_node("GlobalMaxPool", ["x"], ["y"]), X4, 17)
 
