@@ -16,7 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import UsageError
-from .folding import consumers, fold_constants, fuse_pad_into_conv, remove_nodes
+from .folding import consumers, fold_constants, fuse_hard_swish, fuse_pad_into_conv, remove_nodes
 
 MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 
@@ -199,6 +199,9 @@ def normalise(model: onnx.ModelProto):
     n_bn = fold_batchnorm(m.graph)
     if n_bn:
         notes.append(f"{n_bn} BatchNormalization folded into Conv")
+    n_hs = fuse_hard_swish(m)
+    if n_hs:
+        notes.append(f"{n_hs} hard-swish chains fused into HardSwish")
     try:
         m = onnx.shape_inference.infer_shapes(m)
     except Exception:

@@ -150,3 +150,46 @@ def test_conversion_with_another_output_shape_is_a_usage_error(exported, monkeyp
     monkeypatch.setattr(convert, "torch_run", lambda *a, **k: [np.zeros((2, 5), np.float32)])
     with pytest.raises(UsageError, match=r"not faithful on output 'y': shape \(2, 5\) against onnxruntime's \(4, 10\)"):
         convert.prove_faithful(imp, gm, nets.inputs(net, 4))
+
+
+def _swish_graph(tmp_path, opset, form, three=3.0, extra_reader=False):
+    """Conv -> hard-swish in one of its exported forms -> output."""
+    rng = np.random.RandomState(0)
+    c = lambda name, v: numpy_helper.from_array(np.array(v, np.float32), name)  # noqa: E731
+    inits = [numpy_helper.from_array(rng.randn(4, 3, 3, 3).astype(np.float32), "w"), c("three", three),
+             c("zero", 0.0), c("six", 6.0), c("sixth", 1 / 6)]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1])]
+    if form == "hardsigmoid":
+        nodes += [helper.make_node("HardSigmoid", ["h"], ["g"], alpha=1 / 6, beta=0.5),
+                  helper.make_node("Mul", ["h", "g"], ["y"])]
+    else:
+        nodes += [helper.make_node("Add", ["h", "three"], ["a"]),
+                  helper.make_node("Clip", ["a", "zero", "six"], ["g"]),
+                  helper.make_node("Mul", ["g", "h"], ["m"]),
+                  helper.make_node("Div", ["m", "six"], ["y"]) if form == "div"
+                  else helper.make_node("Mul", ["sixth", "m"], ["y"])]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])]
+    if extra_reader:
+        outs.append(helper.make_tensor_value_info("g", TensorProto.FLOAT, ["N", 4, 8, 8]))
+    g = helper.make_graph(nodes, "hs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          outs, inits)
+    path = str(tmp_path / f"hs_{form}.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]), path)
+    return path
+
+
+@pytest.mark.parametrize("form,opset", [("div", 13), ("mul", 17), ("hardsigmoid", 11)])
+def test_hard_swish_chains_become_one_op_and_compute_the_same(tmp_path, form, opset):
+    imp = onnx_import.load(_swish_graph(tmp_path, opset, form))
+    assert [n.op_type for n in imp.model.graph.node] == ["Conv", "HardSwish"]
+    assert imp.opset >= 14
+    x = {"x": (np.random.RandomState(1).randn(2, 3, 8, 8) * 3).astype(np.float32)}
+    ref = runtime.run(runtime.session(imp.original), x)[0]
+    np.testing.assert_allclose(runtime.run(runtime.session(imp.model), x)[0], ref, atol=1e-5)
+    np.testing.assert_allclose(convert.torch_run(convert.to_torch(imp), x, ["x"])[0], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{"three": 2.0}, {"extra_reader": True}])
+def test_near_hard_swish_stays_as_it_is(tmp_path, kw):  # another constant; the gate read elsewhere
+    imp = onnx_import.load(_swish_graph(tmp_path, 17, "div", **kw))
+    assert "HardSwish" not in [n.op_type for n in imp.model.graph.node]
