@@ -100,13 +100,16 @@ def summary(model_path: str, level: str = "all", threads: int = 1) -> dict:
         key = (n.op_type, k)
         ops[key] = ops.get(key, 0) + 1
     between = float_between(m, node_kinds)
+    from .exporters.qdq import node_tag
+    chosen = sum(1 for n in onnx.load(model_path).graph.node if (node_tag(n) or {}).get("kernel") == "float")
     counts: dict = {}
     for n in between:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return {"level": level, "nodes": len(m.graph.node),
             "ops": [{"op": op, "kind": k, "count": c} for (op, k), c in sorted(ops.items(), key=lambda x: -x[1])],
             "by_kind": {k: sum(c for (_, kk), c in ops.items() if kk == k) for k in ("integer", "conversion", "float")},
-            "float_between_qdq": {"count": len(between), "by_op": counts, "nodes": [n.name for n in between]}}
+            "float_between_qdq": {"count": len(between), "by_op": counts, "nodes": [n.name for n in between]},
+            "float_kernel_convs": chosen}
 
 
 def table(s: dict) -> str:
@@ -121,4 +124,7 @@ def table(s: dict) -> str:
         lines.append(f"left in float between DequantizeLinear and QuantizeLinear: {fb['count']} nodes ({ops})")
     else:
         lines.append("nothing left in float between DequantizeLinear and QuantizeLinear")
+    if s.get("float_kernel_convs"):
+        lines.append(f"of these, {s['float_kernel_convs']} convs run float by choice: measured faster on the machine "
+                     "that quantized than onnxruntime's integer kernel (the report's output_quantizers.kernels)")
     return "\n".join(lines)

@@ -42,6 +42,8 @@ def test_float_kernel_export_runs_float_and_equals_simulation(exported, tmp_path
     opt = ortview.optimized(path)
     ops = [n.op_type for n in opt.graph.node]
     assert ops.count("QLinearConv") == len(convs) - len(chosen)  # neither fused nor re-quantized
+    view = ortview.summary(path)  # inspect --runtime names them as chosen
+    assert view["float_kernel_convs"] == len(chosen) and "run float by choice" in ortview.table(view)
     assert ops.count("Conv") + ops.count("FusedConv") >= len(chosen)
     feeds = nets.inputs(net, 32, seed=3)
     par = validate.sim_parity(["y"], runtime.run(runtime.session(out), feeds), convert.torch_run(gm, feeds, ["x"]))
