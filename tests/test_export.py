@@ -155,6 +155,18 @@ def test_parity_counts_values_more_than_one_code_apart():
     assert p_close.exact and p_close.ok and p_close.max_code_diff <= 1
 
 
+def test_parity_of_a_nearly_constant_output_ignores_float_rounding():
+    """A model whose weights are constant fills (the onnx wheel's light_densenet121) gives an output
+    that barely varies; 15 float32 ulps of difference read as 800000 steps of its range."""
+    sim = (0.46 + 1e-6 * np.random.RandomState(0).rand(4, 1000)).astype(np.float32)
+    ulps = sim + (15 * np.spacing(sim)).astype(np.float32)
+    par = validate.sim_parity(["y"], [ulps], [sim])[0]
+    assert par.exact and par.max_code_diff == 0
+    # a real difference on that output still shows: 1e-4 of its magnitude is ten steps
+    far = validate.sim_parity(["y"], [sim + np.float32(0.46e-4)], [sim])[0]
+    assert far.max_code_diff >= 9 and not far.ok
+
+
 def test_layer_parity_finds_a_wrong_layer(tmp_path):
     """Each layer fed with onnxruntime's own input must match; a corrupted weight must show."""
     from packptq_onnx.parity import layer_parity
