@@ -212,8 +212,8 @@ def parser() -> argparse.ArgumentParser:
                    "probabilities, default) or focus (the interval that minimises the error of probs @ v)")
     q.add_argument("--kernels", choices=KERNELS, default="auto",
                    help="auto (default): a conv whose onnxruntime float kernel is measured faster on this machine "
-                   "than its integer one runs float, with its b-bit weights stored dequantized; integer: every "
-                   "conv runs onnxruntime's integer kernel (see docs/METHOD.md, 'Kernel choice')")
+                   "than its integer one runs float, on its b-bit weights; integer: every conv runs onnxruntime's "
+                   "integer kernel, the same export on every machine (see docs/METHOD.md, 'Kernel choice')")
     q.add_argument("--full-range-weights", action="store_true",
                    help="8-bit weights in [-128,127] whatever the target (not exact on AVX2 CPUs without VNNI)")
     _task_args(q)
