@@ -79,13 +79,13 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
 
     for node in list(g.node):
         q = by_output.get(node.output[0]) if node.output else None
-        if q is not None and q.float_kernel:
-            nodes.extend(_float_kernel_nodes(node, q, const, name, dq_of))
-            _tag(m, node, {"pack": q.pack, "wbits": q.wbits, "abits": q.abits, "kernel": "float"})
-        elif q is not None:
-            nodes.extend(_layer_nodes(node, q, const, weight_const, name))
+        if q is not None:
+            if q.float_kernel:
+                nodes.extend(_float_kernel_nodes(node, q, const, name, dq_of))
+            else:
+                nodes.extend(_layer_nodes(node, q, const, weight_const, name))
             tag = {"pack": q.pack, "wbits": q.wbits, "abits": q.abits}
-            _tag(m, node, tag)
+            _tag(m, node, {**tag, "kernel": "float"} if q.float_kernel else tag)
         nodes.append(node)
         last = node
         if q is not None and q.branch is not None:

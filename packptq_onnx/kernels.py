@@ -255,7 +255,8 @@ def apply(qls, chosen: set) -> int:
         q.float_kernel = q.layer.name in chosen and q.layer.has_weight
     off = lambda q: q.layer.name in chosen or runs_float(q)  # noqa: E731
     gone = [sites[0] for sites in _holders(qls) if all(off(q) for q, _ in sites)]
-    state.keep_float(qls, [(q.layer.name, {"aq": "input", "aq2": "input2", "oq": "output"}[a]) for q, a in gone])
+    part = {attr: site for site, attr in state.SITE_ATTR.items()}
+    state.keep_float(qls, [(q.layer.name, part[a]) for q, a in gone])
     return len(gone)
 
 
