@@ -1,19 +1,23 @@
-"""8-bit activations that the model cannot take: found by a first-order estimate, left float.
+"""8-bit activations that the model cannot take: measured one at a time, left float.
 
 Per-tensor 8-bit activations lose some models: a BN-folded conv whose output spreads its channels
 from 0.1 to 126 (one outlier channel) and feeds a depthwise conv leaves most channels a handful
 of steps. On the PicoDet-style layout detector of bench/COVERAGE.md one such quantizer alone
 takes a score map's cosine to 0.87, all of them to 0.61, and 8 bits is the most an integer
-kernel takes. Measuring each quantizer alone costs one forward pass per quantizer; instead, with
-the model float, the noise d_t = Q(x_t) - x_t of every quantizer is carried to the outputs by
-the Jacobian in one backward pass per random output probe v: E[(v . J_t d_t)^2] = ||J_t d_t||^2.
-On that detector the ten worst of 199 quantizers come out the same as when measured one at a time.
+kernel takes.
 
-Each output is scored per channel along its shortest non-batch axis, each channel scaled to unit
-energy, so box coordinates in pixels cannot hide class scores in [0, 1] (YOLOv8's [N, 4 + nc, A]);
-one probe covers all outputs, so a quantizer's predicted noise-to-signal ratio is the sum of its
-ratios on each output. Quantizers whose own ratio exceeds the threshold stay float, the worst
-first, at most MAX_SHARE of them.
+Each 8-bit activation quantizer is applied alone, the rest of the model float, on GUARD_SAMPLES
+calibration samples (`measure`: one forward pass each). Each output is scored per channel along
+its shortest non-batch axis, each channel scaled to unit energy, so box coordinates in pixels
+cannot hide class scores in [0, 1] (YOLOv8's [N, 4 + nc, A]); a quantizer's noise-to-signal ratio
+is the sum of its ratios on each output, averaged over batches. Quantizers whose own ratio
+exceeds the threshold stay float, the worst first, at most MAX_SHARE of them.
+
+A first-order estimate (`estimate`) once chose them without measuring: the noise d_t = Q(x_t) - x_t
+of every quantizer carried to the outputs by the Jacobian, in one backward pass per random output
+probe v (E[(v . J_t d_t)^2] = ||J_t d_t||^2). On the layout detector its ten worst of 199 match
+measurement; on the PP-OCR recognizers it is off by 10-100x both ways (`choose`), so it now serves
+only the range choice below, a comparison of two ranges of the same tensor.
 
 The same backward passes also weigh each quantizer's range. The Lp-searched range clips a
 tensor's tails to gain resolution; that is right for most tensors and wrong for a few (a
@@ -23,8 +27,9 @@ quantizer (summed over the places that share it) takes min-max where that predic
 noise. Measured on the ten models of bench/COVERAGE.md at W8A8 (512 evaluation samples each):
 NudeNet keeps 0.953 of its detections (0.946 before), the YOLOX-style captcha detector 0.980
 (0.968), ddddocr's recognizer reads 0.984 of its strings (0.973; onnxruntime 0.984), the layout
-detector's worst output cosine reaches 0.992 (0.988); ONet and magika lose two samples of 512.
-GUARD_SAMPLES = 8 (was 2): with 2 samples the choice follows noise (NudeNet 0.923).
+detector's worst output cosine reaches 0.992 (0.988); ONet and magika lose two samples of 512
+(those figures are from the estimate-only guard). GUARD_SAMPLES = 8 (was 2): with 2 samples the
+choice followed noise (NudeNet 0.923).
 docs/METHOD.md, "Guard for 8-bit activations".
 """
 from __future__ import annotations
@@ -114,6 +119,7 @@ def estimate(gm, qls, batches, seed: int = 0, bits: int = 8, candidates: dict | 
         return hook
     gen = torch.Generator().manual_seed(seed)
     total: dict = {}
+    n = 0
     with state.quantized(qls, only=[]), state.capture(pre=[(q, pre(q)) for q in qls],
                                                       post=[(q, post(q)) for q in qls]):
         for args in batches:
@@ -134,13 +140,46 @@ def estimate(gm, qls, batches, seed: int = 0, bits: int = 8, candidates: dict | 
                     total[key] = total.get(key, 0.0) + dot ** 2 / PROBES
             sites.clear()
             memory.trim()
-    return total
+            n += 1
+    return {k: v / n for k, v in total.items()}  # a mean over batches: the ratio per batch of samples
 
 
-def choose(est: dict, threshold: float) -> list:
-    """Quantizers to leave float: own predicted ratio over the threshold, worst first, capped."""
-    over = sorted((k for k, v in est.items() if v > threshold), key=lambda k: -est[k])
-    return over[:int(MAX_SHARE * len(est))]
+def measure(gm, qls, batches: list, keys: list) -> dict:
+    """{site: measured output noise-to-signal ratio} with that one activation quantizer applied and
+    everything else float: one forward pass per site over `batches`, weighed as `estimate` weighs."""
+    by = {q.layer.name: q for q in qls}
+
+    def run(key=None):
+        pre, post = [], []
+        if key is not None:
+            q = by[key[0]]
+            quantizer = getattr(q, state.SITE_ATTR[key[1]])
+            if key[1] == "output":
+                post.append((q, lambda mod, args, out: quantizer(out)))
+            else:
+                i = 0 if key[1] == "input" else 1
+                pre.append((q, lambda mod, args: tuple(quantizer(a) if j == i else a for j, a in enumerate(args))))
+        outs = []
+        with torch.no_grad(), state.quantized(qls, only=[]), state.capture(pre=pre, post=post):
+            for args in batches:
+                o = gm(*args)
+                outs += [t.double() for t in (o if isinstance(o, (list, tuple)) else [o])
+                         if torch.is_tensor(t) and t.is_floating_point()]
+        return outs
+    ref = run()
+    weights = [_weights(o) for o in ref]  # per batch, as in `estimate`, and a mean over batches
+    return {k: float(sum(((g - r) * w).pow(2).sum() for g, r, w in zip(run(k), ref, weights))) / len(batches)
+            for k in keys}
+
+
+def choose(measured: dict, threshold: float) -> list:
+    """Quantizers to leave float: measured ratio over the threshold, worst first, at most MAX_SHARE
+    of all. Measured, not estimated: on the PP-OCR recognizers the first-order estimate is off by
+    10-100x both ways. Too high where the outputs saturate (PP-OCRv4: a quantizer estimated at 0.21
+    measures 0.0026; a tenth of its noise gives 10x, not 100x, less output noise); too low elsewhere
+    (PP-OCRv5: estimated 1e-4, measured 5e-3)."""
+    over = sorted((k for k, v in measured.items() if v > threshold), key=lambda k: -measured[k])
+    return over[:int(MAX_SHARE * len(measured))]
 
 
 def min_max_candidates(qls, bits: int = 8) -> dict:
@@ -182,17 +221,20 @@ def apply(p, opts, log=print) -> tuple[list[dict], list[dict]]:
     t0 = time.time()
     feeds = data.take(p.calib, GUARD_SAMPLES)
     candidates = min_max_candidates(p.qls)
-    est = estimate(p.gm, p.qls, data.batches(feeds, p.names, p.plan.run_batch or 1, opts.device),
-                   opts.seed, candidates=candidates)
+    batches = list(data.batches(feeds, p.names, p.plan.run_batch or 1, opts.device))
+    est = estimate(p.gm, p.qls, batches, opts.seed, candidates=candidates)
     est, moved = choose_ranges(p.qls, est, candidates)
     if moved:
         log(f"note: {len(moved)} of {len(est)} 8-bit activation quantizers take their min-max range: the "
             "searched (clipped) range predicts more output noise")
-    keys = choose(est, opts.guard)
+    got = measure(p.gm, p.qls, batches, list(est))
+    keys = choose(got, opts.guard)
     state.keep_float(p.qls, keys)
-    kept = [{"layer": n, "part": part, "predicted_nsr": round(est[(n, part)], 6)} for n, part in keys]
+    kept = [{"layer": n, "part": part, "predicted_nsr": round(est[(n, part)], 6),
+             "measured_nsr": round(got[(n, part)], 6)} for n, part in keys]
     if kept:
         names = ", ".join(f"{k['layer']} {k['part']}" for k in kept[:4]) + (", ..." if len(kept) > 4 else "")
-        log(f"note: {len(kept)} of {len(est)} 8-bit activation quantizers stay float: alone each would cost "
-            f"more than {opts.guard:g} of the outputs' energy ({names}; {time.time() - t0:.0f} s)")
+        log(f"note: {len(kept)} of {len(est)} 8-bit activation quantizers stay float: alone each costs "
+            f"more than {opts.guard:g} of the outputs' energy, each measured alone ({names}; "
+            f"{time.time() - t0:.0f} s)")
     return [{"layer": n, "part": part} for n, part in moved], kept

@@ -1,5 +1,6 @@
-"""The 8-bit activation guard: a first-order estimate of each quantizer's cost, checked against
-measuring each quantizer alone, and the quantizers it leaves float on a net built to need it."""
+"""The 8-bit activation guard: each quantizer's cost measured alone (and the first-order estimate
+the range choice uses, checked against that), and the quantizers it leaves float on a net built to
+need it."""
 import json
 
 import numpy as np
@@ -64,6 +65,19 @@ def test_first_order_estimate_ranks_like_measuring_each_quantizer_alone(tmp_path
     assert max(est, key=est.get) == worst and worst[0].startswith(("/pw", "/dw"))
     ranked = sorted(est, key=est.get)
     assert [k for k in sorted(exact, key=exact.get)][-2:] == ranked[-2:]
+    # the guard's own measurement (one forward pass per site, the outputs weighed per channel)
+    # finds the same worst sites as the exact one
+    got = guard.measure(p.gm, p.qls, list(data.batches(feeds, p.names, 8)), list(est))
+    assert sorted(got, key=got.get)[-2:] == ranked[-2:]
+    assert got[worst] > 0.01 > got[ranked[0]]
+
+
+def test_choose_takes_the_worst_measured_up_to_a_quarter():
+    measured = {("a", "input"): 0.001, ("b", "output"): 0.02, ("c", "input"): 0.0, ("d", "output"): 0.3}
+    measured.update({(f"z{i}", "input"): 0.0 for i in range(8)})
+    assert guard.choose(measured, 0.002) == [("d", "output"), ("b", "output")]
+    measured.update({(f"y{i}", "input"): 1.0 for i in range(20)})  # 32 quantizers: at most 8 stay float
+    assert len(guard.choose(measured, 0.002)) == 8
 
 
 def test_guard_leaves_the_outlier_tensor_float(tmp_path, capsys):
