@@ -193,3 +193,40 @@ def test_hard_swish_chains_become_one_op_and_compute_the_same(tmp_path, form, op
 def test_near_hard_swish_stays_as_it_is(tmp_path, kw):  # another constant; the gate read elsewhere
     imp = onnx_import.load(_swish_graph(tmp_path, 17, "div", **kw))
     assert "HardSwish" not in [n.op_type for n in imp.model.graph.node]
+
+
+def _bias_add_graph(tmp_path, const_shape, conv_bias=False, extra_reader=False):
+    """Conv (bias-free, as paddle2onnx writes it, or with a bias) -> Add of a constant -> Relu."""
+    rng = np.random.RandomState(0)
+    inits = [numpy_helper.from_array(rng.randn(4, 3, 3, 3).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.randn(*const_shape).astype(np.float32), "k")]
+    conv_in = ["x", "w"]
+    if conv_bias:
+        inits.append(numpy_helper.from_array(rng.randn(4).astype(np.float32), "b"))
+        conv_in.append("b")
+    nodes = [helper.make_node("Conv", conv_in, ["h"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["k", "h"], ["a"]), helper.make_node("Relu", ["a"], ["y"])]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])]
+    if extra_reader:
+        outs.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 4, 8, 8]))
+    g = helper.make_graph(nodes, "ba", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          outs, inits)
+    path = str(tmp_path / "ba.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("shape,conv_bias", [((1, 4, 1, 1), False), ((4, 1, 1), True), ((1,), False)])
+def test_per_channel_add_folds_into_the_conv_bias(tmp_path, shape, conv_bias):
+    imp = onnx_import.load(_bias_add_graph(tmp_path, shape, conv_bias))
+    assert [n.op_type for n in imp.model.graph.node] == ["Conv", "Relu"]
+    assert any("Adds folded into Conv bias" in n for n in imp.notes)
+    x = {"x": np.random.RandomState(1).randn(2, 3, 8, 8).astype(np.float32)}
+    ref = runtime.run(runtime.session(imp.original), x)[0]
+    np.testing.assert_allclose(runtime.run(runtime.session(imp.model), x)[0], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{"const_shape": (1, 4, 8, 8)}, {"const_shape": (1, 4, 1, 1), "extra_reader": True}])
+def test_other_adds_after_a_conv_stay(tmp_path, kw):  # a constant that varies in space; the conv read elsewhere
+    imp = onnx_import.load(_bias_add_graph(tmp_path, **kw))
+    assert "Add" in [n.op_type for n in imp.model.graph.node]
