@@ -81,7 +81,7 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
         q = by_output.get(node.output[0]) if node.output else None
         if q is not None:
             if q.float_kernel:
-                nodes.extend(_float_kernel_nodes(node, q, const, name, dq_of))
+                nodes.extend(_float_kernel_nodes(node, q, const, weight_const, name, dq_of))
             else:
                 nodes.extend(_layer_nodes(node, q, const, weight_const, name))
             tag = {"pack": q.pack, "wbits": q.wbits, "abits": q.abits}
@@ -178,17 +178,18 @@ def _per_channel_dq(codes, scale, zero, channels, bits, lname, const, name):
                             name=name(f"{lname}.xc_DQ"), axis=1, **wide)
 
 
-def _float_kernel_nodes(node, q, const, name, dq_of) -> list:
-    """A conv run by onnxruntime's float kernel (measured faster than its integer one, kernels.py).
-    Its b-bit weight is stored as integers (int8 container) and dequantized by Cast and Mul, which
-    onnxruntime folds into a constant float weight when the session loads (a DequantizeLinear it
+def _float_kernel_nodes(node, q, const, weight_const, name, dq_of) -> list:
+    """A conv run by onnxruntime's float kernel (measured faster than its integer one, or one no
+    integer kernel can run: kernels.py). Its b-bit weight is stored as integers (int8 container, or
+    INT4 / INT2 in packed storage) and dequantized by Cast and Mul, which onnxruntime folds into a
+    constant float weight when the session loads, INT4 and INT2 included (a DequantizeLinear it
     would keep, and its float conv would then lose the blocked NCHWc kernel that makes it fast);
     the product is the one DequantizeLinear and the simulation compute. The int32 bias is written
     dequantized; a quantized input is read through a per-channel DequantizeLinear."""
     lname = q.layer.name
     shape = [1] * q.w_int.ndim
     shape[q.layer.axis] = -1
-    w_int = const(f"{lname}.w_int{q.wbits}", q.w_int.astype(np.int8))
+    w_int = weight_const(f"{lname}.w_int{q.wbits}", q.w_int, q.wbits)
     w_s = const(f"{lname}.w_scale", q.w_scale.astype(np.float32).reshape(shape))
     w_f, w = name(f"{lname}.w_float"), name(f"{lname}.w_dequantized")
     out = [helper.make_node("Cast", [w_int], [w_f], name=name(f"{lname}.w_Cast"), to=onnx.TensorProto.FLOAT),

@@ -54,7 +54,7 @@ def candidates(qls) -> list:
     """Convs with a quantized weight and a quantized input of at most 8 bits (onnxruntime's integer
     kernels): the ones whose kernel can be chosen."""
     return [q for q in qls if q.layer.op == "Conv" and q.wq is not None and q.aq is not None
-            and q.aq.bits <= 8 and not q.float_fallback]
+            and q.aq.bits <= 8 and not runs_float(q)]
 
 
 def input_shapes(gm, qls, feeds: dict, names: list) -> dict:
@@ -175,8 +175,12 @@ def measure(model: onnx.ModelProto, qls, shapes: dict, opset: int) -> Costs:
 
 def runs_float(q) -> bool:
     """A weighted layer that no integer kernel can run: its input is not quantized (it reads the raw
-    network input, or the guard left its input float) or it fell back to float."""
-    return q.layer.has_weight and (q.float_fallback or q.aq is None)
+    network input, or the guard left its input float), it fell back to float, or it is a conv whose
+    output nothing quantizes (read only by float ops such as GELU, or a network output):
+    onnxruntime's integer conv needs a QuantizeLinear after it, and without one it ran as a float
+    conv behind a weight DequantizeLinear on every call (PP-OCRv6 tiny recognizer)."""
+    return q.layer.has_weight and (q.float_fallback or q.aq is None
+                                   or (q.layer.op == "Conv" and q.oq is None and not q.links.readers))
 
 
 def _holders(qls) -> list:

@@ -126,5 +126,6 @@ def table(s: dict) -> str:
         lines.append("nothing left in float between DequantizeLinear and QuantizeLinear")
     if s.get("float_kernel_convs"):
         lines.append(f"of these, {s['float_kernel_convs']} convs run float by choice: measured faster on the machine "
-                     "that quantized than onnxruntime's integer kernel (the report's output_quantizers.kernels)")
+                     "that quantized than onnxruntime's integer kernel (the report's output_quantizers.kernels), "
+                     "or with no integer kernel possible (a float input, or nothing quantizes the output)")
     return "\n".join(lines)

@@ -65,7 +65,10 @@ def test_qdq_structure_and_integer_ranges(exported):
     assert 0 < n_out4 < n_out and {r.o_bits for r in recs if r.o_scale is not None} == {4, 8}
     assert ops.count("QuantizeLinear") == n_act + n_out and ops.count("Clip") == n_in4 + n_out4
     n_bias = sum(1 for q in qls if q.layer.bias is not None and q.layer.act_input is not None)
-    n_w = len(qls) - len(joins)  # weights, inputs, biases, outputs
+    # the stem reads the raw input: a float conv, its weight made float by Cast and Mul (no DQ)
+    n_float = sum(r.float_kernel for r in recs)
+    assert n_float == 1 and ops.count("Cast") == n_float
+    n_w = len(qls) - len(joins) - n_float  # weights, inputs, biases, outputs
     assert ops.count("DequantizeLinear") == n_w + n_act + n_bias + n_out
     # the ReLU between a conv and the conv reading it is gone: the 4-bit grid is already >= 0
     assert ops.count("Relu") < sum(n.op_type == "Relu" for n in imp.model.graph.node)

@@ -7,6 +7,7 @@ import nets
 import numpy as np
 import onnx
 import pytest
+import torch
 from packptq_onnx.exporters import qdq
 from test_export import quantize
 
@@ -43,7 +44,9 @@ def test_float_kernel_export_runs_float_and_equals_simulation(exported, tmp_path
     ops = [n.op_type for n in opt.graph.node]
     assert ops.count("QLinearConv") == len(convs) - len(chosen)  # neither fused nor re-quantized
     view = ortview.summary(path)  # inspect --runtime names them as chosen
-    assert view["float_kernel_convs"] == len(chosen) and "run float by choice" in ortview.table(view)
+    forced = {q.layer.name for q in qls if q.layer.op == "Conv" and q.wq is not None and kernels.runs_float(q)}
+    assert forced - chosen  # the stem reads the raw input: float too, written the same way
+    assert view["float_kernel_convs"] == len(chosen | forced) and "run float by choice" in ortview.table(view)
     assert ops.count("Conv") + ops.count("FusedConv") >= len(chosen)
     feeds = nets.inputs(net, 32, seed=3)
     par = validate.sim_parity(["y"], runtime.run(runtime.session(out), feeds), convert.torch_run(gm, feeds, ["x"]))
@@ -77,3 +80,43 @@ def test_choice_never_predicts_slower_and_matches_brute_force(exported):
     assert kernels.choose(qls, _costs(qls, lambda r: (1.0, 50.0), rng)) == set()
     slow = kernels.choose(qls, _costs(qls, lambda r: (500.0, 10.0), rng))
     assert {q.layer.name for q in kernels.candidates(qls)} <= slow
+
+
+class GeluNet(torch.nn.Module):
+    """conv -> relu -> conv -> GELU -> conv: the middle conv's output is read by GELU only, so no
+    QuantizeLinear follows it and onnxruntime has no integer kernel for it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = (torch.nn.Conv2d(3, 8, 3, 1, 1), torch.nn.Conv2d(8, 8, 3, 1, 1),
+                                  torch.nn.Conv2d(8, 4, 1))
+
+    def forward(self, x):
+        return self.c(torch.nn.functional.gelu(self.b(torch.relu(self.a(x)))))
+
+
+def test_a_conv_whose_output_nothing_quantizes_exports_with_a_folded_weight(tmp_path):
+    path = str(tmp_path / "gelu.onnx")
+    torch.onnx.export(GeluNet(), torch.randn(1, 3, 8, 8), path, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    rng = np.random.default_rng(0)
+    imp, gm, qls, out = quantize(path, 8, 8, {"x": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)})
+    mid = next(q for q in qls if q.layer.name.startswith("/b/"))
+    assert mid.aq is not None and mid.oq is None and kernels.runs_float(mid)
+    # the first reads the raw input; the last writes the network output, which nothing quantizes
+    assert kernels.candidates(qls) == [] and all(kernels.runs_float(q) for q in qls)
+    opt = ortview.optimized(_save(out, tmp_path))
+    inits = {i.name for i in opt.graph.initializer}
+    convs = [n for n in opt.graph.node if n.op_type in ("Conv", "FusedConv")]
+    assert len(convs) == 3 and all(n.input[1] in inits for n in convs)  # weights folded at load, no
+    # DequantizeLinear on them at run time
+    feeds = {"x": rng.standard_normal((8, 3, 8, 8)).astype(np.float32)}
+    par = validate.sim_parity(["y"], runtime.run(runtime.session(out), feeds), convert.torch_run(gm, feeds, ["x"]))
+    assert par[0].max_abs_diff <= 2 * par[0].step, par
+
+
+def _save(model, tmp_path):
+    path = str(tmp_path / "q.onnx")
+    onnx.save(model, path)
+    return path
