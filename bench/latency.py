@@ -26,6 +26,7 @@ REWRITTEN = "float, hard-swish fused"
 VARIANTS = {"W8A8": dict(wbits=8, abits=8), "W4A8": dict(wbits=4, abits=8), "W4A4": dict(wbits=4, abits=4),
             "W3A3": dict(wbits=3, abits=3),
             "mixed 3.5b A4-8": dict(wbits=4, abits=8, mixed=MixedOptions(avg_wbits=3.5, fixed_bits=4)),
+            "W8A8 guard 0": dict(wbits=8, abits=8, guard=0.0),
             "W8A8 integer": dict(wbits=8, abits=8, kernels="integer"),
             "W3A3 integer": dict(wbits=3, abits=3, kernels="integer")}
 

@@ -80,7 +80,7 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
     for node in list(g.node):
         q = by_output.get(node.output[0]) if node.output else None
         if q is not None:
-            if q.float_kernel:
+            if q.float_kernel and not _attr(node, "transA", 0):  # (a Gemm reading A transposed: rare)
                 nodes.extend(_float_kernel_nodes(node, q, const, weight_const, name, dq_of))
             else:
                 nodes.extend(_layer_nodes(node, q, const, weight_const, name))
@@ -178,12 +178,17 @@ def _per_channel_dq(codes, scale, zero, channels, bits, lname, const, name):
                             name=name(f"{lname}.xc_DQ"), axis=1, **wide)
 
 
+def _attr(node, key, default):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == key), default)
+
+
 def _float_kernel_nodes(node, q, const, weight_const, name, dq_of) -> list:
     """A conv run by onnxruntime's float kernel (measured faster than its integer one, or one no
-    integer kernel can run: kernels.py). Its b-bit weight is stored as integers (int8 container, or
-    INT4 / INT2 in packed storage) and dequantized by Cast and Mul, which onnxruntime folds into a
-    constant float weight when the session loads, INT4 and INT2 included (a DequantizeLinear it
-    would keep, and its float conv would then lose the blocked NCHWc kernel that makes it fast);
+    integer kernel can run: kernels.py), or a Gemm no integer kernel can run. Its b-bit weight is
+    stored as integers (int8 container, or INT4 / INT2 in packed storage) and dequantized by Cast
+    and Mul, which onnxruntime folds into a constant float weight when the session loads, INT4 and
+    INT2 included (a DequantizeLinear it would keep, dequantizing on every call; a float conv would
+    then also lose the blocked NCHWc kernel that makes it fast);
     the product is the one DequantizeLinear and the simulation compute. The int32 bias is written
     dequantized; a quantized input is read through a per-channel DequantizeLinear."""
     lname = q.layer.name
@@ -199,8 +204,10 @@ def _float_kernel_nodes(node, q, const, weight_const, name, dq_of) -> list:
         node.input[2] = const(f"{lname}.b_dequantized", q.bias_int.astype(np.float32) * q.bias_scale.astype(np.float32))
     elif q.bias_float is not None:
         node.input[2] = const(f"{lname}.b_corrected", q.bias_float.astype(np.float32))
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
-    channels = q.w_int.shape[1] * group
+    if node.op_type == "Gemm":  # the input's features: B is [K, N], or [N, K] when transposed
+        channels = q.w_int.shape[1] if _attr(node, "transB", 0) else q.w_int.shape[0]
+    else:
+        channels = q.w_int.shape[1] * _attr(node, "group", 1)
     if q.input_from is not None:
         src = dq_of(q.input_from)
         dq = _per_channel_dq(src.input[0], q.a_scale, q.a_zero, channels, q.abits, lname, const, name)

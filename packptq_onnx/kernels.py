@@ -38,6 +38,7 @@ from .layers import is_join
 MARGIN = 0.1     # a change of kernels must save this share of the convs' integer time ...
 FLOOR_US = 5.0   # ... plus this many microseconds at batch 1
 ROUNDS = 9
+FLOAT_FORM = ("Conv", "Gemm")  # ops the exporter can write as float kernels on b-bit weights
 MIN_MODEL_US = 200.0  # below this predicted conv time at batch 1 every conv stays integer: the
 # choice could save a few microseconds, and timing noise decides more than the kernels (the bundled
 # sample, 59 us, flipped convs now and then on a busy machine)
@@ -175,12 +176,14 @@ def measure(model: onnx.ModelProto, qls, shapes: dict, opset: int) -> Costs:
 
 def runs_float(q) -> bool:
     """A weighted layer that no integer kernel can run: its input is not quantized (it reads the raw
-    network input, or the guard left its input float), it fell back to float, or it is a conv whose
-    output nothing quantizes (read only by float ops such as GELU, or a network output):
-    onnxruntime's integer conv needs a QuantizeLinear after it, and without one it ran as a float
-    conv behind a weight DequantizeLinear on every call (PP-OCRv6 tiny recognizer)."""
+    network input, or the guard left its input float), it fell back to float, or it is a conv or
+    Gemm whose output nothing quantizes (read only by float ops such as GELU, or a network output):
+    onnxruntime's integer conv and Gemm need a QuantizeLinear after them, and without one they ran
+    float behind a weight DequantizeLinear on every call (PP-OCRv6 tiny recognizer's convs,
+    EfficientNet-Lite0's 1280 x 1000 classifier). A MatMul has an integer kernel with a float
+    output (MatMulIntegerToFloat)."""
     return q.layer.has_weight and (q.float_fallback or q.aq is None
-                                   or (q.layer.op == "Conv" and q.oq is None and not q.links.readers))
+                                   or (q.layer.op in FLOAT_FORM and q.oq is None and not q.links.readers))
 
 
 def _holders(qls) -> list:

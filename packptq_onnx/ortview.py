@@ -101,7 +101,8 @@ def summary(model_path: str, level: str = "all", threads: int = 1) -> dict:
         ops[key] = ops.get(key, 0) + 1
     between = float_between(m, node_kinds)
     from .exporters.qdq import node_tag
-    chosen = sum(1 for n in onnx.load(model_path).graph.node if (node_tag(n) or {}).get("kernel") == "float")
+    chosen = sum(1 for n in onnx.load(model_path).graph.node
+                 if n.op_type == "Conv" and (node_tag(n) or {}).get("kernel") == "float")
     counts: dict = {}
     for n in between:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .kernels import runs_float
+from .kernels import FLOAT_FORM, runs_float
 from .layers import LayerQuant
 from .qlayer import QuantLayer, bias_integer
 
@@ -26,10 +26,10 @@ def export_records(qls: list[QuantLayer], packs: dict | None = None):
             w_int = q.wq.integer(q.weight).to(torch.int8).cpu().numpy()
             rec = LayerQuant(q.layer, q.wq.bits, w_int, q.wq.scale.float().cpu().numpy().copy(),
                              pack=(packs or {}).get(q.layer.name))
-            # a conv no integer kernel can run (its input float, or nothing quantizes its output)
-            # is written as a float-kernel conv: its weight folded at load, not dequantized on
-            # every call (which also cost it onnxruntime's blocked float kernel)
-            rec.float_kernel = q.float_kernel or (q.layer.op == "Conv" and runs_float(q))
+            # a conv or Gemm no integer kernel can run (its input float, or nothing quantizes its
+            # output) is written as a float kernel: its weight folded at load, not dequantized on
+            # every call (which also cost a conv onnxruntime's blocked float kernel)
+            rec.float_kernel = q.float_kernel or (q.layer.op in FLOAT_FORM and runs_float(q))
             if q.wq.branch and q.wq.lr_a is not None:
                 rec.branch = tuple(t.float().cpu().numpy().copy() for t in q.wq.branch_factors())
         if q.oq is not None:

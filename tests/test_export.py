@@ -64,10 +64,12 @@ def test_qdq_structure_and_integer_ranges(exported):
     n_in4 = sum(r.abits == 4 for r in recs if r.input_from is None and r.a_scale is not None)
     assert 0 < n_out4 < n_out and {r.o_bits for r in recs if r.o_scale is not None} == {4, 8}
     assert ops.count("QuantizeLinear") == n_act + n_out and ops.count("Clip") == n_in4 + n_out4
-    n_bias = sum(1 for q in qls if q.layer.bias is not None and q.layer.act_input is not None)
-    # the stem reads the raw input: a float conv, its weight made float by Cast and Mul (no DQ)
+    n_bias = sum(1 for q, r in zip(qls, recs) if q.layer.bias is not None and q.layer.act_input is not None
+                 and not r.float_kernel)  # a float kernel's bias is written dequantized
+    # the stem reads the raw input and nothing quantizes the head's output: both run float, their
+    # weights made float by Cast and Mul (no DQ)
     n_float = sum(r.float_kernel for r in recs)
-    assert n_float == 1 and ops.count("Cast") == n_float
+    assert n_float == 2 and ops.count("Cast") == n_float
     n_w = len(qls) - len(joins) - n_float  # weights, inputs, biases, outputs
     assert ops.count("DequantizeLinear") == n_w + n_act + n_bias + n_out
     # the ReLU between a conv and the conv reading it is gone: the 4-bit grid is already >= 0
