@@ -143,8 +143,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.2f}x | {r[5]:,} | {r[6]:,} |")
-    print("\nPacked files, bytes by content: weights (at storage width: 3 bits take INT4; int8 for convs on "
-          "float kernels), per-channel "
+    print("\nPacked files, bytes by content: weights (at storage width: 3 bits take INT4), per-channel "
           "weight scales + int32 biases + bias scales, everything else (activation Q/DQ parameters, "
           "graph, metadata); budget = weight bits the pipeline counts\n")
     print("| model | file | weights | per-channel | rest | counted weight bytes | file / counted |")
