@@ -40,6 +40,7 @@ import torch
 
 from . import data, memory, quant, state
 from .layers import is_join
+from .progress import bar
 
 PROBES = 4
 MAX_SHARE = 0.25
@@ -169,7 +170,7 @@ def measure(gm, qls, batches: list, keys: list) -> dict:
     ref = run()
     weights = [_weights(o) for o in ref]  # per batch, as in `estimate`, and a mean over batches
     return {k: float(sum(((g - r) * w).pow(2).sum() for g, r, w in zip(run(k), ref, weights))) / len(batches)
-            for k in keys}
+            for k in bar(keys, "guard: each 8-bit activation quantizer alone")}
 
 
 def choose(measured: dict, threshold: float) -> list:

@@ -273,6 +273,26 @@ def _unique_names(graph) -> None:
         seen.add(name)
 
 
+def _sole_conv(tensor, g) -> tuple | None:
+    """(conv, weight, bias as float64) when `tensor` is a Conv's output that nothing else reads and is
+    no graph output, and the Conv's weight and bias (if any) are initializers; else None.
+    g: (initializers, producer by output, consumers, graph outputs)."""
+    inits, producer, users, outputs = g
+    conv = producer.get(tensor)
+    if (conv is None or conv.op_type != "Conv" or len(users.get(tensor, [])) != 1 or tensor in outputs
+            or conv.input[1] not in inits or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits)):
+        return None
+    w = numpy_helper.to_array(inits[conv.input[1]])
+    has_b = len(conv.input) > 2 and conv.input[2]
+    b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if has_b else np.zeros(w.shape[0])
+    return conv, w, b
+
+
+def _maps(graph) -> tuple:
+    return ({i.name: i for i in graph.initializer}, {o: n for n in graph.node for o in n.output},
+            consumers(graph), {o.name for o in graph.output})
+
+
 def fold_bias_add(graph) -> int:
     """Fold an Add of a per-output-channel constant into the Conv that alone feeds it (its bias).
 
@@ -281,33 +301,27 @@ def fold_bias_add(graph) -> int:
     between the conv and its output quantizer, so the conv could not be fused into an integer
     kernel, and the Add ran on its own: 231 us of Adds against 63 us in float on the PP-OCRv6 tiny
     recognizer's W8A8 export, batch 1."""
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    users = consumers(graph)
-    outputs = {o.name for o in graph.output}
+    g = _maps(graph)
     drop = []
     for add in graph.node:
         if add.op_type != "Add" or len(add.input) != 2:
             continue
         for x, c in ((add.input[0], add.input[1]), (add.input[1], add.input[0])):
-            conv = producer.get(x)
-            if (conv is None or conv.op_type != "Conv" or c not in inits or len(users.get(x, [])) != 1
-                    or x in outputs or conv.input[1] not in inits
-                    or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits)):
+            found = _sole_conv(x, g) if c in g[0] else None
+            if found is None:
                 continue
-            w, k = numpy_helper.to_array(inits[conv.input[1]]), numpy_helper.to_array(inits[c])
+            conv, w, b = found
+            k = numpy_helper.to_array(g[0][c])
             shape = [1] * (w.ndim - k.ndim) + list(k.shape)
             if (k.dtype != w.dtype or k.ndim > w.ndim or shape[0] != 1 or shape[1] not in (1, w.shape[0])
                     or any(d != 1 for d in shape[2:])):
                 continue
-            has_b = len(conv.input) > 2 and conv.input[2]
-            b = numpy_helper.to_array(inits[conv.input[2]]) if has_b else np.zeros(w.shape[0], w.dtype)
             bname = f"{conv.name}.bias_add"
             graph.initializer.append(numpy_helper.from_array((b + k.reshape(-1)).astype(w.dtype), bname))
             del conv.input[2:]
             conv.input.append(bname)
             conv.output[0] = add.output[0]
-            producer[add.output[0]] = conv  # a second Add after this one folds too
+            g[1][add.output[0]] = conv  # a second Add after this one folds too
             drop.append(add)
             break
     return remove_nodes(graph, drop)
@@ -315,25 +329,18 @@ def fold_bias_add(graph) -> int:
 
 def fold_batchnorm(graph) -> int:
     """Fold BatchNormalization into the Conv that alone feeds it (weights rewritten, new names)."""
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    users = consumers(graph)
-    outputs = {o.name for o in graph.output}
+    g = _maps(graph)
+    inits = g[0]
     drop = []
     for bn in graph.node:
         if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
             continue
-        conv = producer.get(bn.input[0])
-        if (conv is None or conv.op_type != "Conv" or len(users.get(bn.input[0], [])) != 1
-                or bn.input[0] in outputs or conv.input[1] not in inits
-                or any(n not in inits for n in bn.input[1:5])
-                or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits)):
+        found = _sole_conv(bn.input[0], g)
+        if found is None or any(n not in inits for n in bn.input[1:5]):
             continue
+        conv, w, b = found
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         scale, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
-        w = numpy_helper.to_array(inits[conv.input[1]])
-        has_b = len(conv.input) > 2 and conv.input[2]
-        b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if has_b else np.zeros(w.shape[0])
         k = scale / np.sqrt(var + eps)
         w2 = (w.astype(np.float64) * k.reshape([-1] + [1] * (w.ndim - 1))).astype(w.dtype)
         b2 = ((b - mean) * k + beta).astype(w.dtype)
