@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from packptq_onnx.folding import drop_unused_initializers
+from packptq_onnx.folding import drop_unused_initializers, node_attr
 
 META_KEY = "packptq"
 MS_DOMAIN = "com.microsoft"
@@ -80,12 +80,13 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
     for node in list(g.node):
         q = by_output.get(node.output[0]) if node.output else None
         if q is not None:
-            if q.float_kernel and not _attr(node, "transA", 0):  # (a Gemm reading A transposed: rare)
+            float_form = q.float_kernel and not node_attr(node, "transA", 0)  # (a Gemm reading A transposed: rare)
+            if float_form:
                 nodes.extend(_float_kernel_nodes(node, q, const, weight_const, name, dq_of))
             else:
                 nodes.extend(_layer_nodes(node, q, const, weight_const, name))
             tag = {"pack": q.pack, "wbits": q.wbits, "abits": q.abits}
-            _tag(m, node, {**tag, "kernel": "float"} if q.float_kernel else tag)
+            _tag(m, node, {**tag, "kernel": "float"} if float_form else tag)
         nodes.append(node)
         last = node
         if q is not None and q.branch is not None:
@@ -178,10 +179,6 @@ def _per_channel_dq(codes, scale, zero, channels, bits, lname, const, name):
                             name=name(f"{lname}.xc_DQ"), axis=1, **wide)
 
 
-def _attr(node, key, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == key), default)
-
-
 def _float_kernel_nodes(node, q, const, weight_const, name, dq_of) -> list:
     """A conv run by onnxruntime's float kernel (measured faster than its integer one, or one no
     integer kernel can run: kernels.py), or a Gemm no integer kernel can run. Its b-bit weight is
@@ -205,9 +202,9 @@ def _float_kernel_nodes(node, q, const, weight_const, name, dq_of) -> list:
     elif q.bias_float is not None:
         node.input[2] = const(f"{lname}.b_corrected", q.bias_float.astype(np.float32))
     if node.op_type == "Gemm":  # the input's features: B is [K, N], or [N, K] when transposed
-        channels = q.w_int.shape[1] if _attr(node, "transB", 0) else q.w_int.shape[0]
+        channels = q.w_int.shape[1] if node_attr(node, "transB", 0) else q.w_int.shape[0]
     else:
-        channels = q.w_int.shape[1] * _attr(node, "group", 1)
+        channels = q.w_int.shape[1] * node_attr(node, "group", 1)
     if q.input_from is not None:
         src = dq_of(q.input_from)
         dq = _per_channel_dq(src.input[0], q.a_scale, q.a_zero, channels, q.abits, lname, const, name)

@@ -205,10 +205,9 @@ def parser() -> argparse.ArgumentParser:
                    "cosine>=0.995, accuracy>=0.95, task>=0.9, metric>=X (both may be given)")
     q.add_argument("--guard", type=float, default=0.002, metavar="NSR",
                    help="an 8-bit activation quantizer that on its own costs the outputs more than this share "
-                   "of their energy stays float (a first-order estimate picks the candidates, one forward pass "
-                   "each confirms them); the estimate also picks each one's range (searched or min-max) "
-                   "(default 0.002; 0: both off; a float input runs its conv float: trade speed for accuracy "
-                   "here)")
+                   "of their energy stays float (each measured alone, one forward pass each); a first-order "
+                   "estimate picks each one's range (searched or min-max) (default 0.002; 0: both off; a float "
+                   "input runs its conv float: trade speed for accuracy here)")
     q.add_argument("--softmax-quant", choices=SOFTMAX_QUANT, default="uniform",
                    help="range of the probabilities entering attention's probs @ v: uniform (Lp search on the "
                    "probabilities, default) or focus (the interval that minimises the error of probs @ v)")

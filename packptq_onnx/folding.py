@@ -80,11 +80,11 @@ def fuse_pad_into_conv(graph) -> int:
         convs = users.get(pad.output[0], [])
         if not convs or any(c.op_type != "Conv" or c.input[0] != pad.output[0] for c in convs):
             continue
-        if any(_conv_attr(c, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") for c in convs):
+        if any(node_attr(c, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") for c in convs):
             continue
         begin, end = pads[2:r], pads[r + 2:]
         for c in convs:
-            old = list(_conv_attr(c, "pads", [0] * (2 * (r - 2))))
+            old = list(node_attr(c, "pads", [0] * (2 * (r - 2))))
             new = [int(a + b) for a, b in zip(old, list(begin) + list(end))]
             for a in list(c.attribute):
                 if a.name == "pads":
@@ -95,7 +95,8 @@ def fuse_pad_into_conv(graph) -> int:
     return remove_nodes(graph, drop)
 
 
-def _conv_attr(node, name, default):
+def node_attr(node, name, default):
+    """A node's attribute value, or `default` when it is not set."""
     for a in node.attribute:
         if a.name == name:
             return helper.get_attribute_value(a)
@@ -177,19 +178,19 @@ def explicit_auto_pad(model: onnx.ModelProto) -> int:
     inits = {i.name: list(i.dims) for i in g.initializer}
     done = 0
     for node in g.node:
-        mode = _conv_attr(node, "auto_pad", b"NOTSET")
+        mode = node_attr(node, "auto_pad", b"NOTSET")
         mode = mode.decode() if isinstance(mode, bytes) else mode
         if node.op_type not in SAME_PAD_OPS or mode not in ("SAME_UPPER", "SAME_LOWER"):
             continue
         shape = dims.get(node.input[0], [])
-        kernel = list(_conv_attr(node, "kernel_shape", []))
+        kernel = list(node_attr(node, "kernel_shape", []))
         if not kernel and node.op_type == "Conv" and node.input[1] in inits:
             kernel = inits[node.input[1]][2:]
         spatial = shape[2:]
         if not kernel or len(spatial) != len(kernel) or not all(spatial):
             continue
-        strides = list(_conv_attr(node, "strides", [])) or [1] * len(kernel)
-        dil = list(_conv_attr(node, "dilations", [])) or [1] * len(kernel)
+        strides = list(node_attr(node, "strides", [])) or [1] * len(kernel)
+        dil = list(node_attr(node, "dilations", [])) or [1] * len(kernel)
         begin, end = [], []
         for size, k, s, d in zip(spatial, kernel, strides, dil):
             total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
