@@ -71,13 +71,27 @@ class _Fused:
             return None
 
 
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its elements fill its storage span without gaps (row-major or channels_last:
+    reconstruction runs 4-D units in channels_last, docs/METHOD.md "Step 4"), else a row-major copy."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return x
+    return x.contiguous()
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
-    """x as one contiguous vector without autograd history: the compiled kernels then see one kind of
-    input whatever the rank, layout or size-1 axes, so they compile once, not once per variant (a
-    text recognizer's [N, C, 1, W] and transposed [N, W, C] tensors hit torch.compile's limit of 8)."""
-    x = x.detach().contiguous()
+    """x's storage as one contiguous vector without autograd history (x dense, see _dense): the
+    compiled kernels then see one kind of input whatever the rank, layout or size-1 axes, so they
+    compile once, not once per variant (a text recognizer's [N, C, 1, W] and transposed [N, W, C]
+    tensors hit torch.compile's limit of 8)."""
+    x = x.detach()
     # a fresh tensor on x's memory, not a view: dynamo guards a view's base too (its sizes and strides)
     return x.new_empty(0).set_(x.untyped_storage(), x.storage_offset(), (x.numel(),), (1,))
+
+
+def _like(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The flat result of a compiled kernel seen with dense x's shape and strides."""
+    return flat.as_strided(x.shape, x.stride())
 
 
 def _fq_fwd(x, scale, lo, hi):
@@ -130,11 +144,12 @@ class _FakeQuant(torch.autograd.Function):
         ctx.fused = False
         if _Fused.ready(x, scale):  # keeps x, not x / s: x is often kept by its producer's backward already
             lo_t, hi_t = torch.as_tensor(lo, device=x.device), torch.as_tensor(hi, device=x.device)
+            x = _dense(x)
             out = _Fused.call("fwd", _flat(x), scale.detach(), lo_t, hi_t)
             if out is not None:
                 ctx.fused = True
                 ctx.save_for_backward(x, scale, lo_t, hi_t)
-                return out.reshape(x.shape)
+                return _like(out, x)
         t = x / scale
         out = torch.round(t).clamp_(lo, hi).mul_(scale)
         ctx.save_for_backward(t, scale, torch.as_tensor(lo), torch.as_tensor(hi))
@@ -144,9 +159,11 @@ class _FakeQuant(torch.autograd.Function):
     def backward(ctx, g):
         if ctx.fused:
             x, scale, lo, hi = ctx.saved_tensors
+            if g.stride() != x.stride():  # the kernel pairs g and x element by element in memory
+                g = torch.empty_like(x).copy_(g)
             res = _Fused.call("bwd", _flat(g), _flat(x), scale.detach(), lo, hi)
             if res is not None:
-                gx, gs = res[0].reshape(x.shape), res[1]
+                gx, gs = _like(res[0], x), res[1]
                 gs = gs.reshape(scale.shape).to(scale.dtype) if ctx.needs_input_grad[1] else None
                 return (gx if ctx.needs_input_grad[0] else None), gs, None, None, None
             t = x / scale  # the compiler failed: the eager backward below

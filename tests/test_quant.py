@@ -164,3 +164,23 @@ def test_compiled_kernels_compile_once_for_every_shape():
         assert quant._Fused.broken is None
     finally:
         quant._Fused.fwd, quant._Fused.bwd = saved
+
+
+def test_compiled_fake_quant_keeps_channels_last():
+    """A channels_last input (reconstruction's layout for 4-D units) gives a channels_last output with
+    the values and gradients of the row-major input, also when the incoming gradient is row-major."""
+    x = torch.randn(4, 6, 5, 7) * 3
+    for ctx in (quant.compiled(False), _compiled_for_all_sizes()):
+        got = []
+        for cl in (False, True):
+            xi = (x.contiguous(memory_format=torch.channels_last) if cl else x.clone()).requires_grad_()
+            s = torch.tensor(0.2, requires_grad=True)
+            with ctx:
+                y = quant.fake_quant(xi, s, torch.tensor(5.0), 0, 15)
+                y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))  # a row-major gradient
+            assert y.is_contiguous(memory_format=torch.channels_last) == cl
+            got.append((y.detach(), xi.grad, s.grad))
+        (y0, gx0, gs0), (y1, gx1, gs1) = got
+        assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+        assert torch.allclose(gs0, gs1, rtol=1e-5, atol=1e-4)
+    assert quant._Fused.broken is None, quant._Fused.broken

@@ -55,3 +55,23 @@ def test_log_lines_report_count_loss_and_time_left():
         it.set_postfix(loss="0.5")
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("  pack0: 1/5  loss 0.5  ~") and lines[0].endswith("left") and len(lines) == 4
+
+
+def test_channels_last_cache_gives_the_same_values():
+    """4-D tensors with samples first come out channels_last, value for value, from memory and disk;
+    row_major() turns them back; other tensors are untouched."""
+    rng = np.random.default_rng(0)
+    four = rng.standard_normal((10, 1, 3, 5, 7)).astype(np.float32)  # [N, k, C, H, W] as capture keeps it
+    two = rng.standard_normal((10, 1, 6)).astype(np.float32)
+    lays = [unitcache.Layout(0), unitcache.Layout(0)]
+    idx = np.array([2, 5, 9])
+    ref = unitcache.Cache([four.copy(), two.copy()], lays, None, None).batch(idx, "cpu")
+    for bound in (None, 1):
+        cache = unitcache.Cache([four.copy(), two.copy()], lays, bound, None, channels_last=True)
+        got = cache.batch(idx, "cpu")
+        assert got[0].is_contiguous(memory_format=torch.channels_last) and not got[0].is_contiguous()
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]) and got[1].is_contiguous()
+        cache.row_major()
+        again = cache.batch(idx, "cpu")
+        assert again[0].is_contiguous() and torch.equal(again[0], ref[0])
+        cache.close()
