@@ -50,6 +50,7 @@ class _Fused:
     on = False
     broken: str | None = None
     fwd = bwd = None
+    soft_fwd = soft_bwd = reg_fwd = reg_bwd = None  # AdaRound's soft weight and regulariser (_AdaRound)
 
     @classmethod
     def ready(cls, x: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -58,6 +59,17 @@ class _Fused:
             return False
         if cls.fwd is None:
             cls.fwd, cls.bwd = torch.compile(_fq_fwd, dynamic=True), torch.compile(_fq_bwd, dynamic=True)
+        return True
+
+    @classmethod
+    def ready_weight(cls, alpha: torch.Tensor) -> bool:
+        """The compiled AdaRound kernels for this V (float32, contiguous, large enough)?"""
+        if (not cls.on or cls.broken or alpha.numel() < cls.MIN_ELEMENTS or alpha.dtype != torch.float32
+                or not alpha.is_contiguous()):
+            return False
+        if cls.soft_fwd is None:
+            cls.soft_fwd, cls.soft_bwd, cls.reg_fwd, cls.reg_bwd = (
+                torch.compile(f, dynamic=True) for f in (_soft_fwd, _soft_bwd, _reg_fwd, _reg_bwd))
         return True
 
     @classmethod
@@ -104,6 +116,66 @@ def _fq_bwd(g, x, scale, lo, hi):
     c = torch.clamp(r, lo, hi)
     gx = torch.where(c == r, g, 0.0)
     return gx, (g * c - gx * t).sum()
+
+
+def _h(alpha):
+    return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def _dh(alpha):
+    """h(V) and dh/dV (0 where the rectifying clamp cuts)."""
+    sig = torch.sigmoid(alpha)
+    u = sig * (ZETA - GAMMA) + GAMMA
+    return torch.clamp(u, 0, 1), torch.where((u >= 0) & (u <= 1), (ZETA - GAMMA) * sig * (1 - sig), 0.0)
+
+
+def _soft_fwd(alpha, floor_x, s, lo, hi):
+    """AdaRound's soft weight clamp(floor(w/s) + h(V), qmin, qmax) * s, flat tensors (s per element)."""
+    return torch.clamp(floor_x + _h(alpha), lo, hi) * s
+
+
+def _soft_bwd(g, alpha, floor_x, s, lo, hi):
+    h, dh = _dh(alpha)
+    v = floor_x + h
+    return torch.where((v >= lo) & (v <= hi), g * s * dh, 0.0)
+
+
+def _reg_fwd(alpha, beta):
+    """AdaRound's rounding regulariser sum(1 - |2 h(V) - 1|^beta)."""
+    return (1 - (2 * _h(alpha) - 1).abs().pow(beta)).sum()
+
+
+def _reg_bwd(g, alpha, beta):
+    h, dh = _dh(alpha)
+    d = 2 * h - 1
+    return g * (-2 * beta) * d.abs().pow(beta - 1) * torch.sign(d) * dh
+
+
+class _AdaRound(torch.autograd.Function):
+    """The soft weight (what="soft": alpha, floor_x, s_full, lo, hi) or the regulariser (what="reg":
+    alpha, beta) through the compiled kernels, with their gradient for V written out: one pass each
+    way, where eager autograd runs some nine elementwise kernels per weight and step (MiniLM holds
+    10.6 M AdaRound variables in one pack). The same values as the eager formulas (tests/test_quant.py)."""
+
+    @staticmethod
+    def forward(ctx, what, alpha, *rest):
+        ctx.what = what
+        ctx.save_for_backward(alpha, *rest)
+        args = [_flat(alpha)] + [_flat(t) if t.dim() else t for t in rest]
+        out = _Fused.call(what + "_fwd", *args)
+        if out is None:  # the compiler failed: the same formula, eager
+            out = (_soft_fwd if what == "soft" else _reg_fwd)(*args)
+        return out.reshape(alpha.shape) if what == "soft" else out
+
+    @staticmethod
+    def backward(ctx, g):
+        alpha, *rest = ctx.saved_tensors
+        g = g.contiguous() if ctx.what == "soft" else g
+        args = [_flat(g) if ctx.what == "soft" else g, _flat(alpha)] + [_flat(t) if t.dim() else t for t in rest]
+        ga = _Fused.call(ctx.what + "_bwd", *args)
+        if ga is None:
+            ga = (_soft_bwd if ctx.what == "soft" else _reg_bwd)(*args)
+        return (None, ga.reshape(alpha.shape)) + (None,) * len(rest)
 
 
 class compiled:
@@ -294,6 +366,8 @@ class WeightQuantizer(nn.Module):
         self.shift: torch.Tensor | None = None  # B·A once fixed, in steps: what AdaRound then rounds
         self.rank = 0
         self.branch = False  # B·A is a float side branch, not rounded
+        self.floor_x: torch.Tensor | None = None  # floor(w/s + shift) while V learns: constant then
+        self.s_full: torch.Tensor | None = None  # the scale per weight element, for the compiled kernels
 
     def s(self, ndim: int) -> torch.Tensor:
         return channel_view(self.scale, self.axis, ndim)
@@ -315,6 +389,8 @@ class WeightQuantizer(nn.Module):
         else:  # the same parameter object: an optimiser may hold it
             self.alpha.data.copy_(v)
         self.soft = True
+        self.floor_x = torch.floor(x).contiguous()
+        self.s_full = None  # made on the first compiled call
 
     def init_lowrank(self, w: torch.Tensor, rank: int, gen: torch.Generator, branch: bool = False) -> None:
         """B·A of rank `rank` for a 2-D weight; B = 0, so nothing changes until it learns (A random
@@ -336,16 +412,29 @@ class WeightQuantizer(nn.Module):
 
     def harden(self) -> None:
         """Learning is over: round by the sign of V from now on (what is exported)."""
-        self.soft = False
+        self.soft, self.floor_x, self.s_full = False, None, None
 
     def round_to_nearest(self) -> None:
         """Forget what AdaRound and the low-rank compensation learned: plain rounding again."""
-        self.alpha, self.soft = None, False
+        self.alpha, self.soft, self.floor_x, self.s_full = None, False, None, None
         self.lr_a = self.lr_b = self.shift = None
         self.rank, self.branch = 0, False
 
     def h(self) -> torch.Tensor:
-        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+        return _h(self.alpha)
+
+    def _fused(self) -> bool:
+        """While V learns (soft, B·A not learning inside the rounding), under `compiled(True)`: the
+        compiled kernels."""
+        return (self.soft and self.floor_x is not None and (self.lr_a is None or self.branch)
+                and self.floor_x.shape == self.alpha.shape and _Fused.ready_weight(self.alpha)
+                and self.alpha.requires_grad)
+
+    def round_reg(self, beta: float) -> torch.Tensor:
+        """AdaRound's rounding regulariser sum(1 - |2 h(V) - 1|^beta)."""
+        if self._fused():
+            return _AdaRound.apply("reg", self.alpha, torch.tensor(float(beta), device=self.alpha.device))
+        return _reg_fwd(self.alpha, beta)
 
     def integer(self, w: torch.Tensor) -> torch.Tensor:
         """Integer weight exactly as exported."""
@@ -358,7 +447,14 @@ class WeightQuantizer(nn.Module):
         return torch.clamp(torch.floor(x.detach()) + up, self.qmin, self.qmax)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        out = self.integer(w) * self.s(w.dim())
+        if self._fused():  # one pass forward and one backward where eager runs some nine each
+            dev = self.alpha.device
+            if self.s_full is None:
+                self.s_full = self.s(self.alpha.dim()).expand(self.alpha.shape).contiguous()
+            lo, hi = torch.tensor(float(self.qmin), device=dev), torch.tensor(float(self.qmax), device=dev)
+            out = _AdaRound.apply("soft", self.alpha, self.floor_x, self.s_full, lo, hi)
+        else:
+            out = self.integer(w) * self.s(w.dim())
         if self.branch:  # the float side branch, in weight units
             out = out + (self.lr_b @ self.lr_a) * self.s(w.dim())
         return out

@@ -288,7 +288,7 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
             for q in weighted:
                 bq = b_late if q in late else b
                 if bq is not None:
-                    reg = reg + (1 - (2 * q.wq.h() - 1).abs().pow(bq)).sum()
+                    reg = reg + q.wq.round_reg(bq)
             loss = rec + o.round_weight * reg
             for opt in (opt_v, opt_l, opt_s):
                 if opt:
