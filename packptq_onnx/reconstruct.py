@@ -341,7 +341,7 @@ def _adam(params: list, lr: float) -> torch.optim.Adam:
 def _layout(t: torch.Tensor) -> torch.Tensor:
     """A 4-D float tensor in channels_last (NHWC in memory). Convolutions and their backward pass run
     faster so on CPU (oneDNN), depthwise ones most, and elementwise work keeps the layout:
-    EfficientNet-Lite0's reconstruction iterations 3.6 -> 2.5 s over all units (bench/RECON_SPEED.md)."""
+    EfficientNet-Lite0's reconstruction iterations 3.4 -> 2.1 s over all units, same runs (bench/RECON_SPEED.md)."""
     if t.dim() == 4 and t.is_floating_point():
         return t.contiguous(memory_format=torch.channels_last)
     return t
