@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from packptq_onnx import data, state
+from packptq_onnx import data, state, unitcache
 from packptq_onnx.onnx_import import parse_input_shape
 from packptq_onnx.pipeline import Options, ReconOptions, analyse, find_units, prepare
 from packptq_onnx.reconstruct import make_units, reconstruct_unit, subgraph
@@ -49,7 +49,7 @@ def float_pass(p, unit, batch, repeats: int = 5, weight_grads: bool = False, cha
         xs = [torch.from_numpy(np.ascontiguousarray(a[0])) if isinstance(a, list) else torch.from_numpy(a)
               for a in arrays]
         if channels_last:
-            xs = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in xs]
+            xs = [unitcache.channels_last(x) for x in xs]
         times = []
         for _ in range(repeats):
             inp = [x.clone().requires_grad_() if x.is_floating_point() else x for x in xs]

@@ -47,7 +47,7 @@ class ReconOptions:
     lr_lowrank: float = 1e-2  # its Adam step (B·A is in weight steps)
     lowrank_share: float = 0.5  # merged: B·A learns in this first share of a unit's iterations, AdaRound after
     lowrank_form: str = "merged"  # "branch": B·A stays a float side branch, learned with AdaRound throughout
-    channels_last: bool = True  # 4-D unit inputs and targets in channels_last while a unit learns (_layout)
+    channels_last: bool = True  # 4-D unit inputs and targets in channels_last on CPU (unitcache.channels_last)
 
 
 @dataclass
@@ -204,8 +204,7 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
             fp = capture(gm, calib_batches(), wanted, None)
         qin = capture(gm, calib_batches(), in_nodes, None)
     arrays, fp, qin = fp + qin, None, None  # the cache owns them (and may relayout them in place)
-    cl = o.channels_last and not str(device).startswith("cuda")
-    cache = Cache(arrays, lays and lays + lays[:-1], o.cache_bytes, cache_dir, device, cl)
+    cache = Cache(arrays, lays and lays + lays[:-1], o.cache_bytes, cache_dir, device, o.channels_last)
     del arrays
     k = len(in_nodes)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -233,10 +232,9 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
 
     try:
         before = evaluate()
-    except RuntimeError:  # an op of this unit that needs row-major tensors (a view): learn without channels_last
-        if not cl:
+    except RuntimeError:  # an op of this unit that needs row-major tensors (a view): learn row-major
+        if not cache.channels_last or cache.rowmajor:
             raise
-        cl = False
         cache.row_major()
         before = evaluate()
     weighted = [q for q in own if q.wq is not None]
@@ -266,8 +264,6 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
         for t in it:
             arr = cache.batch(draw(), device)
             xs = []
-            if cl:  # a no-op for the cache's own channels_last tensors
-                arr = [_layout(a) for a in arr]
             for j in range(k):
                 x_fp, x_q = arr[j], arr[k + 1 + j]
                 if x_q.is_floating_point() and o.drop_prob > 0:
@@ -336,15 +332,6 @@ def _adam(params: list, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except RuntimeError:  # a device or dtype without the fused kernel
         return torch.optim.Adam(params, lr=lr)
-
-
-def _layout(t: torch.Tensor) -> torch.Tensor:
-    """A 4-D float tensor in channels_last (NHWC in memory). Convolutions and their backward pass run
-    faster so on CPU (oneDNN), depthwise ones most, and elementwise work keeps the layout:
-    EfficientNet-Lite0's reconstruction iterations 3.4 -> 2.1 s over all units, same runs (bench/RECON_SPEED.md)."""
-    if t.dim() == 4 and t.is_floating_point():
-        return t.contiguous(memory_format=torch.channels_last)
-    return t
 
 
 def _drop_mask(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
