@@ -75,8 +75,8 @@ def _recon_args(p: argparse.ArgumentParser) -> None:
     d = ReconOptions()
     g = p.add_argument_group("reconstruction (adaround / block / pack)")
     g.add_argument("--iters", type=int, default=d.iters, help=f"iterations per unit (default {d.iters})")
-    g.add_argument("--iters-total", type=int, help="compute budget: N iterations split over layers by weight "
-                   "count; blocks and packs get the MACs their layers would (equal compute in every mode)")
+    g.add_argument("--iters-total", type=int, help="compute budget: N / L iterations for every unit (L: layers "
+                   "with weights), so every layer runs N / L passes in every mode (equal compute)")
     g.add_argument("--lr-round", type=float, default=d.lr_round)
     g.add_argument("--lr-scale", type=float, default=d.lr_scale)
     g.add_argument("--round-weight", type=float, default=d.round_weight, help="AdaRound regulariser weight")

@@ -58,7 +58,7 @@ class Unit:
     output: str             # tensor name of its output
     size: int = 0           # weight elements
     macs: int = 0           # multiply-accumulates of one sample's forward pass through its layers
-    layer_iters: float = 0.0  # what layer-wise reconstruction would give its layers (compute-weighted)
+    layer_iters: float = 0.0  # iterations under --iters-total (split_iters)
 
 
 @dataclass
@@ -364,13 +364,12 @@ def _zero_nonfinite(params) -> bool:
 
 
 def split_iters(units: list[Unit], o: ReconOptions) -> list[int]:
-    """Iterations per unit. --iters: the same for every unit. --iters-total T: equal compute in
-    every mode. Layer-wise reconstruction gives each layer T x its share of the weights; a block or
-    pack unit gets the forward compute (MACs) layer-wise would spend on its layers, divided by the cost of
-    one of its own iterations: the MAC-weighted mean of its layers' iterations. So at one T, layer,
-    block and pack modes run the same multiply-accumulates (a pack iteration runs all its blocks;
-    counting iterations instead gave pack mode 2-3x block mode's time), and the layer mode's split
-    is what it was (docs/METHOD.md, "Step 4")."""
+    """Iterations per unit. --iters: the same for every unit. --iters-total T: T / L for every unit
+    that learns weights (L: the layers that have weights), so every layer runs T / L forward and
+    backward passes in every mode and layer, block and pack modes spend the same multiply-accumulates
+    (counting T per unit instead gave pack mode 2-3x block mode's time, as a pack iteration runs all
+    its blocks). Splitting T by weight count, as before, starved the layers with few weights and most
+    compute: EfficientNet-Lite0's first blocks got 1-7 of T = 10000 (docs/METHOD.md, "Step 4")."""
     if o.iters_total is None:
         return [o.iters] * len(units)
     return [max(1, int(round(u.layer_iters))) for u in units]
@@ -378,17 +377,15 @@ def split_iters(units: list[Unit], o: ReconOptions) -> list[int]:
 
 def unit_costs(units: list[Unit], qls, gm, args, iters_total: int | None) -> None:
     """Each unit's weight elements, MACs per sample (counted by hooks on one forward pass) and,
-    under --iters-total, its compute-weighted layer iterations."""
+    under --iters-total, its iterations (split_iters)."""
     sizes = {q.layer.name: q.weight.numel() for q in qls}
     macs = layer_macs(gm, qls, args)
-    total = sum(sizes.values()) or 1
+    learning = sum(1 for v in sizes.values() if v) or 1
     for u in units:
         u.size = sum(sizes[n] for n in u.layers)
         u.macs = int(sum(macs.get(n, 0) for n in u.layers))
         if iters_total is not None:
-            its = {n: iters_total * sizes[n] / total for n in u.layers}
-            u.layer_iters = (sum(its[n] * macs.get(n, 0) for n in u.layers) / u.macs if u.macs
-                             else sum(its.values()))
+            u.layer_iters = iters_total / learning if u.size else 0.0
 
 
 @torch.no_grad()

@@ -152,9 +152,9 @@ def test_cli_pack_default_beats_rtn_on_sample(tmp_path):
 
 
 def test_iters_total_gives_every_mode_equal_compute():
-    """--iters-total T: layer-wise reconstruction splits T iterations by weight count; block and pack
-    units get the multiply-accumulates layer-wise would spend on their layers, so all three modes
-    do the same work (a pack iteration runs all its blocks, so it gets fewer iterations)."""
+    """--iters-total T: every unit that learns weights gets T / L iterations (L layers with weights),
+    so every layer runs as many passes in each mode and all three modes do the same work (a pack
+    iteration runs all its blocks: it is not given a layer's share of T per block)."""
     o = _opts("pack")
     p = prepare(MODEL, CALIB, o, log=lambda *_: None)
     from packptq_onnx import blocks
@@ -171,6 +171,8 @@ def test_iters_total_gives_every_mode_equal_compute():
         work[method] = sum(i * x.macs for i, x in zip(iters, units))
         if method == "adaround":
             assert abs(sum(iters) - 3000) <= len(units)  # T iterations in all, as before
+        n_layers = sum(1 for q in p.qls if q.weight.numel())
+        assert {i for i, x in zip(iters, units) if x.size} == {round(3000 / n_layers)}  # one count for all
         if method == "pack":
             assert iters[len(u.stem)] < 3000 * 0.9  # not the pack's share of T iterations
     assert max(work.values()) / min(work.values()) < 1.02, work
