@@ -196,25 +196,26 @@ def _holders(qls) -> list:
     return list(by.values())
 
 
-def _asked(sites) -> bool:
-    """A quantizer below 8 bits is a precision the user asked for (--abits 4, an allocation's A4):
-    float layers read it through a QuantizeLinear -> DequantizeLinear pair instead of dropping it.
+def _dropped(sites, off) -> bool:
+    """Whether the choice removes this quantizer: every layer holding it runs float (`off`) and it
+    has 8 bits or more. A narrower one is a precision the user asked for (--abits 4, an
+    allocation's A4): float layers read it through a QuantizeLinear -> DequantizeLinear pair.
     Dropping it gave a float tensor where the report says 4 bits (the direction classifier at W4A4
     lost 70 of its quantizers that way, and its 'W4A4' agreement read 0.962 with mostly float
     activations). An 8- or 16-bit one inside a float region only costs time and accuracy."""
     q, attr = sites[0]
-    return getattr(q, attr).bits < 8
+    return getattr(q, attr).bits >= 8 and all(off(h) for h, _ in sites)
 
 
 def total_us(qls, costs: Costs, floating: set, holders=None) -> float:
     """Predicted time at batch 1 with the layers in `floating` (names) on float kernels: each conv
     at its kernel's time, plus a QuantizeLinear on every quantized tensor that no integer kernel
     writes and a DequantizeLinear on every one that a float op reads. A quantizer of 8 bits or more
-    held by float layers only is gone (apply); a narrower one costs its pair (_asked)."""
+    held by float layers only is gone (_dropped); a narrower one costs its pair."""
     off = lambda q: q.layer.name in floating or runs_float(q)  # noqa: E731
     t = sum(c.float_us if n in floating else c.integer_us for n, c in costs.convs.items())
     for sites in holders if holders is not None else _holders(qls):
-        if all(off(q) for q, _ in sites) and not _asked(sites):
+        if _dropped(sites, off):
             continue
         producer = next((q for q, a in sites if a == "oq"), None)
         held = {id(q) for q, _ in sites}
@@ -267,11 +268,11 @@ def choose(qls, costs: Costs) -> set:
 
 def apply(qls, chosen: set) -> int:
     """Mark the chosen layers float-kernel and remove every activation quantizer of 8 bits or more
-    that only layers running float hold (_asked). Returns the number of quantizers removed."""
+    that only layers running float hold (_dropped). Returns the number of quantizers removed."""
     for q in qls:
         q.float_kernel = q.layer.name in chosen and q.layer.has_weight
     off = lambda q: q.layer.name in chosen or runs_float(q)  # noqa: E731
-    gone = [sites[0] for sites in _holders(qls) if all(off(q) for q, _ in sites) and not _asked(sites)]
+    gone = [sites[0] for sites in _holders(qls) if _dropped(sites, off)]
     part = {attr: site for site, attr in state.SITE_ATTR.items()}
     state.keep_float(qls, [(q.layer.name, part[a]) for q, a in gone])
     return len(gone)
