@@ -161,6 +161,8 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
             shapes[name] = [None] + list(calib[name].shape[1:])
     if shapes:
         o.input_shapes = shapes
+    if row.fixed_bits:
+        o.stem_head = (row.fixed_bits, row.fixed_bits)
     if row.max_pack_blocks is not None:  # else the product's default cap; 0: no cap (the paper's rule)
         o.max_pack_blocks = row.max_pack_blocks or None
     if row.mixed:

@@ -32,6 +32,7 @@ class Row:
     lowrank: int | str | None = None  # ours: --lowrank (low-rank compensation, issue 27)
     lowrank_form: str = "merged"      # ours: --lowrank-form
     softmax_quant: str = "uniform"    # ours: --softmax-quant (focus: post-Softmax range for probs @ v)
+    fixed_bits: int | None = None     # ours, uniform: --fixed-bits (stem and head bits, the papers' 8-bit ends)
 
     @property
     def bits(self) -> str:
@@ -39,6 +40,7 @@ class Row:
             return "fp32"
         fine = f", packs ≤{self.max_pack_blocks} blocks" if self.max_pack_blocks else \
             ", packs uncapped" if self.max_pack_blocks == 0 else ""
+        fine += f", stem/head W{self.fixed_bits}A{self.fixed_bits}" if self.fixed_bits else ""
         return (f"≤W{self.wbits} budget, A≤{self.abits}" if self.mixed else f"W{self.wbits}A{self.abits}") + fine
 
 

@@ -131,7 +131,8 @@ def _mixed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bops", help="limit: bit-operations per sample (sum of MACs x wbits x abits), e.g. 40G")
     g.add_argument("--max-drop", type=float, help="accuracy target: the metric may drop this much below the "
                    "float model's (accuracy with labels, else --metric, else the task's agreement)")
-    g.add_argument("--fixed-bits", type=int, default=d.fixed_bits, help="stem and head bits (default 8)")
+    g.add_argument("--fixed-bits", type=int, help=f"stem and head bits (mixed precision: default {d.fixed_bits}; "
+                   "uniform: default --wbits / --abits, 8 is the papers' 8-bit first and last layers)")
     g.add_argument("--fixed-abits", type=int, help="stem and head activation bits (default: --fixed-bits)")
     g.add_argument("--solver", choices=SOLVERS, default=d.solver)
     g.add_argument("--solver-time", type=float, default=d.time_limit, help="solver time limit, seconds")
@@ -297,7 +298,7 @@ def _mixed_opts(a, goal=None) -> MixedOptions:
 
     if a.budget and a.avg_wbits:
         raise UsageError("give either --budget or --avg-wbits, not both")
-    check_bit_options((*a.wbits_options, a.fixed_bits),
+    check_bit_options((*a.wbits_options, *([a.fixed_bits] if a.fixed_bits is not None else [])),
                       (*(a.abits_options or ()), *([a.fixed_abits] if a.fixed_abits is not None else [])))
     if a.avg_wbits is not None and not 2 <= a.avg_wbits <= 8:
         raise UsageError(f"--avg-wbits must be between 2 and 8, got {a.avg_wbits}")
@@ -305,7 +306,8 @@ def _mixed_opts(a, goal=None) -> MixedOptions:
         raise UsageError(f"--avg-abits must be between 2 and 16, got {a.avg_abits}")
     return MixedOptions(budget=parse_budget(a.budget) if a.budget else None, avg_wbits=a.avg_wbits,
                         avg_abits=a.avg_abits, bops=parse_count(a.bops, "--bops") if a.bops else None,
-                        wbits=a.wbits_options, abits=a.abits_options, fixed_bits=a.fixed_bits,
+                        wbits=a.wbits_options, abits=a.abits_options,
+                        fixed_bits=MixedOptions.fixed_bits if a.fixed_bits is None else a.fixed_bits,
                         fixed_abits=a.fixed_abits,
                         solver=a.solver, time_limit=a.solver_time, cache=a.sensitivity_cache, target=goal,
                         spread=spread_of(a))
@@ -330,6 +332,8 @@ def quantize_options(a):
                    joins=not a.no_joins, input_shapes=_shapes(a), batch_axes=_axes(a),
                    bias_correction=not a.no_bias_correction, task=a.task,
                    metric=a.metric, guard=a.guard, softmax_quant=a.softmax_quant, kernels=a.kernels)
+    if not opts.mixed.enabled and (a.fixed_bits is not None or a.fixed_abits is not None):
+        opts.stem_head = (a.fixed_bits or a.wbits, a.fixed_abits or a.fixed_bits or a.abits)
     if (a.plot or opts.mixed.spread) and not opts.mixed.enabled:
         what = "--plot shows the mixed-precision choice" if a.plot else \
             "--workers / --address spread the mixed-precision sensitivity measurement"

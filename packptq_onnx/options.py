@@ -53,6 +53,8 @@ class Options:
     metric: str | None = None  # --metric module:function, called with float and quantized outputs
     softmax_quant: str = "uniform"  # "focus": post-Softmax ranges chosen for attention's output (calibrate)
     kernels: str = "auto"      # "auto": a conv runs float where onnxruntime's float kernel is faster (kernels.py)
+    stem_head: tuple | None = None  # uniform precision: (wbits, abits) of the stem and head layers, as the
+    # papers' 8-bit first and last layers (--fixed-bits); None: they take --wbits / --abits like the rest
 
 
 METHODS = ("rtn", "adaround", "block", "pack")
@@ -84,6 +86,8 @@ def check_options(o: Options) -> None:
             raise UsageError(f"--lowrank must be a positive rank or 'auto', got {r.lowrank!r}")
     if r.lowrank_form not in FORMS:
         raise UsageError(f"--lowrank-form must be one of {', '.join(FORMS)}, got {r.lowrank_form!r}")
+    if o.stem_head is not None:
+        check_bit_options(o.stem_head[:1], o.stem_head[1:])
     if o.max_pack_blocks is not None and o.max_pack_blocks < 1:
         raise UsageError("--max-pack-blocks must be at least 1")
     if o.storage not in STORAGES:

@@ -23,6 +23,7 @@ from . import (
     qlayer,
     runtime,
     shapes,
+    state,
     targets,
     validate,
 )
@@ -153,12 +154,27 @@ def prepare(model_path: str, calib_path: str, opts: Options, log=print) -> Prepa
     calibrate(gm, qls, imp.model, p.calib_batches(opts), opts.wbits, opts.abits, opts.reduce_range, opts.seed,
               progress=lambda it: bar(it, "calibrate", -(-p.n_samples // opts.batch_size)),
               output_bits=opts.output_bits, bias_correction=opts.bias_correction, softmax_quant=opts.softmax_quant)
+    if opts.stem_head and not opts.mixed.enabled:
+        fix_stem_head(p, opts.stem_head, log)
     if opts.guard:
         p.min_max, p.kept_float = guard.apply(p, opts, log)
     if opts.kernels == "auto":
         p.kernels = kernels.decide(p, opts, log)
     p.seconds = time.time() - t0
     return p
+
+
+def fix_stem_head(p: Prepared, bits: tuple, log=print) -> None:
+    """Uniform precision with --fixed-bits: the stem and head layers (blocks.find_blocks) at their own
+    bits, as BRECQ and QDrop keep the first and last layers at 8 bits; before the guard and
+    the kernel choice, which then see the bits the export will have (docs/METHOD.md, step 3)."""
+    units = find_units(p)
+    names = set(units.stem) | set(units.head)
+    for q in p.qls:
+        if q.layer.name in names:
+            state.set_bits(q, *bits)
+    state.tie_inputs(p.qls)
+    log(f"stem and head at W{bits[0]}A{bits[1]}: {', '.join(sorted(names)) or 'none found'}")
 
 
 @dataclass

@@ -131,3 +131,28 @@ def test_cli_budget_and_avg_bits_exclusive(tmp_path, capsys):
     assert main(["quantize", MODEL, "--calib", CALIB, "-o", str(tmp_path / "o.onnx"), "--budget", "10kB",
                  "--avg-wbits", "3"]) == 2
     assert "either --budget or --avg-wbits" in capsys.readouterr().err
+
+
+def test_fixed_bits_in_uniform_precision(tmp_path, capsys):
+    """--fixed-bits without a mixed limit: stem and head at 8 bits (the papers' first and last layers),
+    the rest at --wbits / --abits, the export still equal to the simulation."""
+    def run(name, *extra):
+        rep = tmp_path / f"{name}.json"
+        assert main(["quantize", MODEL, "--calib", CALIB, "-o", str(tmp_path / f"{name}.onnx"), "--method", "rtn",
+                     "--wbits", "4", "--abits", "4", "--report", str(rep), *extra]) == 0
+        import json
+        return json.loads(rep.read_text())
+
+    plain, fixed = run("plain"), run("fixed", "--fixed-bits", "8")
+    bits = {l["node"]: (l["wbits"], l["abits"]) for l in fixed["layers"]}
+    # stem conv (reads the input) and classifier; the guard may leave an 8-bit input float
+    assert bits["/0/Conv"][0] == bits["/8/Gemm"][0] == 8 and bits["/8/Gemm"][1] in (8, None)
+    inner = [b for n, b in bits.items() if n not in ("/0/Conv", "/8/Gemm") and b[0]]
+    assert inner and all(b == (4, 4) for b in inner)
+    assert all(l["wbits"] in (0, 4) for l in plain["layers"])
+    assert fixed["weight_bytes"]["quantized"] > plain["weight_bytes"]["quantized"]
+    assert fixed["parity_layers"]["max_code_diff"] <= 1
+    capsys.readouterr()
+    assert main(["quantize", MODEL, "--calib", CALIB, "-o", str(tmp_path / "bad.onnx"), "--fixed-bits", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "between 2 and 8" in err and len(err.strip().splitlines()) == 1
