@@ -180,5 +180,5 @@ TASKS = {t.name: t for t in [
     Task("vit", "ViT trained on scikit-learn digits (bench/vit_digits.py; 540 held-out digits)", build_vit,
          score_vit, ("accuracy",), (512, 128), (4000, 800), module="vit_digits", needs=("build",)),
 ]}
-DATA_SIZES = {"sample": None, "cls": (256, 500), "rec": (256, 500), "effnet": (256, 500), "minilm": (512, None),
+DATA_SIZES = {"sample": None, "cls": (1024, 500), "rec": (256, 500), "effnet": (256, 500), "minilm": (512, None),
               "vit": None}

@@ -101,9 +101,15 @@ def make_lines(n: int, seed: int, exclude=()) -> tuple:
     return texts, imgs
 
 
-def _splits(n_calib: int, n_eval: int, seed: int):
-    calib = make_lines(n_calib, seed)
-    return calib, make_lines(n_eval, seed + 1000, exclude=calib[0])
+def _splits(n_calib: int, n_eval: int, seed: int, first: int = 256):
+    """Calibration and eval lines, disjoint. Calibration lines past the first `first` come from another
+    seed after the eval lines are drawn, so a larger calibration set keeps the same eval set."""
+    calib = make_lines(min(n_calib, first), seed)
+    ev = make_lines(n_eval, seed + 1000, exclude=calib[0])
+    if n_calib > first:
+        more = make_lines(n_calib - first, seed + 2000, exclude=set(calib[0]) | set(ev[0]))
+        calib = (calib[0] + more[0], calib[1] + more[1])
+    return calib, ev
 
 
 def make_rec(out_dir: str, n_calib: int = 256, n_eval: int = 500, seed: int = 0) -> dict:
