@@ -15,8 +15,8 @@ import json
 import os
 import tempfile
 
-import numpy as np
 import onnxruntime as ort
+from feeds import load_feeds
 
 
 def profile(path: str, feeds: dict, runs: int) -> tuple[float, dict]:
@@ -27,10 +27,8 @@ def profile(path: str, feeds: dict, runs: int) -> tuple[float, dict]:
         warm = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         for _ in range(30):
             warm.run(None, feeds)
-        so.enable_profiling = True
+        so.enable_profiling = True  # session-creation events land in the file too: the Node filter below drops them
         so.profile_file_prefix = os.path.join(tmp, "p")
-        s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        s.end_profiling()  # drops the session-creation events
         s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         for _ in range(runs):
             s.run(None, feeds)
@@ -47,13 +45,11 @@ def profile(path: str, feeds: dict, runs: int) -> tuple[float, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+")
-    ap.add_argument("--calib", required=True, help=".npz with one array per model input; the first sample is used")
+    ap.add_argument("--calib", required=True, help=".npz of model inputs, as quantize reads it; sample 1 is used")
     ap.add_argument("--runs", type=int, default=300)
     a = ap.parse_args()
-    calib = np.load(a.calib)
     for path in a.models:
-        names = [i.name for i in ort.InferenceSession(path, providers=["CPUExecutionProvider"]).get_inputs()]
-        feeds = {n: calib[n][:1] for n in names}
+        feeds, _ = load_feeds(a.calib, path, 1)
         total, ops = profile(path, feeds, a.runs)
         print(f"\n{os.path.basename(path)}: {total:.0f} us kernel time per run\n")
         print("| op | nodes | us per run |\n|---|---|---|")
