@@ -4,10 +4,13 @@
 Variants: uniform W8A8, W4A4, W3A3 (RTN; latency does not depend on the rounding method) and
 mixed precision at 3.5 average weight bits (2/3/4/8 per pack, A4 or A8; stem and head W4A4), with the
 product's default kernel choice (packptq_onnx.kernels); "W8A8 integer" and "W3A3 integer" are the same
-exports with `kernels="integer"` (every conv on onnxruntime's integer kernel), for the same-run comparison.
+exports with `kernels="integer"` (every conv on onnxruntime's integer kernel), for the same-run comparison;
+"all Clips": every sub-8-bit activation keeps its Clip (the export before the writer left out those that the
+tensor's range makes idle, exporters/qdq.py _ClipPlan).
 Prints a markdown table; speed-ups are ratios measured in the same run.
 """
 import argparse
+import contextlib
 import os
 import time
 
@@ -28,7 +31,8 @@ VARIANTS = {"W8A8": dict(wbits=8, abits=8), "W4A8": dict(wbits=4, abits=8), "W4A
             "mixed 3.5b A4-8": dict(wbits=4, abits=8, mixed=MixedOptions(avg_wbits=3.5, fixed_bits=4)),
             "W8A8 guard 0": dict(wbits=8, abits=8, guard=0.0),
             "W8A8 integer": dict(wbits=8, abits=8, kernels="integer"),
-            "W3A3 integer": dict(wbits=3, abits=3, kernels="integer")}
+            "W3A3 integer": dict(wbits=3, abits=3, kernels="integer"),
+            "W4A4 all Clips": dict(wbits=4, abits=4, clips=True), "W3A3 all Clips": dict(wbits=3, abits=3, clips=True)}
 
 
 def ort_w8a8(model_path: str, calib: dict, out: str) -> str:
@@ -61,6 +65,19 @@ def ort_w8a8(model_path: str, calib: dict, out: str) -> str:
     if error is not None:
         raise error
     return out
+
+
+@contextlib.contextmanager
+def every_clip(on: bool):
+    """The writer keeps every sub-8-bit Clip (for the same-run comparison with its default)."""
+    from packptq_onnx.exporters import qdq
+    saved = qdq._ClipPlan.offset
+    if on:
+        qdq._ClipPlan.offset = lambda self, tensor, bits, *a, **k: 0 if bits >= 8 else None
+    try:
+        yield
+    finally:
+        qdq._ClipPlan.offset = saved
 
 
 def latencies(models: dict, feeds, threads: int, runs: int) -> dict:
@@ -104,13 +121,15 @@ def main():
         models[REWRITTEN] = (imp.model, size, size)
     skipped = []
     for label in a.variants.split(","):
-        kw = VARIANTS[label]
+        kw = dict(VARIANTS[label])
+        all_clips = kw.pop("clips", False)
         sizes = {}
         for storage in ("int8", "packed"):
             path = os.path.join(a.out, f"{name}_{label.replace(' ', '_')}_{storage}.onnx")
             o = Options(method="rtn", calib_samples=a.calib_samples, storage=storage, **kw)
             try:
-                quantize(a.model, a.calib, path, o, log=lambda *_: None)
+                with every_clip(all_clips):
+                    quantize(a.model, a.calib, path, o, log=lambda *_: None)
             except UsageError as exc:  # e.g. a mixed budget below what 8-bit stem and head alone need
                 skipped.append(f"{label}: {exc}")
                 break

@@ -3,7 +3,7 @@
 Per quantized layer: the weight becomes an int8 initializer (values limited to the layer's bit
 range) + DequantizeLinear(axis = output channel); the bias (when the input is quantized) an int32
 initializer at scale s_x*s_w + DequantizeLinear; the activation input QuantizeLinear(uint8) ->
-[Clip to 0..2^b-1 for b < 8] -> DequantizeLinear (16-bit activations: uint16 through
+[Clip to 0..2^b-1 for b < 8, where the tensor's range needs it] -> DequantizeLinear (16-bit: uint16 through
 onnxruntime's com.microsoft QuantizeLinear / DequantizeLinear, which every opset accepts).
 onnxruntime fuses the 2-8 bit groups into its integer kernels; the arithmetic equals
 packptq_onnx.quant's simulation.
@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from packptq_onnx.bounds import value_bounds
 from packptq_onnx.folding import drop_unused_initializers, node_attr
 
 META_KEY = "packptq"
@@ -58,6 +59,7 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
     # (ReduceMean 17 -> 18 turns its axes into a Constant input), which shifts every index after it
     by_output = {q.layer.output: q for q in quants}
     inits, nodes = [], []
+    clips = _ClipPlan(m, quants)
 
     def const(base, array):
         n = name(base)
@@ -82,9 +84,9 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
         if q is not None:
             float_form = q.float_kernel and not node_attr(node, "transA", 0)  # (a Gemm reading A transposed: rare)
             if float_form:
-                nodes.extend(_float_kernel_nodes(node, q, const, weight_const, name, dq_of))
+                nodes.extend(_float_kernel_nodes(node, q, const, weight_const, name, dq_of, clips))
             else:
-                nodes.extend(_layer_nodes(node, q, const, weight_const, name))
+                nodes.extend(_layer_nodes(node, q, const, weight_const, name, clips))
             tag = {"pack": q.pack, "wbits": q.wbits, "abits": q.abits}
             _tag(m, node, {**tag, "kernel": "float"} if float_form else tag)
         nodes.append(node)
@@ -94,7 +96,7 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
             nodes.extend(extra)
             last = extra[-1]
         if q is not None and q.o_scale is not None:
-            nodes.extend(_output_nodes(last, q, const, name))
+            nodes.extend(_output_nodes(last, q, const, name, clips))
     del g.node[:]
     g.node.extend(_live(nodes, {o.name for o in g.output}))
     if any(n.domain == MS_DOMAIN for n in g.node) and all(o.domain != MS_DOMAIN for o in m.opset_import):
@@ -145,21 +147,57 @@ def _upgrade_for_packed(m: onnx.ModelProto, quants: list) -> onnx.ModelProto:
     return m
 
 
-def _act_qdq(tensor, bits, scale, zero, lname, tag, const, name, channels: int = 0) -> tuple[list, str]:
-    """QuantizeLinear(uint8) -> [Clip to 0..2^b-1] -> DequantizeLinear on `tensor` (uint16 at 16 bits).
+class _ClipPlan:
+    """Where a b-bit activation (b < 8) needs no Clip after its uint8 QuantizeLinear: the tensor's
+    range, known from the graph (bounds.py), never reaches the code the Clip would cut. Above
+    2^b - 1: nothing to cut. Below 0: the zero point moves up by 255 - (2^b - 1), so uint8
+    saturation at 255 cuts the top and the bottom is never reached; the DequantizeLinear takes the
+    same zero point, so the values are the simulation's. Not after a Relu or Clip: onnxruntime folds
+    those into the QuantizeLinear only when its range starts at the activation's lowest value."""
+    MARGIN = 0.01  # codes: float rounding of the bounds never matters
+
+    def __init__(self, model, quants):
+        grids = {q.layer.output: (q.o_scale, q.o_zero, 0, 2 ** min(q.o_bits, 16) - 1)
+                 for q in quants if q.o_scale is not None}
+        self.produced, self.read = value_bounds(model, grids, opaque={q.layer.output for q in quants})
+        self.op = {o: n.op_type for n in model.graph.node for o in n.output}
+        self.codes = {}  # codes tensor -> its zero-point offset
+
+    def offset(self, tensor, bits, scale, zero, produced=False) -> int | None:
+        """0 or the offset when no Clip is needed, None when it is; produced: the tensor before
+        its own output quantizer."""
+        if bits >= 8:
+            return 0
+        lo, hi = (self.produced if produced else self.read).get(tensor, (-np.inf, np.inf))
+        top = 2 ** bits - 1
+        if hi / scale + zero <= top + 0.5 - self.MARGIN:
+            return 0
+        if lo / scale + zero >= -0.5 + self.MARGIN and self.op.get(tensor) not in ("Relu", "Clip"):
+            return 255 - top
+        return None
+
+
+def _act_qdq(tensor, bits, scale, zero, lname, tag, const, name, clips, channels: int = 0,
+             produced: str | None = None) -> tuple[list, str]:
+    """QuantizeLinear(uint8) -> [Clip to 0..2^b-1] -> DequantizeLinear on `tensor` (uint16 at 16 bits);
+    the Clip only where the tensor's range needs it (_ClipPlan). produced: the tensor is this one's
+    value as its node computes it (an output quantizer renames what it quantizes).
     channels > 0: the DequantizeLinear repeats the scale per channel (axis 1; see _float_kernel_nodes)."""
     out = []
     wide = {"domain": MS_DOMAIN} if bits == 16 else {}
+    shift = clips.offset(produced or tensor, bits, scale, zero, produced is not None)
+    zero = zero + (shift or 0)
     s = const(f"{lname}.{tag}_scale", np.array(scale, np.float32))
     z = const(f"{lname}.{tag}_zero", np.array(zero, np.uint16 if bits == 16 else np.uint8))
     xq = name(f"{lname}.{tag}_q")
     out.append(helper.make_node("QuantizeLinear", [tensor, s, z], [xq], name=name(f"{lname}.{tag}_Q"), **wide))
-    if bits < 8:
+    if shift is None:
         lo = const(f"{lname}.{tag}_qmin", np.array(0, np.uint8))
         hi = const(f"{lname}.{tag}_qmax", np.array(2 ** bits - 1, np.uint8))
         xc = name(f"{lname}.{tag}_q{bits}")
         out.append(helper.make_node("Clip", [xq, lo, hi], [xc], name=name(f"{lname}.{tag}_Clip")))
         xq = xc
+    clips.codes[xq] = shift or 0
     if channels:
         dq = _per_channel_dq(xq, scale, zero, channels, bits, lname, const, name)
         return out + [dq], dq.output[0]
@@ -179,7 +217,7 @@ def _per_channel_dq(codes, scale, zero, channels, bits, lname, const, name):
                             name=name(f"{lname}.xc_DQ"), axis=1, **wide)
 
 
-def _float_kernel_nodes(node, q, const, weight_const, name, dq_of) -> list:
+def _float_kernel_nodes(node, q, const, weight_const, name, dq_of, clips) -> list:
     """A conv run by onnxruntime's float kernel (measured faster than its integer one, or one no
     integer kernel can run: kernels.py), or a Gemm no integer kernel can run. Its b-bit weight is
     stored as integers (int8 container, or INT4 / INT2 in packed storage) and dequantized by Cast
@@ -206,18 +244,19 @@ def _float_kernel_nodes(node, q, const, weight_const, name, dq_of) -> list:
     else:
         channels = q.w_int.shape[1] * node_attr(node, "group", 1)
     if q.input_from is not None:
-        src = dq_of(q.input_from)
-        dq = _per_channel_dq(src.input[0], q.a_scale, q.a_zero, channels, q.abits, lname, const, name)
+        codes = dq_of(q.input_from).input[0]
+        dq = _per_channel_dq(codes, q.a_scale, q.a_zero + clips.codes.get(codes, 0), channels, q.abits, lname,
+                             const, name)
         node.input[0] = dq.output[0]
         return out + [dq]
     if q.abits is not None:
         nodes, node.input[0] = _act_qdq(node.input[0], q.abits, q.a_scale, q.a_zero, lname, "x", const, name,
-                                        channels=channels)
+                                        clips, channels=channels)
         return out + nodes
     return out
 
 
-def _layer_nodes(node, q, const, weight_const, name) -> list:
+def _layer_nodes(node, q, const, weight_const, name, clips) -> list:
     lname = q.layer.name
     if not q.layer.has_weight:  # activation x activation MatMul or join: both inputs quantized
         out = []
@@ -226,13 +265,13 @@ def _layer_nodes(node, q, const, weight_const, name) -> list:
             if shared is not None:
                 node.input[i] = shared
             elif s is not None:
-                nodes, node.input[i] = _act_qdq(node.input[i], q.abits, s, z, lname, tag, const, name)
+                nodes, node.input[i] = _act_qdq(node.input[i], q.abits, s, z, lname, tag, const, name, clips)
                 out += nodes
         return out
     out = []
     if q.wbits == 0:  # fallen back to float: the weight and bias stay as they are
         if q.abits is not None:
-            nodes, node.input[0] = _act_qdq(node.input[0], q.abits, q.a_scale, q.a_zero, lname, "x", const, name)
+            nodes, node.input[0] = _act_qdq(node.input[0], q.abits, q.a_scale, q.a_zero, lname, "x", const, name, clips)
             out += nodes
         return out
     # weight: integer initializer (int8 container, or INT4/INT2 packed) -> DequantizeLinear(axis)
@@ -254,7 +293,7 @@ def _layer_nodes(node, q, const, weight_const, name) -> list:
     if q.input_from is not None:  # input quantizer shared with the producer's output: read its DQ
         node.input[0] = q.input_from
     elif q.abits is not None:
-        nodes, node.input[0] = _act_qdq(node.input[0], q.abits, q.a_scale, q.a_zero, lname, "x", const, name)
+        nodes, node.input[0] = _act_qdq(node.input[0], q.abits, q.a_scale, q.a_zero, lname, "x", const, name, clips)
         out += nodes
     return out
 
@@ -273,12 +312,12 @@ def _branch_nodes(node, q, const, name) -> list:
             helper.make_node("Add", [main, d], [y], name=name(f"{lname}.lowrank_Add"))]
 
 
-def _output_nodes(node, q, const, name) -> list:
+def _output_nodes(node, q, const, name, clips) -> list:
     """Q -> [Clip] -> DQ on the layer output (consumers keep reading the original tensor name)."""
     lname, y = q.layer.name, node.output[0]
     pre = name(f"{lname}.y_float")
     node.output[0] = pre
-    nodes, _ = _act_qdq(pre, q.o_bits, q.o_scale, q.o_zero, lname, "y", const, name)
+    nodes, _ = _act_qdq(pre, q.o_bits, q.o_scale, q.o_zero, lname, "y", const, name, clips, produced=y)
     nodes[-1].output[0] = y
     return nodes
 
