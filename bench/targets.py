@@ -52,7 +52,8 @@ ROWS = {
                                "--target", "task>=0.8"]),
             ("limits-fine", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8", *REC_FIXED,
                              "--max-pack-blocks", "1", "--target", "task>=0.8"]),
-            ("limits-pack", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8,16", *REC_FIXED])],
+            ("limits-pack", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8,16", *REC_FIXED]),
+            ("limits-a48-pack", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8", *REC_FIXED])],
 }
 WORST_K = (1, 2, 4, 8, 16)
 WORST_W = 8
