@@ -1,6 +1,7 @@
 """Accuracy targets and activation-bit limits on the bench models (issue 25); writes bench/TARGETS.md.
 
   python bench/targets.py --out DIR [--models rec,effnet,cls,minilm] [--rows PATTERN] [--calib-samples 128]
+                          [--iters-total N] [--seed S]
 
 Every row is one `packptq quantize` run (round to nearest unless the row says pack) on the task's
 calibration split, checked on its eval split; rows are cached as DIR/rows/MODEL.ROW.json, so the
@@ -53,7 +54,9 @@ ROWS = {
             ("limits-fine", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8", *REC_FIXED,
                              "--max-pack-blocks", "1", "--target", "task>=0.8"]),
             ("limits-pack", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8,16", *REC_FIXED]),
-            ("limits-a48-pack", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8", *REC_FIXED])],
+            ("limits-a48-pack", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,8", *REC_FIXED]),
+            ("limits-a4568-pack", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,5,6,8",
+                                   *REC_FIXED])],
 }
 WORST_K = (1, 2, 4, 8, 16)
 WORST_W = 8
@@ -121,6 +124,7 @@ def run_row(model: str, name: str, args: list, info: dict, a, cache: dict) -> di
     else:
         method = ["--method", "pack", "--iters-total", str(a.iters_total)] if name.endswith("-pack") else \
             ["--method", "rtn"]
+        method += ["--seed", str(a.seed)] if a.seed else []
         cmd = [sys.executable, "-m", "packptq_onnx.cli", "quantize", info["model"], "--calib", info["calib"],
                "--eval", info["eval"], "--calib-samples", str(a.calib_samples), "--batch-size", "16",
                "-o", out + ".onnx", "--report", out + ".report.json", *method, *args,
@@ -297,6 +301,7 @@ def main():
     ap.add_argument("--rows", default="*")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--iters-total", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0, help="quantize's --seed (rows are cached by name: use another DIR)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--write", action="store_true", help="write bench/TARGETS.md (default: DIR/TARGETS.md)")
     a = ap.parse_args()

@@ -1,9 +1,9 @@
 """Value ranges that a float graph guarantees by its structure (interval arithmetic, no data).
 
 The QDQ writer uses them to drop the Clip that limits a sub-8-bit activation to its b-bit codes
-(docs/METHOD.md, "Sub-8-bit activations without a Clip"): where a tensor can never go below the
-quantizer's lowest code (a hard-swish output is at least -0.375, a sigmoid gate at least 0, a
-dequantized tensor at least its grid's lowest value), uint8 saturation can do the Clip's work.
+(docs/METHOD.md, step 5): where a tensor can never go below the quantizer's lowest code (a
+hard-swish output is at least -0.375, a sigmoid gate at least 0, a dequantized tensor at least its
+grid's lowest value), uint8 saturation can do the Clip's work.
 An op not listed here gives (-inf, inf), which always keeps the Clip.
 """
 from __future__ import annotations
@@ -58,8 +58,11 @@ def _clip_limits(node, values: dict) -> Bound:
 
 def _node(node, b: list[Bound], values: dict) -> Bound:
     op = node.op_type
-    if op in SAME or (op in ("Resize", "Upsample") and node_attr(node, "mode", b"nearest") != b"cubic"):
+    if op in SAME:
         return b[0]
+    if op in ("Resize", "Upsample"):  # nearest or linear: input values or their convex combinations
+        crop = node_attr(node, "coordinate_transformation_mode", b"") == b"tf_crop_and_resize"
+        return ANY if crop or node_attr(node, "mode", b"nearest") == b"cubic" else b[0]
     if op == "AveragePool":  # padded zeros may be averaged in
         return min(b[0][0], 0.0), max(b[0][1], 0.0)
     if op in FIXED:
@@ -73,8 +76,9 @@ def _node(node, b: list[Bound], values: dict) -> Bound:
         return HARD_SWISH_MIN, max(b[0][1], 0.0)
     if op == "LeakyRelu":
         alpha = node_attr(node, "alpha", 0.01)
-        if 0 <= alpha <= 1:
-            return min(b[0][0], alpha * b[0][0]), max(b[0][1], alpha * b[0][1])
+        if 0 <= alpha <= 1:  # x for x >= 0, alpha * x below
+            lo, hi = b[0]
+            return (_mul(alpha, lo) if lo < 0 else lo), (hi if hi > 0 else _mul(alpha, hi))
         return ANY
     if op in ("Exp", "Abs", "Sqrt"):
         return 0.0, INF
