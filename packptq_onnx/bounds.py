@@ -105,12 +105,16 @@ def _node(node, b: list[Bound], values: dict) -> Bound:
     return ANY
 
 
+TIE = 1e-3  # codes: onnxruntime divides in float32, so a value near a rounding tie may go either way
+
+
 def quantized(b: Bound, scale: float, zero: int, qmin: int, qmax: int) -> Bound:
-    """Where a tensor in `b` lands after quantize-dequantize (monotone, so its ends map to the ends)."""
-    def deq(x):
-        q = qmin if x == -INF else qmax if x == INF else min(max(round(x / scale) + zero, qmin), qmax)
+    """Where a tensor in `b` lands after quantize-dequantize (monotone, so its ends map to the ends);
+    near a rounding tie the lower end takes the lower code and the upper end the upper one."""
+    def deq(x, code):
+        q = qmin if x == -INF else qmax if x == INF else min(max(code(x / scale) + zero, qmin), qmax)
         return scale * (q - zero)
-    return deq(b[0]), deq(b[1])
+    return (deq(b[0], lambda v: math.floor(v + 0.5 - TIE)), deq(b[1], lambda v: math.ceil(v - 0.5 + TIE)))
 
 
 def value_bounds(model: onnx.ModelProto, grids: dict[str, tuple] | None = None,
