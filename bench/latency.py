@@ -6,11 +6,12 @@ mixed precision at 3.5 average weight bits (2/3/4/8 per pack, A4 or A8; stem and
 product's default kernel choice (packptq_onnx.kernels); "W8A8 integer" and "W3A3 integer" are the same
 exports with `kernels="integer"` (every conv on onnxruntime's integer kernel), for the same-run comparison;
 "all Clips": every sub-8-bit activation keeps its Clip (the export before the writer left out those that the
-tensor's range makes idle, exporters/qdq.py _ClipPlan).
+tensor's range makes idle: write_qdq's every_clip).
 Prints a markdown table; speed-ups are ratios measured in the same run.
 """
 import argparse
 import contextlib
+import functools
 import os
 import time
 
@@ -69,15 +70,16 @@ def ort_w8a8(model_path: str, calib: dict, out: str) -> str:
 
 @contextlib.contextmanager
 def every_clip(on: bool):
-    """The writer keeps every sub-8-bit Clip (for the same-run comparison with its default)."""
+    """quantize's writer keeps every sub-8-bit Clip (write_qdq's every_clip; for the same-run
+    comparison with its default)."""
     from packptq_onnx.exporters import qdq
-    saved = qdq._ClipPlan.offset
+    saved = qdq.write_qdq
     if on:
-        qdq._ClipPlan.offset = lambda self, tensor, bits, *a, **k: 0 if bits >= 8 else None
+        qdq.write_qdq = functools.partial(saved, every_clip=True)
     try:
         yield
     finally:
-        qdq._ClipPlan.offset = saved
+        qdq.write_qdq = saved
 
 
 def latencies(models: dict, feeds, threads: int, runs: int) -> dict:

@@ -42,12 +42,13 @@ class _Names:
 
 
 def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
-              storage: str = "int8") -> onnx.ModelProto:
+              storage: str = "int8", every_clip: bool = False) -> onnx.ModelProto:
     """A new model: `model` (the normalised graph the simulation ran) with QDQ for `quants`.
 
     storage "int8": every weight in an int8 container (fused by onnxruntime, int8 speed);
     "packed": INT4/INT2 initializers for <= 4-bit weights (small files; the model's opset is
-    upgraded to 21, or 25 when INT2 is used)."""
+    upgraded to 21, or 25 when INT2 is used). every_clip: every sub-8-bit activation keeps its
+    Clip, also where its range makes it idle (the same values; for comparisons, see _ClipPlan)."""
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}")
     m = copy.deepcopy(model)
@@ -59,7 +60,7 @@ def write_qdq(model: onnx.ModelProto, quants: list, meta: dict | None = None,
     # (ReduceMean 17 -> 18 turns its axes into a Constant input), which shifts every index after it
     by_output = {q.layer.output: q for q in quants}
     inits, nodes = [], []
-    clips = _ClipPlan(m, quants)
+    clips = _ClipPlan(m, quants, every_clip)
 
     def const(base, array):
         n = name(base)
@@ -156,18 +157,23 @@ class _ClipPlan:
     those into the QuantizeLinear only when its range starts at the activation's lowest value."""
     MARGIN = 0.01  # codes: float rounding of the bounds never matters
 
-    def __init__(self, model, quants):
+    def __init__(self, model, quants, every_clip: bool = False):
+        self.every_clip = every_clip
+        self.codes = {}  # codes tensor -> its zero-point offset
+        if every_clip:
+            return
         grids = {q.layer.output: (q.o_scale, q.o_zero, 0, 2 ** min(q.o_bits, 16) - 1)
                  for q in quants if q.o_scale is not None}
         self.produced, self.read = value_bounds(model, grids, opaque={q.layer.output for q in quants})
         self.op = {o: n.op_type for n in model.graph.node for o in n.output}
-        self.codes = {}  # codes tensor -> its zero-point offset
 
     def offset(self, tensor, bits, scale, zero, produced=False) -> int | None:
         """0 or the offset when no Clip is needed, None when it is; produced: the tensor before
         its own output quantizer."""
         if bits >= 8:
             return 0
+        if self.every_clip:
+            return None
         lo, hi = (self.produced if produced else self.read).get(tensor, (-np.inf, np.inf))
         top = 2 ** bits - 1
         if hi / scale + zero <= top + 0.5 - self.MARGIN:

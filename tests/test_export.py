@@ -40,7 +40,7 @@ def test_ort_equals_simulation(exported, arch, wbits, abits):
     assert np.abs(fl - sim[0]).mean() > 10 * np.abs(ort_q[0] - sim[0]).mean()
 
 
-def test_qdq_structure_and_integer_ranges(exported, monkeypatch):
+def test_qdq_structure_and_integer_ranges(exported):
     net = nets.build("resnet")
     imp, gm, qls, out = quantize(exported("resnet", 17), 3, 4, nets.inputs(net, 16))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
@@ -66,8 +66,7 @@ def test_qdq_structure_and_integer_ranges(exported, monkeypatch):
     assert ops.count("QuantizeLinear") == n_act + n_out
     # a Clip per 4-bit quantizer, but where the tensor's range keeps it idle (test_bounds.py)
     assert ops.count("Clip") <= n_in4 + n_out4
-    monkeypatch.setattr(qdq._ClipPlan, "offset", lambda self, tensor, bits, *a, **k: 0 if bits >= 8 else None)
-    every_clip = [n.op_type for n in qdq.write_qdq(imp.model, recs).graph.node]
+    every_clip = [n.op_type for n in qdq.write_qdq(imp.model, recs, every_clip=True).graph.node]
     assert every_clip.count("Clip") == n_in4 + n_out4
     assert len(every_clip) - len(ops) == n_in4 + n_out4 - ops.count("Clip")  # nothing else changes
     n_bias = sum(1 for q, r in zip(qls, recs) if q.layer.bias is not None and q.layer.act_input is not None
