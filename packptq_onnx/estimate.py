@@ -2,7 +2,8 @@
 
 One forward pass of the quantized torch model on one calibration batch is timed node by node.
 A unit's iteration is costed at FWD_BWD times the forward time of the nodes it spans (forward,
-backward and the optimiser step), scaled from the calibration batch to the reconstruction batch;
+backward and the optimiser step), scaled from the calibration batch to the batch an iteration
+draws (the reconstruction batch, or every sample when there are fewer);
 its two caching passes at the forward time of every node up to its end, over all batches.
 After each unit the estimate of what is left is scaled by measured / estimated time so far.
 """
