@@ -76,6 +76,7 @@ class UnitResult:
     cache_on_disk: bool = False  # memory-mapped on disk (above ReconOptions.cache_bytes)
     peak_rss_mb: float = 0.0    # the process's peak resident memory when the unit had finished
     lowrank_layers: int = 0     # layers that kept a low-rank compensation (--lowrank)
+    loss_learned: float | None = None  # the loss learning reached (kept_rtn: worse than loss_before)
 
 
 @dataclass
@@ -310,7 +311,7 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
             q.wq.fix_lowrank(q.weight)
     for q in weighted:
         q.wq.harden()
-    after = evaluate()
+    after = learned = evaluate()
     kept_rtn = no_grad or not after <= before  # a NaN loss (learning diverged) counts as worse
     if kept_rtn:  # never leave a unit worse than round-to-nearest on the data it was judged on
         for q in weighted:
@@ -322,7 +323,7 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     return UnitResult(unit.name, 0 if no_grad else iters, before, after, time.time() - t0, kept_rtn=kept_rtn,
                       no_gradient=no_grad, nonfinite_steps=nonfinite, cache_mb=round(cache.bytes / 2**20, 1),
                       cache_on_disk=cache.on_disk, peak_rss_mb=peak_rss_mb(),
-                      lowrank_layers=sum(q.wq.rank > 0 for q in comp))
+                      lowrank_layers=sum(q.wq.rank > 0 for q in comp), loss_learned=learned)
 
 
 def _adam(params: list, lr: float) -> torch.optim.Adam:
@@ -452,7 +453,7 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
                              os.path.dirname(os.path.abspath(ckpt)))
         r.gmacs = r.iters * min(o.batch_size, n) * u.macs / 1e9
         done.append(r)
-        kept = "  (kept round-to-nearest: learning did not help)" if r.kept_rtn else ""
+        kept = f"  (kept round-to-nearest: learning reached {r.loss_learned:.4g})" if r.kept_rtn else ""
         if r.no_gradient:
             kept = "  (skipped: no gradient reaches its output; kept round-to-nearest)"
         if r.nonfinite_steps:
