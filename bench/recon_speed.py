@@ -78,11 +78,14 @@ def main() -> None:
     ap.add_argument("--input-shape", action="append", default=[])
     ap.add_argument("--compile", action="store_true", help="compiled fake-quant kernels (ReconOptions.compile)")
     ap.add_argument("--row-major", action="store_true", help="units learn row-major (ReconOptions.channels_last off)")
+    ap.add_argument("--no-keep-heap", action="store_true", help="glibc's default heap while learning "
+                    "(ReconOptions.keep_heap off)")
     a = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())  # once, before any work
     shapes = dict(parse_input_shape(s) for s in a.input_shape)
     o = Options(wbits=a.wbits, abits=a.abits, method=a.method, calib_samples=a.samples, batch_size=a.batch_size,
-                recon=ReconOptions(batch_size=a.batch_size, compile=a.compile, channels_last=not a.row_major),
+                recon=ReconOptions(batch_size=a.batch_size, compile=a.compile, channels_last=not a.row_major,
+                                   keep_heap=not a.no_keep_heap),
                 input_shapes=shapes, guard=0.0)
     p = prepare(a.model, a.calib, o, log=lambda *_: None)
     layers = [q.layer for q in p.qls]
@@ -107,7 +110,7 @@ def main() -> None:
                      flw, per_iter / flw if flw > 0 else float("nan"), flc))
     print(f"{a.model}: {a.method} W{a.wbits}A{a.abits}, batch {a.batch_size}, {a.iters} iterations per unit, "
           f"{torch.get_num_threads()} threads" + (", compiled fake-quant" if a.compile else "")
-          + (", row-major" if a.row_major else ", channels_last"))
+          + (", row-major" if a.row_major else ", channels_last") + (", glibc heap" if a.no_keep_heap else ""))
     print("| unit | kind | layers | iteration ms | float fwd+bwd ms | ratio | with weight grads ms | ratio "
           "| same, channels_last ms | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")

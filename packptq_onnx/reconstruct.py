@@ -22,7 +22,7 @@ from .blocks import SHAPE_OPS
 from .convert import module_name
 from .estimate import node_seconds, unit_seconds
 from .layers import is_join
-from .memory import peak_rss_mb
+from .memory import learning_heap, peak_rss_mb
 from .progress import bar, fmt_seconds
 from .quant import compile_failure, compiled
 from .sensitivity import batch_size
@@ -48,6 +48,7 @@ class ReconOptions:
     lowrank_share: float = 0.5  # merged: B·A learns in this first share of a unit's iterations, AdaRound after
     lowrank_form: str = "merged"  # "branch": B·A stays a float side branch, learned with AdaRound throughout
     channels_last: bool = True  # 4-D unit inputs and targets in channels_last on CPU (unitcache.channels_last)
+    keep_heap: bool = True  # while a unit learns, freed memory stays in the heap (memory.learning_heap)
 
 
 @dataclass
@@ -261,7 +262,8 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     it = bar(range(iters), unit.name, iters)
     no_grad = False
     nonfinite = 0
-    with compiled(o.compile):  # fused fake-quant kernels while learning (quant._Fused)
+    # fused fake-quant kernels while learning (quant._Fused); freed tensors kept for the next step
+    with compiled(o.compile), learning_heap(o.keep_heap):
         for t in it:
             arr = cache.batch(draw(), device)
             xs = []
