@@ -43,6 +43,7 @@ ROWS = {
     # spends 2.4 of the 4 average bits, so these rows fix stem and head at W4A8
     "rec": [("maxdrop", ["--max-drop", "0.01"]),
             ("worst-k", None),
+            ("worst-k-gain", None),
             ("W8A5", ["--wbits", "8", "--abits", "5"]),
             ("W8A6", ["--wbits", "8", "--abits", "6"]),
             ("limits-a56", ["--avg-wbits", "4", "--avg-abits", "5", "--abits-options", "4,5,6,8", *REC_FIXED,
@@ -120,7 +121,7 @@ def run_row(model: str, name: str, args: list, info: dict, a, cache: dict) -> di
         with open(cached) as f:
             return json.load(f)
     if args is None:
-        res = worst_k(model, info, a, cache)
+        res = worst_k(model, info, a, cache, by_gain=name.endswith("-gain"))
     else:
         method = ["--method", "pack", "--iters-total", str(a.iters_total)] if name.endswith("-pack") else \
             ["--method", "rtn"]
@@ -151,8 +152,10 @@ def run_row(model: str, name: str, args: list, info: dict, a, cache: dict) -> di
     return res
 
 
-def worst_k(model: str, info: dict, a, cache: dict) -> dict:
-    """W8A4 with only the k worst layers (Omega at W8A4, each alone) at 8-bit activations."""
+def worst_k(model: str, info: dict, a, cache: dict, by_gain: bool = False) -> dict:
+    """W8A4 with only the k worst layers at 8-bit activations. Worst: by Omega at W8A4 with each layer
+    quantized alone, the rest float (`inspect --sensitivity`); by_gain: by what raising that layer
+    alone to A8 removes of the output loss with every other layer at W8A4 (gain_ranking)."""
     from packptq_onnx import state
     from packptq_onnx.pipeline import Options, analyse, candidate, prepare
     from packptq_onnx.ranking import measure_report
@@ -160,12 +163,15 @@ def worst_k(model: str, info: dict, a, cache: dict) -> dict:
     opts = Options(wbits=WORST_W, abits=4, method="rtn", calib_samples=a.calib_samples, batch_size=16,
                    input_shapes={"x": [None, 3, 48, 320]})
     p = prepare(info["model"], info["calib"], opts, log=lambda *_: None)
-    an = analyse(p, opts, log=lambda *_: None)
-    pack_layers = [[n for b in pk.blocks for n in an.units.blocks[b].layers] for pk in an.packs]
     t0 = time.time()
-    rep = measure_report(p.gm, p.qls, pack_layers, [(WORST_W, 4), (WORST_W, 8)], lambda: p.batches(opts),
-                         p.n_samples)
-    ranked = [it.name for it in rep.ranked()]
+    if by_gain:
+        rep, ranked = None, gain_ranking(p, opts)
+    else:
+        an = analyse(p, opts, log=lambda *_: None)
+        pack_layers = [[n for b in pk.blocks for n in an.units.blocks[b].layers] for pk in an.packs]
+        rep = measure_report(p.gm, p.qls, pack_layers, [(WORST_W, 4), (WORST_W, 8)], lambda: p.batches(opts),
+                             p.n_samples)
+        ranked = [it.name for it in rep.ranked()]
     res = {"ranked": ranked[:max(WORST_K)], "report_seconds": round(time.time() - t0, 1), "k": {}}
     tmp = os.path.join(a.out, "rows", f"{model}.worst.onnx")
     import onnx
@@ -182,8 +188,31 @@ def worst_k(model: str, info: dict, a, cache: dict) -> dict:
     state.tie_inputs(p.qls)
     onnx.save(candidate(p, opts), tmp)
     res["all_a8"] = bench_scores(model, info, tmp, cache)
-    res["pack_omega"] = [(it.name, it.omega) for it in rep.packs]
+    if rep is not None:
+        res["pack_omega"] = [(it.name, it.omega) for it in rep.packs]
     return res
+
+
+def gain_ranking(p, opts, samples: int = 64) -> list:
+    """Layers by what raising each alone from A4 to A8 takes off the output loss, every other layer
+    at W8A4, on the first calibration samples; the largest gain first."""
+    from packptq_onnx import mixed, state
+    from packptq_onnx.layers import is_join
+    from packptq_onnx.ranking import first
+
+    data = list(first(lambda: p.batches(opts), samples))
+    ref = mixed.float_outputs(p.gm, p.qls, data)
+
+    def loss_with(raised):
+        for q in p.qls:
+            state.set_bits(q, WORST_W, 8 if q.layer.name == raised else 4)
+        state.tie_inputs(p.qls)
+        return mixed.output_cost(p.gm, p.qls, None, data, ref)[0]
+    base = loss_with(None)
+    gains = {q.layer.name: base - loss_with(q.layer.name) for q in p.qls if not is_join(q.layer)}
+    print(f"  gain ranking: base loss {base:.4g}, top gains "
+          + ", ".join(f"{n} {g:.3g}" for n, g in sorted(gains.items(), key=lambda x: -x[1])[:5]), flush=True)
+    return sorted(gains, key=lambda n: -gains[n])
 
 
 def _a8_share(p, opts, names) -> float:
@@ -206,10 +235,24 @@ def _load(a, model, name):
         return json.load(f)
 
 
-def _uniform_at(uni: list, nbytes: float, key: str):
-    """The best uniform row with at most these weight bytes (None when none is that small)."""
-    ok = [r for r in uni if r["weight_bytes"] <= nbytes * 1.0001 and r.get(key) is not None]
+def _uniform_at(uni: list, nbytes: float, key: str, abits: float | None = None):
+    """The best uniform row with at most these weight bytes, and with abits given at most these average
+    activation bits (None when none is that small)."""
+    ok = [r for r in uni if r["weight_bytes"] <= nbytes * 1.0001 and r.get(key) is not None
+          and (abits is None or r["avg_abits"] <= abits + 1e-6)]
     return max(ok, key=lambda r: r[key]) if ok else None
+
+
+def _is_uniform(p: dict, uni: list) -> bool:
+    """A checked point that is one of the uniform rows (same weight bytes and activation bits)."""
+    return any(abs(p["weight_bytes"] - r["weight_bytes"]) <= 1e-4 * r["weight_bytes"]
+               and abs(p["avg_abits"] - r["avg_abits"]) < 0.005 for r in uni)
+
+
+def _beat(p: dict, u: dict | None, key: str) -> str:
+    if u is None:
+        return "-"
+    return "tie" if abs(p["metric"] - u[key]) < 1e-6 else "yes" if p["metric"] > u[key] else "no"
 
 
 def report(a) -> str:
@@ -237,7 +280,7 @@ def report(a) -> str:
             ab = pred.get("avg_abits")
             if name.startswith("W"):
                 w, ab = name[1:].split("A")
-                uni.append({"weight_bytes": r["weight_bytes"], search_key: val, "name": name})
+                uni.append({"weight_bytes": r["weight_bytes"], search_key: val, "name": name, "avg_abits": float(ab)})
             lines.append(f"| {name} | {r['weight_bytes'] / 1e3:.1f} | {float(ab):.2f} | {_f(val)} | "
                          f"{_f(r['bench'].get(bench_key))} | {r['seconds']} |")
         for name, args in rows_for(model):
@@ -249,36 +292,53 @@ def report(a) -> str:
                       f"{'met' if s['met'] else 'NOT met'}; written model scores "
                       f"{_f((s.get('final') or {}).get('value'))}. Checked candidates:", "",
                       f"| {search_key} | weight kB | avg wbits | avg abits | GBOPs | ms/sample | front | best uniform "
-                      "at <= bytes | beats it |", "|---|---|---|---|---|---|---|---|---|"]
-            wins = []
+                      "at <= bytes | beats it | best uniform at <= bytes and <= abits | beats it |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+            wins, fair = [], []
             for i, p in sorted(enumerate(s["points"]), key=lambda x: x[1]["bops"]):
-                u = _uniform_at(uni, p["weight_bytes"], search_key)
-                beat = "-" if u is None else ("tie" if abs(p["metric"] - u[search_key]) < 1e-6 else
-                                              "yes" if p["metric"] > u[search_key] else "no")
+                u, v = _uniform_at(uni, p["weight_bytes"], search_key), \
+                    _uniform_at(uni, p["weight_bytes"], search_key, p["avg_abits"])
+                beat, beat2 = _beat(p, u, search_key), _beat(p, v, search_key)
+                if _is_uniform(p, uni):
+                    beat2 = "is uniform"
                 if p["front"]:
                     wins.append(beat)
+                    fair.append(beat2)
                 lines.append(f"| {_f(p['metric'])}{' (chosen)' if i == s['chosen'] else ''} | "
                              f"{p['weight_bytes'] / 1e3:.1f} | {p['avg_wbits']:.2f} | {p['avg_abits']:.2f} | "
                              f"{p['bops'] / 1e9:.4g} | {p['ms_per_sample']:.3f} | {'*' if p['front'] else ''} | "
-                             f"{'-' if u is None else u['name'] + ' ' + _f(u[search_key])} | {beat} |")
+                             f"{'-' if u is None else u['name'] + ' ' + _f(u[search_key])} | {beat} | "
+                             f"{'-' if v is None else v['name'] + ' ' + _f(v[search_key])} | {beat2} |")
+            mixed = [b for b in fair if b != "is uniform"]
             lines += ["", f"Front points that beat the best uniform row at no more weight bytes: "
                       f"{wins.count('yes')} of {len(wins)}" + (f" ({wins.count('-')} smaller than every uniform row)"
-                                                               if '-' in wins else "") + "."]
-        wk = _load(a, model, "worst-k")
-        if wk:
-            lines += ["", f"**{model}: W{WORST_W}A4 with only the k worst layers at A8** (ranked by `inspect "
-                      f"--sensitivity`: Omega at W{WORST_W}A4, each layer alone). Worst first: "
-                      + ", ".join(f"`{n}`" for n in wk["ranked"][:8]),
-                      "", "| k | share of activation elements at A8 | line_acc | line agreement with float | cer |",
-                      "|---|---|---|---|---|"]
-            for k, v in wk["k"].items():
-                lines.append(f"| {k} | {v['a8_elements_share']:.3f} | {_f(v.get('line_acc'))} | "
-                             f"{_f(v.get('line_agree'))} | {_f(v.get('cer'))} |")
-            v = wk["all_a8"]
-            lines.append(f"| all (W{WORST_W}A8) | 1.000 | {_f(v.get('line_acc'))} | {_f(v.get('line_agree'))} | "
-                         f"{_f(v.get('cer'))} |")
+                                                               if '-' in wins else "") + ". "
+                      f"Mixed front points (not themselves a uniform row) that beat the best uniform row at no more "
+                      f"weight bytes and no more average activation bits: {mixed.count('yes')} of {len(mixed)}"
+                      + (f" ({mixed.count('-')} below every uniform row)" if '-' in mixed else "") + "."]
+        for wk_name in ("worst-k", "worst-k-gain"):
+            wk = _load(a, model, wk_name)
+            if wk:
+                lines += _worst_k_lines(wk, wk_name)
         lines.append("")
     return "\n".join(lines)
+
+
+def _worst_k_lines(wk: dict, name: str) -> list:
+    how = ("what raising that layer alone to A8 takes off the output loss, every other layer at "
+           f"W{WORST_W}A4, on 64 calibration lines" if name.endswith("-gain") else
+           f"`inspect --sensitivity`: Omega at W{WORST_W}A4, each layer alone")
+    lines = ["", f"**rec {name}: W{WORST_W}A4 with only the k worst layers at A8** (ranked by {how}). Worst first: "
+             + ", ".join(f"`{n}`" for n in wk["ranked"][:8]),
+             "", "| k | share of activation elements at A8 | line_acc | line agreement with float | cer |",
+             "|---|---|---|---|---|"]
+    for k, v in wk["k"].items():
+        lines.append(f"| {k} | {v['a8_elements_share']:.3f} | {_f(v.get('line_acc'))} | "
+                     f"{_f(v.get('line_agree'))} | {_f(v.get('cer'))} |")
+    v = wk["all_a8"]
+    lines.append(f"| all (W{WORST_W}A8) | 1.000 | {_f(v.get('line_acc'))} | {_f(v.get('line_agree'))} | "
+                 f"{_f(v.get('cer'))} |")
+    return lines
 
 
 def _search_value(r, model):
