@@ -20,7 +20,7 @@ from torch import fx
 from . import lowrank, state
 from .blocks import SHAPE_OPS
 from .convert import module_name
-from .estimate import node_seconds, unit_seconds
+from .estimate import node_seconds, remaining, unit_seconds
 from .layers import is_join
 from .memory import learning_heap, peak_rss_mb
 from .progress import bar, fmt_seconds
@@ -443,17 +443,18 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
     calib_bs = batch_size(first)
     # an iteration draws min(batch_size, n) samples: with fewer samples than the batch the estimate
     # scaled by batch_size charged 32 / 7 = 4.6x the work on 7 calibration images at the default batch
-    est = unit_seconds(node_seconds(gm, first), units, iters, calib_bs, min(o.batch_size, n), -(-n // calib_bs))
+    drawn = min(o.batch_size, n)
+    est = unit_seconds(node_seconds(gm, first), units, iters, calib_bs, drawn, -(-n // calib_bs))
     todo = est[len(done):]
     log(f"estimated time: ~{fmt_seconds(sum(todo))} for {len(todo)} units (from one timed forward pass)")
-    spent = estimated = 0.0
+    spent, start = 0.0, len(done)
     noted = False
     for i, u in enumerate(units):
         if i < len(done):
             continue
         r = reconstruct_unit(gm, model, qls, u, calib_batches, n, iters[i], o, unit_seed(seed, i), device,
                              os.path.dirname(os.path.abspath(ckpt)))
-        r.gmacs = r.iters * min(o.batch_size, n) * u.macs / 1e9
+        r.gmacs = r.iters * drawn * u.macs / 1e9
         done.append(r)
         kept = f"  (kept round-to-nearest: learning reached {r.loss_learned:.4g})" if r.kept_rtn else ""
         if r.no_gradient:
@@ -462,8 +463,8 @@ def run(gm, model, qls, units: list[Unit], calib_batches, n: int, o: ReconOption
             kept += f"  ({r.nonfinite_steps} steps with NaN/inf gradients: those entries set to 0)"
         if r.lowrank_layers:
             kept += f"  low-rank {r.lowrank_layers} layers"
-        spent, estimated = spent + r.seconds, estimated + est[i]
-        left = sum(est[i + 1:]) * spent / max(estimated, 1e-9)
+        spent += r.seconds
+        left = remaining(todo, i + 1 - start, spent)
         eta = f"  ~{fmt_seconds(left)} left" if i + 1 < len(units) else ""
         log(f"  {u.name:<28} {len(u.layers):>3} layers {r.iters:>6} it {r.gmacs:>8.3g} GMAC  "
             f"loss {r.loss_before:.4g} -> {r.loss_after:.4g}  {r.seconds:.1f} s  cache {r.cache_mb:.0f} MB"

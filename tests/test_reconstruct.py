@@ -284,3 +284,16 @@ def test_time_estimate_counts_the_batch_an_iteration_draws(tmp_path, monkeypatch
         reconstruct_model(p, o, str(tmp_path / f"b{bs}.ckpt"), log=msgs.append)
         said[bs] = [m for m in msgs if m.startswith("estimated time")]
     assert said[8] and said[8] == said[32] and "~0s" not in said[8][0]
+
+
+def test_time_left_is_not_set_by_one_small_first_unit():
+    """A small first unit that ran 30x its estimate (kernel compiling, fixed overhead) must not multiply
+    the rest by 30; once most of the work is done the measured pace decides."""
+    from packptq_onnx.estimate import remaining
+
+    est = [1.0, 50.0, 50.0]
+    assert remaining(est, 1, 30.0) < 4 * 100.0  # the raw ratio said 30 x 100
+    assert remaining(est, 1, 1.0) == pytest.approx(100.0)  # on pace: the estimate stands
+    # after 2 units at a third of the estimated pace the last one is expected at about that pace
+    assert remaining(est, 2, 17.0) == pytest.approx(50.0 * (17.0 + 10.1) / (51.0 + 10.1))
+    assert remaining(est, 3, 40.0) == 0.0
