@@ -196,23 +196,21 @@ def worst_k(model: str, info: dict, a, cache: dict, by_gain: bool = False) -> di
 def gain_ranking(p, opts, samples: int = 64) -> list:
     """Layers by what raising each alone from A4 to A8 takes off the output loss, every other layer
     at W8A4, on the first calibration samples; the largest gain first."""
-    from packptq_onnx import mixed, state
+    from packptq_onnx import state
     from packptq_onnx.layers import is_join
-    from packptq_onnx.ranking import first
+    from packptq_onnx.ranking import float_gains
 
-    data = list(first(lambda: p.batches(opts), samples))
-    ref = mixed.float_outputs(p.gm, p.qls, data)
+    for q in p.qls:
+        state.set_bits(q, WORST_W, 4)
+    state.tie_inputs(p.qls)
 
-    def loss_with(raised):
-        for q in p.qls:
-            state.set_bits(q, WORST_W, 8 if q.layer.name == raised else 4)
+    def raise_a8(q):
+        state.set_bits(q, WORST_W, 8)
         state.tie_inputs(p.qls)
-        return mixed.output_cost(p.gm, p.qls, None, data, ref)[0]
-    base = loss_with(None)
-    gains = {q.layer.name: base - loss_with(q.layer.name) for q in p.qls if not is_join(q.layer)}
-    print(f"  gain ranking: base loss {base:.4g}, top gains "
-          + ", ".join(f"{n} {g:.3g}" for n, g in sorted(gains.items(), key=lambda x: -x[1])[:5]), flush=True)
-    return sorted(gains, key=lambda n: -gains[n])
+    gains = [g for g in float_gains(p.gm, p.qls, lambda: p.batches(opts), samples, change=raise_a8)
+             if not is_join(next(q.layer for q in p.qls if q.layer.name == g["layer"]))]
+    print("  gain ranking: top gains " + ", ".join(f"{g['layer']} {g['gain']:.3g}" for g in gains[:5]), flush=True)
+    return [g["layer"] for g in gains]
 
 
 def _a8_share(p, opts, names) -> float:

@@ -117,9 +117,10 @@ def at_current_bits(gm, qls, batches, samples: int = RANK_SAMPLES) -> list[dict]
 
 
 @torch.no_grad()
-def float_gains(gm, qls, batches, samples: int = RANK_SAMPLES, score=None) -> list[dict]:
+def float_gains(gm, qls, batches, samples: int = RANK_SAMPLES, score=None, change=state.fall_back) -> list[dict]:
     """With every layer quantized as it is now: what reverting one layer alone to float
-    (state.fall_back) buys on the first `samples` calibration samples, the largest gain first.
+    (state.fall_back; or what `change(layer)` does to it) buys on the first `samples` calibration
+    samples, the largest gain first.
     score(float outputs, quantized outputs) -> a number, higher better (the accuracy target's own
     metric): its gain ranks first, the fall in output loss breaks ties. The loss alone is a poor
     guide where the metric reads an argmax: on the recognizer (MSE of softmax outputs) the layer
@@ -145,7 +146,7 @@ def float_gains(gm, qls, batches, samples: int = RANK_SAMPLES, score=None) -> li
         if q.float_fallback:
             continue
         with state.snapshot(qls):
-            state.fall_back(q)
+            change(q)
             loss, sc = measured()
         out.append({"layer": q.layer.name, "gain": (base_loss - loss) / n, "score_gain": sc - base_score})
     return sorted(out, key=lambda d: (-d["score_gain"], -d["gain"]))
