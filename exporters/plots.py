@@ -55,13 +55,16 @@ def plot_bits(path: str, packs: list[tuple[int, int, int, float]]) -> None:
 
 
 def plot_front(path: str, points: list, target, chosen) -> None:
-    """The accuracy target's checked allocations: metric vs weight kB and vs GBOPs, the Pareto front
-    joined, the threshold dashed, the chosen point circled."""
+    """The accuracy target's checked allocations (uniform references as squares): metric vs weight kB
+    and vs GBOPs, the Pareto front joined, the threshold dashed, the chosen point circled."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, label, scale in ((axes[0], "weight_bytes", "weight kB", 1e3), (axes[1], "bops", "GBOPs", 1e9)):
-        ax.plot([p_.__dict__[key] / scale for p_ in points], [p_.metric for p_ in points], "o", color="gray",
-                label="checked")
+        for uni, mark, name in ((False, "o", "checked (mixed)"), (True, "s", "checked (uniform)")):
+            pts = [p_ for p_ in points if getattr(p_, "uniform", False) == uni]
+            if pts:
+                ax.plot([p_.__dict__[key] / scale for p_ in pts], [p_.metric for p_ in pts], mark, color="gray",
+                        label=name)
         front = sorted((p_ for p_ in points if p_.front), key=lambda p_: p_.__dict__[key])
         ax.plot([p_.__dict__[key] / scale for p_ in front], [p_.metric for p_ in front], "b-", label="front")
         ax.axhline(target.value, color="r", ls="--", lw=1, label=target.text())
