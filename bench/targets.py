@@ -242,8 +242,9 @@ def _uniform_at(uni: list, nbytes: float, key: str, abits: float | None = None):
 
 
 def _is_uniform(p: dict, uni: list) -> bool:
-    """A checked point that is one of the uniform rows (same weight bytes and activation bits)."""
-    return any(abs(p["weight_bytes"] - r["weight_bytes"]) <= 1e-4 * r["weight_bytes"]
+    """A checked point with every pack at one option (the search's own uniform references), or one of
+    the uniform rows (same weight bytes and activation bits)."""
+    return p.get("uniform", False) or any(abs(p["weight_bytes"] - r["weight_bytes"]) <= 1e-4 * r["weight_bytes"]
                and abs(p["avg_abits"] - r["avg_abits"]) < 0.005 for r in uni)
 
 
