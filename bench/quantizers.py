@@ -184,7 +184,7 @@ def ours_quantize(row: Row, info: dict, cfg: dict, out_path: str) -> dict:
         units = rep.reconstruction.units
         res["recon_iters"] = sum(u.iters for u in units)
         res["recon_units"] = len(units)
-        res["recon_losses"] = [(u.name, u.loss_before, u.loss_after) for u in units]
+        res["recon_losses"] = [(u.name, u.loss_before, u.loss_after, u.loss_learned) for u in units]
         res["recon_seconds"] = rep.reconstruction.seconds
         res["recon_unit_seconds"] = [u.seconds for u in units]
         res["recon_cache_mb"] = [u.cache_mb for u in units]

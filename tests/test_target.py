@@ -50,7 +50,7 @@ def test_target_takes_the_cheapest_checked_allocation_that_meets_it(tmp_path):
     assert chosen["passed"] and chosen["metric"] >= 0.99
     # no checked point that passes is cheaper in bit-operations
     assert all(p["bops"] >= chosen["bops"] for p in pts if p["passed"])
-    # uniform allocations cheaper than the ladder's pick were checked as references, and a mixed point
+    # uniform allocations within the limits were checked as references, and a mixed point
     # stays on the front only by beating every uniform one at no more bit-operations
     uni = [p for p in pts if p["uniform"]]
     assert uni and any(p["bops"] < max(q["bops"] for q in pts if not q["uniform"]) for p in uni)
