@@ -207,8 +207,9 @@ def gain_ranking(p, opts, samples: int = 64) -> list:
     def raise_a8(q):
         state.set_bits(q, WORST_W, 8)
         state.tie_inputs(p.qls)
+    joins = {q.layer.name for q in p.qls if is_join(q.layer)}
     gains = [g for g in float_gains(p.gm, p.qls, lambda: p.batches(opts), samples, change=raise_a8)
-             if not is_join(next(q.layer for q in p.qls if q.layer.name == g["layer"]))]
+             if g["layer"] not in joins]
     print("  gain ranking: top gains " + ", ".join(f"{g['layer']} {g['gain']:.3g}" for g in gains[:5]), flush=True)
     return [g["layer"] for g in gains]
 

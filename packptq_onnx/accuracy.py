@@ -218,11 +218,11 @@ def _user_limits(plan) -> list:
 def uniform(plan, below: float, known) -> list[ilp.Allocation]:
     """Allocations with every pack at one option, within the user's limits, cheaper than `below`
     BOPs and not among the `known` (already checked) choices; cheapest first."""
-    c, out = plan.costs, []
+    c, out, user = plan.costs, [], _user_limits(plan)
     n = len(plan.table)
     for k in range(len(plan.options)):
         ch = [k] * n
-        fits = all(sum(vec[p][k] for p in range(n)) <= cap * (1 + 1e-9) for vec, cap, _ in _user_limits(plan))
+        fits = all(sum(vec[p][k] for p in range(n)) <= cap * (1 + 1e-9) for vec, cap, _ in user)
         if fits and c.total("bops", ch) < below and tuple(ch) not in known:
             out.append(ilp.Allocation(ch, sum(plan.table[p][k] for p in range(n)),
                                       c.total("weight_bytes", ch), 0.0, "uniform"))
@@ -324,10 +324,9 @@ def search(plan, mo, target: Target, es: EvalSet, opts, hooks: Hooks, log=print)
     refs = uniform(plan, bops("bops", cands[top].choice) * (1 + 1e-9), checked)
     if refs:
         log(f"  {len(refs)} uniform allocation(s) within the limits: checked as references")
-    for a in refs:  # cheapest first: the first cheaper one that passes is the cheapest uniform one that does
+    for a in refs:  # cheapest first: once one passes, no later one is cheaper than it
         cands.append(a)
-        if evaluate(len(cands) - 1) and cands[hi].solver != "uniform" \
-                and bops("bops", a.choice) < bops("bops", cands[hi].choice):
+        if evaluate(len(cands) - 1) and bops("bops", a.choice) < bops("bops", cands[hi].choice):
             hi = len(cands) - 1
     _mark_front(points, target)
     hooks.apply(cands[hi].choice)
