@@ -77,9 +77,12 @@ def _recon_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--iters", type=int, default=d.iters, help=f"iterations per unit (default {d.iters})")
     g.add_argument("--iters-total", type=int, help="compute budget: N / L iterations for every unit (L: layers "
                    "with weights), so every layer runs N / L passes in every mode (equal compute)")
-    g.add_argument("--lr-round", type=float, default=d.lr_round)
+    g.add_argument("--lr-round", type=float, default=d.lr_round, help="Adam step of AdaRound's V (default: "
+                   "20 / iterations per unit, within 0.003-0.05, so V can reach hard rounding)")
     g.add_argument("--lr-scale", type=float, default=d.lr_scale)
-    g.add_argument("--round-weight", type=float, default=d.round_weight, help="AdaRound regulariser weight")
+    g.add_argument("--round-weight", type=float, default=d.round_weight,
+                   help="AdaRound regulariser weight, per weight, against the reconstruction loss "
+                   f"relative to round-to-nearest's (default {d.round_weight})")
     g.add_argument("--drop-prob", type=float, default=d.drop_prob, help="QDrop: chance of a quantized input")
     g.add_argument("--max-pack-blocks", type=int, default=Options.max_pack_blocks, metavar="K",
                    help=f"most blocks per pack (default {Options.max_pack_blocks}, measured in bench/PACK_CAP.md; 0: "

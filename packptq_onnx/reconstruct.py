@@ -34,9 +34,9 @@ class ReconOptions:
     iters: int = 500
     iters_total: int | None = None
     batch_size: int = 32
-    lr_round: float = 3e-3
+    lr_round: float | None = None  # Adam step on V; None: round_lr(iters), enough travel to harden
     lr_scale: float = 4e-5
-    round_weight: float = 0.01
+    round_weight: float = 10.0  # regulariser weight against the reconstruction loss relative to RTN's
     drop_prob: float = 0.5
     warmup: float = 0.2
     beta: tuple = (20.0, 2.0)
@@ -78,6 +78,7 @@ class UnitResult:
     peak_rss_mb: float = 0.0    # the process's peak resident memory when the unit had finished
     lowrank_layers: int = 0     # layers that kept a low-rank compensation (--lowrank)
     loss_learned: float | None = None  # the loss learning reached (kept_rtn: worse than loss_before)
+    loss_soft: float | None = None  # the same before hardening (soft rounding): the gap is what rounding cost
 
 
 @dataclass
@@ -253,7 +254,10 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     params_v = [q.wq.alpha for q in weighted]
     params_l = [p for q in comp for p in (q.wq.lr_a, q.wq.lr_b)]
     params_s = [x.scale for x in act_qs]
-    opt_v = _adam(params_v, o.lr_round) if params_v else None
+    # scale-free objective: the loss relative to round-to-nearest's, the regulariser per weight
+    ref = before if np.isfinite(before) and before > 0 else 1.0
+    n_round = sum(q.wq.alpha.numel() for q in weighted) or 1
+    opt_v = _adam(params_v, o.lr_round or round_lr(iters)) if params_v else None
     opt_l = _adam(params_l, o.lr_lowrank) if params_l else None
     late = set() if branch else set(comp)  # merged: their AdaRound runs after the low-rank phase
     fix_at = int(o.lowrank_share * iters)
@@ -288,7 +292,7 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
                 bq = b_late if q in late else b
                 if bq is not None:
                     reg = reg + q.wq.round_reg(bq)
-            loss = rec + o.round_weight * reg
+            loss = rec / ref + (o.round_weight / n_round) * reg
             for opt in (opt_v, opt_l, opt_s):
                 if opt:
                     opt.zero_grad()
@@ -311,6 +315,7 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     for q in late:
         if q.wq.lr_a is not None:  # fewer iterations than the curriculum's first half
             q.wq.fix_lowrank(q.weight)
+    soft = evaluate() if weighted and not no_grad else None
     for q in weighted:
         q.wq.harden()
     after = learned = evaluate()
@@ -325,7 +330,19 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     return UnitResult(unit.name, 0 if no_grad else iters, before, after, time.time() - t0, kept_rtn=kept_rtn,
                       no_gradient=no_grad, nonfinite_steps=nonfinite, cache_mb=round(cache.bytes / 2**20, 1),
                       cache_on_disk=cache.on_disk, peak_rss_mb=peak_rss_mb(),
-                      lowrank_layers=sum(q.wq.rank > 0 for q in comp), loss_learned=learned)
+                      lowrank_layers=sum(q.wq.rank > 0 for q in comp), loss_learned=learned,
+                      loss_soft=soft)
+
+
+ROUND_TRAVEL = 20.0  # Adam's lr x iterations on V in the references (1e-3 x 20000)
+
+
+def round_lr(iters: int) -> float:
+    """AdaRound's step on V for a unit of `iters` iterations: V must travel some 2.4 from 0 for
+    h(V) to reach 0 or 1, and the references give it 20 (lr 1e-3 over 20,000 iterations). At our
+    budgets (500-800 per unit) the fixed 3e-3 gave 1.5-2.4: V stayed fractional and hard rounding
+    undid what soft rounding learned (docs/METHOD.md, "Step 4")"""
+    return min(0.05, max(3e-3, ROUND_TRAVEL / max(iters, 1)))
 
 
 def _adam(params: list, lr: float) -> torch.optim.Adam:

@@ -2,9 +2,10 @@
 loss before learning, the loss learning reached, and whether round-to-nearest was kept.
 
     python research/unit_probe.py MODEL --calib CALIB --unit pack0 --iters 200 [--bits W4A8]
-        [--variants "base;drop_prob=0;lr_scale=0"] [--calib-samples 256] [--batch-size 16]
+        [--variants "base;drop_prob=0;lr_scale=0"] [--calib-samples 256] [--batch-size 16] [--learn-first 800]
 
-Units before the probed one stay at round to nearest. Not a pipeline step: it answers "why did
+Units before the probed one stay at round to nearest, or with --learn-first N each learns N iterations
+first (under the variant's options), as in a full run. Not a pipeline step: it answers "why did
 this unit keep round-to-nearest?" (issue 24).
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main():
     ap.add_argument("--variants", default="base;drop_prob=0;lr_scale=0")
     ap.add_argument("--calib-samples", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--learn-first", type=int, default=0, help="iterations for each unit before the probed one")
     a = ap.parse_args()
     w, ab = (int(x) for x in a.bits[1:].split("A"))
     opts = Options(wbits=w, abits=ab, method="pack", calib_samples=a.calib_samples, batch_size=a.batch_size,
@@ -43,16 +45,21 @@ def main():
         for kv in v.split(","):
             if "=" in kv:
                 k, val = kv.split("=")
-                setattr(o, k, type(getattr(o, k))(val))
+                setattr(o, k, type(getattr(o, k) or 0.0)(val))
         state.load_learned(p.qls, saved)
         for q in p.qls:
-            if q.layer.name in unit.layers and q.wq is not None:
+            if q.wq is not None:
                 q.wq.round_to_nearest()
+        for i, u in enumerate(units[:units.index(unit)] if a.learn_first else []):
+            r = reconstruct_unit(p.gm, p.imp.model, p.qls, u, lambda: p.batches(opts), p.n_samples, a.learn_first,
+                                 o, reconstruct.unit_seed(0, i), "cpu", None)
+            print(f"{v:<24} first {u.name}: before {r.loss_before:.5g}  soft {r.loss_soft}  "
+                  f"learned {r.loss_learned:.5g}  kept_rtn {r.kept_rtn}", flush=True)
         t0 = time.time()
         r = reconstruct_unit(p.gm, p.imp.model, p.qls, unit, lambda: p.batches(opts), p.n_samples, a.iters, o,
-                             reconstruct.unit_seed(0, 1), "cpu", None)
-        print(f"{v:<24} before {r.loss_before:.5g}  learned {r.loss_learned:.5g}  kept_rtn {r.kept_rtn}  "
-              f"nonfinite {r.nonfinite_steps}  {time.time() - t0:.0f} s", flush=True)
+                             reconstruct.unit_seed(0, units.index(unit)), "cpu", None)
+        print(f"{v:<24} before {r.loss_before:.5g}  soft {r.loss_soft:.5g}  learned {r.loss_learned:.5g}  "
+              f"kept_rtn {r.kept_rtn}  nonfinite {r.nonfinite_steps}  {time.time() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
