@@ -243,10 +243,16 @@ def write_results(all_res: dict, a, command: str) -> str:
             lines += [f"Not built yet: {res['missing']}.", ""]
             continue
         info, cfg = res["info"], res["cfg"]
-        n_eval = info["n_eval"] if not cfg["eval_samples"] else min(info["n_eval"], cfg["eval_samples"])
-        lines += [f"Model `{os.path.basename(info['model'])}`; calibration {min(info['n_calib'], cfg['calib_samples'])}"
+        # a data folder made by bench/targets.py has no build.json: its sizes are unknown here
+        n_eval, n_calib = info.get("n_eval", "?"), info.get("n_calib", "?")
+        if cfg["eval_samples"] and n_eval != "?":
+            n_eval = min(n_eval, cfg["eval_samples"])
+        if n_calib != "?":
+            n_calib = min(n_calib, cfg["calib_samples"])
+        lines += [f"Model `{os.path.basename(info['model'])}`; calibration {n_calib}"
                   f" samples, evaluation {n_eval}"
-                  f" samples (overlap {info['overlap']}); reconstruction iterations in total: {cfg['iters_total']}; "
+                  f" samples (overlap {info.get('overlap', '?')}); "
+                  f"reconstruction iterations in total: {cfg['iters_total']}; "
                   f"latency median of {cfg['latency_runs']} runs.", ""]
         if task.notes:
             lines += [task.notes, ""]
