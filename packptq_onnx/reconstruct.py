@@ -257,7 +257,8 @@ def reconstruct_unit(gm, model, qls, unit: Unit, calib_batches, n: int, iters: i
     # scale-free objective: the loss relative to round-to-nearest's, the regulariser per weight
     ref = before if np.isfinite(before) and before > 0 else 1.0
     n_round = sum(q.wq.alpha.numel() for q in weighted) or 1
-    opt_v = _adam(params_v, o.lr_round or round_lr(iters)) if params_v else None
+    lr_v = round_lr(iters) if o.lr_round is None else o.lr_round
+    opt_v = _adam(params_v, lr_v) if params_v else None
     opt_l = _adam(params_l, o.lr_lowrank) if params_l else None
     late = set() if branch else set(comp)  # merged: their AdaRound runs after the low-rank phase
     fix_at = int(o.lowrank_share * iters)
