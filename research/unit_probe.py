@@ -5,7 +5,8 @@ loss before learning, the loss learning reached, and whether round-to-nearest wa
         [--variants "base;drop_prob=0;lr_scale=0"] [--calib-samples 256] [--batch-size 16] [--learn-first 800]
 
 Units before the probed one stay at round to nearest, or with --learn-first N each learns N iterations
-first (under the variant's options), as in a full run. Not a pipeline step: it answers "why did
+first (under the variant's options), as in a full run. Per layer of a learned unit it prints the share of
+rounding variables still undecided (0 < h(V) < 1) when learning stopped. Not a pipeline step: it answers "why did
 this unit keep round-to-nearest?" (issue 24).
 """
 from __future__ import annotations
@@ -60,6 +61,13 @@ def main():
                              reconstruct.unit_seed(0, units.index(unit)), "cpu", None)
         print(f"{v:<24} before {r.loss_before:.5g}  soft {r.loss_soft:.5g}  learned {r.loss_learned:.5g}  "
               f"kept_rtn {r.kept_rtn}  nonfinite {r.nonfinite_steps}  {time.time() - t0:.0f} s", flush=True)
+        if not r.kept_rtn:  # how much of the rounding was still undecided when learning stopped
+            for q in p.qls:
+                if q.layer.name in unit.layers and q.wq is not None and q.wq.alpha is not None:
+                    h = q.wq.h().detach()
+                    print(f"    {q.layer.name:<40} {h.numel():>8} weights  h(V) strictly inside (0, 1): "
+                          f"{float(((h > 0) & (h < 1)).float().mean()):.3f}  within 0.1 of 0.5: "
+                          f"{float(((h - 0.5).abs() < 0.1).float().mean()):.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -272,7 +272,10 @@ def test_channels_last_learns_and_falls_back(tmp_path, monkeypatch):
         return run, ins, out
     monkeypatch.setattr(reconstruct, "subgraph", picky)
     fb, res_fb = _run("block", tmp_path, iters=40)
-    assert [u.loss_after for u in res_fb.units] == [u.loss_after for u in res_rm.units]
+    # the same integer weights (below); a loss may differ in its last float32 bit (8.6374183 against
+    # 8.6374185 at lambda 100; bit-equal at lambda 10)
+    np.testing.assert_allclose([u.loss_after for u in res_fb.units], [u.loss_after for u in res_rm.units],
+                               rtol=1e-6)
     for x, y in zip(export_records(fb.qls), export_records(rm.qls)):
         np.testing.assert_array_equal(x.w_int, y.w_int)
 
