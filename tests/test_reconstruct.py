@@ -63,7 +63,8 @@ def test_hard_rounding_keeps_what_soft_rounding_learned(tmp_path):
     most of what learning found. With the references' fixed step and regulariser weight (3e-3, 0.01
     on the raw loss) V stayed fractional at our budgets and hard rounding gave the gain back: on this
     sample the hard loss averaged 0.89 of round-to-nearest's (EfficientNet-Lite0's pack0: soft 25,
-    hard 270, RTN 256); with round_lr and the relative loss it averages 0.72."""
+    hard 270, RTN 256); with round_lr and the relative loss it averages 0.72, at the regulariser
+    weight 10 and 100 alike (hard / soft at most 1.31 and 1.22 per unit)."""
     _, res = _run("pack", tmp_path)
     learned = [u for u in res.units if u.loss_soft is not None]
     assert len(learned) >= 3
