@@ -36,7 +36,7 @@ class ReconOptions:
     batch_size: int = 32
     lr_round: float | None = None  # Adam step on V; None: round_lr(iters), enough travel to harden
     lr_scale: float = 4e-5
-    round_weight: float = 100.0  # regulariser weight against the reconstruction loss relative to RTN's
+    round_weight: float = 300.0  # regulariser weight against the reconstruction loss relative to RTN's
     drop_prob: float = 0.5
     warmup: float = 0.2
     beta: tuple = (20.0, 2.0)

