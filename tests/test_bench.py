@@ -79,7 +79,7 @@ def test_results_table(bench_run):
     assert wb["float"] == 4 * wb["ort-minmax-u8-W8A8"] == 8 * wb["rtn-W4A4"] == 8 * wb["pack-W4A4"]
     assert rows["rtn-W4A4"]["parity"].startswith("ok")
     # pack: every layer within one code of onnxruntime when fed onnxruntime's own input (the proof); on the
-    # whole output a flip at a rounding tie may grow (validate.Parity). Measured at round weight 300: one
+    # whole output a flip at a rounding tie may grow (validate.Parity). Measured at round weight 300: a
     # float32 near-tie flip in /4/conv1/Conv (onnxruntime there equals an exact float64 reference on all
     # 276480 values) left 1.25% of the logits two codes apart; 0 at round weight 100
     pack = json.loads(next((tmp / "out" / "sample").glob("full-*/pack-W4A4.json")).read_text())
