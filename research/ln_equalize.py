@@ -14,7 +14,8 @@ unchanged. Quantize OUT.onnx like any model to see what one per-tensor scale on 
 
 Why: on all-MiniLM-L6-v2 (bench/minilm.py) 4-bit activations are the whole W4A4 loss (rtn W4A8 keeps
 WordSim 0.734, W8A4 reads 0.476), and quantizing one layer's input at a time ranks the LayerNorm
-outputs that feed the FFN and the Q/K/V projections worst (research/one_at_a_time.py --bits 4).
+outputs that feed the FFN worst, then the GELU outputs and the Q/K/V inputs, also LayerNorm outputs
+(research/one_at_a_time.py --bits 4).
 Results: research/README.md.
 """
 import argparse
