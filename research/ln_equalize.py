@@ -87,10 +87,12 @@ def equalize(model, feeds, alpha: float):
             w = nh.to_array(inits[mm.input[1]])
             bias = next(x for x in add.input if x in inits)
             b = nh.to_array(inits[bias])
-            g.initializer.extend([nh.from_array((r[:, None] * w).astype(np.float32), mm.input[1] + "_eq"),
-                                  nh.from_array((b + mid @ w).astype(np.float32), bias + "_eq_" + mm.name)])
-            mm.input[0], mm.input[1] = k + "_eq", mm.input[1] + "_eq"
-            add.input[list(add.input).index(bias)] = bias + "_eq_" + mm.name
+            # names per reader: a weight or bias shared by two readers (tied weights) gets one copy each
+            wn, bn = f"{mm.input[1]}_eq_{mm.name}", f"{bias}_eq_{mm.name}"
+            g.initializer.extend([nh.from_array((r[:, None] * w).astype(np.float32), wn),
+                                  nh.from_array((b + mid @ w).astype(np.float32), bn)])
+            mm.input[0], mm.input[1] = k + "_eq", wn
+            add.input[list(add.input).index(bias)] = bn
     used = {i for n in g.node for i in n.input}
     keep = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
