@@ -303,22 +303,26 @@ def _divide(G: Graph, node, s: np.ndarray, axis: int, rank: int, m=None) -> None
 
 def ranges(model: onnx.ModelProto, sites: list[Site], feeds: dict, batch: int = 16) -> dict:
     """(lowest, highest) per channel of every reader's input, on the calibration feeds."""
+    return channel_ranges(model, {n.input[0]: s.axis for s in sites for n in s.readers.values()}, feeds, batch)
+
+
+def channel_ranges(model: onnx.ModelProto, axes: dict, feeds: dict, batch: int = 16) -> dict:
+    """tensor -> (lowest, highest) per channel along axes[tensor], over the feeds in onnxruntime."""
     from packptq_onnx import runtime
 
-    tensors = sorted({n.input[0] for s in sites for n in s.readers.values()})
+    tensors = sorted(axes)
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}
     m.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
                           for t in tensors if t not in have)
     sess = runtime.session(m, optimize=False)
-    axis = {n.input[0]: s.axis for s in sites for n in s.readers.values()}
     out = {}
     n = len(next(iter(feeds.values())))
     for i in range(0, n, batch):
         res = sess.run(tensors, {k: v[i:i + batch] for k, v in feeds.items()})
         for t, r in zip(tensors, res):
-            r = np.moveaxis(r, axis[t], 0).reshape(r.shape[axis[t]], -1)
+            r = np.moveaxis(r, axes[t], 0).reshape(r.shape[axes[t]], -1)
             lo, hi = r.min(1), r.max(1)
             out[t] = (lo, hi) if t not in out else (np.minimum(out[t][0], lo), np.maximum(out[t][1], hi))
     return out

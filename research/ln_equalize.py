@@ -23,16 +23,16 @@ import argparse
 import numpy as np
 import onnx
 import onnxruntime as ort
+from equalize_probe import channel_ranges
 from onnx import helper
 from onnx import numpy_helper as nh
+
+from packptq_onnx.folding import consumers, drop_unused_initializers
 
 
 def sites(g, inits):
     """(LayerNormalization node, [(MatMul, bias Add)]) for every LN whose MatMul readers can take the copy."""
-    readers = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = consumers(g)
     out = []
     for n in g.node:
         if n.op_type != "LayerNormalization" or len(n.input) < 3 or not {n.input[1], n.input[2]} <= set(inits):
@@ -49,30 +49,15 @@ def sites(g, inits):
     return out
 
 
-def channel_ranges(model, names, feeds, batch=64):
-    """Per-channel (last axis) min and max of the named tensors over the feeds, in onnxruntime."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    m.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    lo, hi = {}, {}
-    n = len(next(iter(feeds.values())))
-    for s in range(0, n, batch):
-        for k, o in zip(names, sess.run(names, {k: v[s:s + batch] for k, v in feeds.items()})):
-            o = o.reshape(-1, o.shape[-1])
-            lo[k] = np.minimum(lo.get(k, np.inf), o.min(0))
-            hi[k] = np.maximum(hi.get(k, -np.inf), o.max(0))
-    return lo, hi
-
-
 def equalize(model, feeds, alpha: float):
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     found = sites(g, inits)
-    lo, hi = channel_ranges(model, [n.output[0] for n, _ in found], feeds)
+    ranges = channel_ranges(model, {n.output[0]: -1 for n, _ in found}, feeds, batch=64)
     for n, mms in found:
         k = n.output[0]
-        mid, half = (hi[k] + lo[k]) / 2, np.maximum((hi[k] - lo[k]) / 2, 1e-6)
+        lo, hi = ranges[k]
+        mid, half = (hi + lo) / 2, np.maximum((hi - lo) / 2, 1e-6)
         r = (half / half.mean()) ** alpha
         print(f"{n.name}: {len(mms)} MatMul readers, "
               f"channel half-range max / median {half.max() / np.median(half):.1f}")
@@ -93,10 +78,7 @@ def equalize(model, feeds, alpha: float):
                                   nh.from_array((b + mid @ w).astype(np.float32), bn)])
             mm.input[0], mm.input[1] = k + "_eq", wn
             add.input[list(add.input).index(bias)] = bn
-    used = {i for n in g.node for i in n.input}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    drop_unused_initializers(g)
     return model, len(found)
 
 
