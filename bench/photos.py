@@ -22,6 +22,7 @@ SIZE = 224
 CALIB_PHOTOS = ("astronaut", "rocket", "china", "camera", "coins", "page", "hubble_deep_field", "retina",
                 "immunohistochemistry", "moon", "brick", "grass", "gravel", "colorwheel",
                 "Minduka_Present_Blue_Pack.png")
+BASE_CALIB, EXTRA_SEED = 256, 1000
 EVAL_PHOTOS = ("chelsea", "coffee", "motorcycle_left", "motorcycle_right", "grace_hopper.jpg", "flower", "clock")
 
 
@@ -84,12 +85,17 @@ def make_set(photos, n: int, seed: int) -> np.ndarray:
 
 
 def make_effnet(out_dir: str, n_calib: int = 256, n_eval: int = 256, seed: int = 0) -> dict:
-    """Write calib.npz and eval.npz ({'image': N x 3 x 224 x 224 float32}) to out_dir; return their paths."""
+    """Write calib.npz and eval.npz ({'image': N x 3 x 224 x 224 float32}) to out_dir; return their paths.
+    Past 256 calibration crops, the rest are another seed's crops of the same calibration photos, appended,
+    so `--calib-samples 256` reads the crops it always read."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
     for split, photos, n, s in (("calib", CALIB_PHOTOS, n_calib, seed), ("eval", EVAL_PHOTOS, n_eval, seed + 1)):
         paths[split] = os.path.join(out_dir, f"{split}.npz")
-        np.savez(paths[split], **{INPUT: make_set(photos, n, s)})
+        x = make_set(photos, min(n, BASE_CALIB) if split == "calib" else n, s)
+        if split == "calib" and n > BASE_CALIB:  # the first 256 stay those of every earlier row
+            x = np.concatenate([x, make_set(photos, n - BASE_CALIB, seed + EXTRA_SEED)])
+        np.savez(paths[split], **{INPUT: x})
     return paths
 
 
@@ -99,16 +105,27 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def effnet_metrics(logits: np.ndarray, float_logits: np.ndarray) -> dict:
+def photo_index(n: int, photos=EVAL_PHOTOS) -> np.ndarray:
+    """Which photo each of make_set(photos, n)'s crops comes from (they are in photo order)."""
+    return np.repeat(np.arange(len(photos)), [n // len(photos) + (i < n % len(photos)) for i in range(len(photos))])
+
+
+def effnet_metrics(logits: np.ndarray, float_logits: np.ndarray, photo: np.ndarray | None = None) -> dict:
     """Quantized vs float logits (N x 1000): top-1 agreement, mean KL(float || quant), and agreement
-    restricted to the crops where the float model is confident (softmax max > 0.5)."""
+    restricted to the crops where the float model is confident (softmax max > 0.5). With `photo` (the
+    eval photo of each crop), agreement per photo too: the 500 crops come from 7 photos, so a class that
+    flips on one photo moves the mean by about 1/7 at once."""
     p, q = _softmax(np.asarray(float_logits, np.float64)), _softmax(np.asarray(logits, np.float64))
     agree = p.argmax(-1) == q.argmax(-1)
     kl = np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=-1)
     conf = p.max(-1) > 0.5
-    return dict(top1_agree=float(agree.mean()), kl=float(kl.mean()),
-                top1_agree_confident=float(agree[conf].mean()) if conf.any() else float("nan"),
-                n_confident=int(conf.sum()))
+    out = dict(top1_agree=float(agree.mean()), kl=float(kl.mean()),
+               top1_agree_confident=float(agree[conf].mean()) if conf.any() else float("nan"),
+               n_confident=int(conf.sum()))
+    if photo is not None:
+        out["top1_agree_by_photo"] = {EVAL_PHOTOS[i]: round(float(agree[photo == i].mean()), 4)
+                                      for i in np.unique(photo)}
+    return out
 
 
 def main():

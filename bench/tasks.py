@@ -125,7 +125,8 @@ def build_effnet(work, models_dir, cfg) -> dict:
 
 def score_effnet(outputs, float_outputs, labels, info) -> dict:
     import photos
-    return dict(photos.effnet_metrics(outputs[0], float_outputs[0]))
+    photo = photos.photo_index(info["n_eval"])[:len(outputs[0])]
+    return dict(photos.effnet_metrics(outputs[0], float_outputs[0], photo))
 
 
 # MiniLM (bench/minilm.py) -------------------------------------------------------------------------
@@ -180,5 +181,5 @@ TASKS = {t.name: t for t in [
     Task("vit", "ViT trained on scikit-learn digits (bench/vit_digits.py; 540 held-out digits)", build_vit,
          score_vit, ("accuracy",), (512, 128), (4000, 800), module="vit_digits", needs=("build",)),
 ]}
-DATA_SIZES = {"sample": None, "cls": (1024, 500), "rec": (256, 500), "effnet": (256, 500), "minilm": (512, None),
+DATA_SIZES = {"sample": None, "cls": (1024, 500), "rec": (256, 500), "effnet": (1024, 500), "minilm": (512, None),
               "vit": None}
