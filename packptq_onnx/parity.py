@@ -32,21 +32,17 @@ def layer_parity(qdq: onnx.ModelProto, gm, qls, feeds: dict, names: list) -> Lay
         return lambda m, a, k: captured.__setitem__(id(q), (a, k))
     with state.capture(pre=[(q, keep(q)) for q in qls], with_kwargs=True):
         gm(*[torch.from_numpy(np.ascontiguousarray(feeds[k])) for k in names])
-    m = onnx.ModelProto()
-    m.CopyFrom(qdq)
-    have = {o.name for o in m.graph.output} | set(feeds)
+    have = {o.name for o in qdq.graph.output} | set(feeds)
     # a Relu / Clip bypassed by a shared input quantizer is gone: read what the layer reads now
-    produced = {o for n in m.graph.node for o in n.output} | set(feeds)
-    reads = {n.name: n.input[0] for n in m.graph.node if n.input}
+    produced = {o for n in qdq.graph.node for o in n.output} | set(feeds)
+    reads = {n.name: n.input[0] for n in qdq.graph.node if n.input}
     source = {q.layer.act_input: reads[q.layer.name] for q in qls
               if q.layer.act_input and q.layer.act_input not in produced and q.layer.name in reads}
     wanted = {source.get(t, t) for q in qls for t in (q.layer.act_input, q.layer.act_input2, q.layer.output) if t}
     wanted &= produced  # a tensor the export folded away (an inlined branch's last Identity) is not compared
     qls = [q for q in qls if all(source.get(t, t) in wanted for t in (q.layer.act_input, q.layer.act_input2,
                                                                        q.layer.output) if t)]
-    for t in sorted(wanted - have):
-        m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    sess = runtime.session(m)
+    sess = runtime.session(runtime.with_outputs(qdq, sorted(wanted - have)))
     values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     values.update(feeds)
     values.update({t: values[src] for t, src in source.items()})

@@ -35,6 +35,18 @@ def providers(device: str = "cpu") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def with_outputs(model, tensors):
+    """A copy of `model` that also returns the named inner tensors (those not outputs already), so one
+    session run reads them beside the model's outputs."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in have)
+    return m
+
+
 def session(model, device: str = "cpu", threads: int = 0, optimize: bool = True):
     """An InferenceSession for a ModelProto or a path."""
     rt = ort()

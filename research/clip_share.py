@@ -12,7 +12,7 @@ import argparse
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from packptq_onnx import data, runtime, shapes
 
@@ -44,12 +44,7 @@ def quantizers(model: onnx.ModelProto) -> list[tuple[str, float, float, int]]:
 def shares(model: onnx.ModelProto, qs: list, feeds: dict, batch: int = 16) -> dict:
     """tensor -> share of its values outside its quantizer's range, over the feeds."""
     tensors = list(dict.fromkeys(q[0] for q in qs))
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                          for t in tensors if t not in have)
-    sess = runtime.session(m)
+    sess = runtime.session(runtime.with_outputs(model, tensors))
     count = dict.fromkeys(tensors, 0)
     size = dict.fromkeys(tensors, 0)
     n = data.n_samples(feeds)

@@ -311,12 +311,7 @@ def channel_ranges(model: onnx.ModelProto, axes: dict, feeds: dict, batch: int =
     from packptq_onnx import runtime
 
     tensors = sorted(axes)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                          for t in tensors if t not in have)
-    sess = runtime.session(m, optimize=False)
+    sess = runtime.session(runtime.with_outputs(model, tensors), optimize=False)
     out = {}
     n = len(next(iter(feeds.values())))
     for i in range(0, n, batch):
