@@ -366,9 +366,10 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
     out = qdq.write_qdq(imp.model, records, storage=opts.storage)
     t2 = time.time()
     probe = data.take(calib, PARITY_SAMPLES)
-    par = validate.sim_parity(imp.outputs, runtime.run(runtime.session(out), probe),
-                              convert.torch_run(gm, probe, names, batch_size=p.run_batch,
-                                                fixed=bool(p.plan.run_batch)))
+    sim = convert.torch_run(gm, probe, names, batch_size=p.run_batch, fixed=bool(p.plan.run_batch))
+    par = validate.sim_parity(imp.outputs, runtime.run(runtime.session(out), probe), sim)
+    # the same file with onnxruntime's graph optimizations off: each ONNX op as written, no fused kernel
+    par_graph = validate.sim_parity(imp.outputs, runtime.run(runtime.session(out, optimize=False), probe), sim)
     per_layer = parity.layer_parity(out, gm, qls, data.take(calib, p.plan.run_batch or LAYER_PARITY_SAMPLES), names)
     packs = pack_infos(analysis, records, mixed)
     meta = {"version": __version__, "packs": [asdict(x) for x in packs],
@@ -402,10 +403,10 @@ def quantize(model_path: str, calib_path: str, out_path: str, opts: Options,
         imported={"notes": imp.notes, "faithful": [asdict(a) for a in p.faithful],
                   "float_nodes": list(gm.float_nodes)},
         layers=meta["layers"], weight_bytes=weight_bytes(records), parity=validate.as_dicts(par),
-        parity_layers=asdict(per_layer),
+        parity_layers=asdict(per_layer), parity_graph=validate.as_dicts(par_graph),
         seconds={"prepare": round(p.seconds, 3), "quantize": round(t2 - t0 - p.seconds, 3)},
         peak_rss_mb=peak_rss_mb(), packs=packs, reconstruction=recon, mixed_precision=mixed)
-    for line in parity.notes(par, per_layer):
+    for line in parity.notes(par, per_layer, par_graph):
         log(line)
     if eval_path:
         try:

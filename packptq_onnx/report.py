@@ -63,6 +63,7 @@ class QuantizeReport:
     weight_bytes: dict
     parity: list[dict]            # per output, onnxruntime vs the simulation
     parity_layers: dict           # layer by layer, fed onnxruntime's own inputs
+    parity_graph: list[dict]      # per output, onnxruntime with graph optimizations off vs the simulation
     seconds: dict
     peak_rss_mb: float
     packs: list[PackInfo] = field(default_factory=list)
