@@ -14,6 +14,7 @@ import warnings
 from torch import nn
 
 from .ops import (
+    AveragePoolPadded,
     BatchNormAnyRank,
     Clamp,
     CumSum,
@@ -196,6 +197,21 @@ def _no_dilation(node):
         raise NotImplementedError("AveragePool with dilations is not supported")
 
 
+_average_pool_base = _CONVERTER_REGISTRY[OperationDescription("", "AveragePool", 11)]
+
+
+def _average_pool(node, graph):
+    """onnx2torch's AveragePool, or ours where the pads differ at the two ends of an axis."""
+    a = node.attributes
+    pads, n = list(a.get("pads", [])), len(a["kernel_shape"])
+    if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or not pads or pads[:n] == pads[n:]:
+        return _average_pool_base(node, graph)
+    if a.get("ceil_mode", 0):
+        raise NotImplementedError("AveragePool with ceil_mode and pads that differ at the two ends")
+    strides, include = list(a.get("strides", [1] * n)), bool(a.get("count_include_pad", 0))
+    return _result(AveragePoolPadded(a["kernel_shape"], strides, pads, include), node)
+
+
 def _plain_pad(node):
     if len(node.input_values) > 3 and node.input_values[3]:
         raise NotImplementedError("Pad with an axes input is not supported")
@@ -245,6 +261,8 @@ def install() -> None:
         _register("Flatten", v, _flatten, replace=True)
     for v in (11, 14):
         _register("CumSum", v, _cumsum, replace=True)
+    for v in (7, 10, 11):  # before the aliases below, which take version 11's converter
+        _register("AveragePool", v, _average_pool, replace=True)
     for v in (1, 6, 7, 10, 12, 13, 22):
         _register("Dropout", v, _dropout, replace=True)
     for op, versions in (("LSTM", (7, 14, 22)), ("GRU", (7, 14, 22)), ("RNN", (7, 14, 22))):

@@ -82,6 +82,34 @@ class GlobalAveragePool(nn.Module):
         return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
 
 
+class AveragePoolPadded(nn.Module):
+    """AveragePool whose pads differ at the two ends of an axis (Caffe-era exports: the onnx wheel's
+    light_inception_v1 ends in a 7x7 pool with pads [0, 0, 1, 1]; SAME padding with an even kernel).
+    torch pads both ends alike, and onnx2torch refused the node, so the model's float part cut the
+    gradient to every block before it. Zero-pad explicitly, sum each window, divide by the number of
+    input elements in it (count_include_pad=0, the default) or by the kernel size."""
+
+    def __init__(self, kernel: list, stride: list, pads: list, count_include_pad: bool):
+        super().__init__()
+        n = len(kernel)
+        self.kernel, self.stride, self.include = list(kernel), list(stride), count_include_pad
+        self.pad = [p for i in reversed(range(n)) for p in (pads[i], pads[n + i])]  # torch: last axis first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s, one = self.kernel, self.stride, len(self.kernel) == 1
+        if one:  # a 1-D pool as a 2-D one of height 1
+            x, k, s = x.unsqueeze(-2), [1] + k, [1] + s
+        pool = torch.nn.functional.avg_pool2d if len(k) == 2 else torch.nn.functional.avg_pool3d
+        pad = self.pad + ([0, 0] if one else [])
+        y = pool(torch.nn.functional.pad(x, pad), k, s, divisor_override=1)  # window sums
+        if self.include:
+            y = y / math.prod(k)
+        else:
+            ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
+            y = y / pool(torch.nn.functional.pad(ones, pad), k, s, divisor_override=1)
+        return y.squeeze(-2) if one else y
+
+
 class ReshapeAllowZero(nn.Module):
     def forward(self, x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
         return torch.reshape(x, [int(s) for s in shape.tolist()])

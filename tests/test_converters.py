@@ -6,6 +6,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from packptq_onnx import convert, onnx_import, runtime
 from packptq_onnx.errors import UsageError
+from packptq_onnx.ops import AveragePoolPadded
 
 R = np.random.RandomState(0)
 
@@ -128,6 +129,21 @@ def test_cumsum(tmp_path, exclusive, reverse):
 def test_average_pool_19(tmp_path):
     node = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2])
     _check(tmp_path, node, X4, 19)
+
+
+@pytest.mark.parametrize("opset", [11, 19])
+@pytest.mark.parametrize("include", [0, 1])
+@pytest.mark.parametrize("x,kernel,stride,pads", [
+    (X4, [3, 3], [1, 1], [0, 0, 1, 1]),  # light_inception_v1's 7x7 pool, pads [0, 0, 1, 1], made small
+    (X4, [2, 3], [2, 1], [1, 0, 0, 2]),
+    (X3, [2], [2], [0, 1]),
+], ids=["end", "mixed", "1d"])
+def test_average_pool_with_pads_that_differ_at_the_two_ends(tmp_path, opset, include, x, kernel, stride, pads):
+    node = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=kernel, strides=stride, pads=pads,
+                            count_include_pad=include)
+    _check(tmp_path, node, x, opset)
+    gm = convert.to_torch(onnx_import.load(str(tmp_path / "m.onnx")))
+    assert not gm.float_nodes and any(isinstance(m, AveragePoolPadded) for m in gm.modules())  # torch, not onnxruntime
 
 
 def test_pad_18(tmp_path):
