@@ -204,7 +204,7 @@ def _average_pool(node, graph):
     """onnx2torch's AveragePool, or ours where the pads differ at the two ends of an axis."""
     a = node.attributes
     pads, n = list(a.get("pads", [])), len(a["kernel_shape"])
-    if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or not pads or pads[:n] == pads[n:]:
+    if a.get("auto_pad", "NOTSET") != "NOTSET" or not pads or pads[:n] == pads[n:]:
         return _average_pool_base(node, graph)
     if a.get("ceil_mode", 0):
         raise NotImplementedError("AveragePool with ceil_mode and pads that differ at the two ends")
