@@ -88,14 +88,10 @@ def notes(parity: list, per_layer: LayerParity, graph: list | None = None) -> li
                 f"onnxruntime's own input" + (f"; values more than one step apart: {shares}" if bad else "")]
     if not bad:
         return []
-    if graph and all(x.ok for x in graph):
-        line = (f"note: each layer matches onnxruntime within one step, and with graph optimizations off "
-                f"onnxruntime computes the simulation's outputs; its fused kernels round a few values on a "
-                f"rounding tie the other way and the flips grow through the network; values more than one "
-                f"step apart: {shares}")
-    else:
-        line = (f"note: each layer matches onnxruntime within one step, but rounding-tie flips grow through "
-                f"the network; values more than one step apart: {shares}")
+    why = (", and with graph optimizations off onnxruntime computes the simulation's outputs; its fused "
+           "kernels round a few values on a rounding tie the other way and the flips grow through the network"
+           if graph and all(x.ok for x in graph) else ", but rounding-tie flips grow through the network")
+    line = f"note: each layer matches onnxruntime within one step{why}; values more than one step apart: {shares}"
     far = [x for x in bad if x.over_one > FAR_FROM_SIMULATION]
     if far:
         line += (f". On {', '.join(x.output for x in far)} the simulation no longer predicts the exported "
